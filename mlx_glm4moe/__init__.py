@@ -1,0 +1,7 @@
+"""mlx-glm4moe: the GLM-4.5 family (glm4_moe) on Apple Silicon with MLX."""
+
+from .generate import GenerationResponse, generate, stream_generate
+from .loading import load
+from .model import Model, ModelArgs
+
+__all__ = ["GenerationResponse", "Model", "ModelArgs", "generate", "load", "stream_generate"]

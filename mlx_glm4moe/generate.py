@@ -1,0 +1,228 @@
+"""Text generation: the decode loop (on mlx-lm's KV caches and samplers) and its command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from time import perf_counter
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .model import Model
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`: mlx-lm's fields.
+
+    text: the new text segment; token: the token id; logprobs: the log-probabilities it was drawn
+    from; prompt_tps / generation_tps: tokens per second; peak_memory: GB;
+    finish_reason: None while generating, then "stop", "length" or "cancelled".
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+
+
+def generate_step(
+    prompt: mx.array,
+    model: Model,
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    prompt_cache: list | None = None,
+    prefill_step_size: int = 2048,
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token, logprobs) for each generated token. `prompt_cache` (updated in place) may
+    already hold a prefix, in which case `prompt` is only the new part."""
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    # Prefill all but the last token in chunks; only the cache is evaluated, so the logits of the
+    # prefix are never computed.
+    while prompt.size > 1:
+        n = min(prefill_step_size, prompt.size - 1)
+        model(prompt[None, :n], cache=cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[n:]
+        mx.clear_cache()
+
+    def step(y: mx.array) -> tuple[mx.array, mx.array]:
+        logits = model(y[None], cache=cache)[0, -1]
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        return sampler(logprobs), logprobs
+
+    y, logprobs = step(prompt)
+    mx.async_eval(y, logprobs)
+    for n in range(max_tokens):
+        # Queue the next step before reading this one, so the device never waits on Python.
+        if n + 1 < max_tokens:
+            next_y, next_logprobs = step(y.reshape(1))
+            mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        if n + 1 < max_tokens:
+            y, logprobs = next_y, next_logprobs
+
+
+def encode(tokenizer: TokenizerWrapper, prompt: str | list[int]) -> list[int]:
+    """Token ids for a prompt; a string gets GLM's `[gMASK]<sop>` prefix unless it has one (as
+    chat-template output does)."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    return tokenizer.encode(prompt, add_special_tokens=not prompt.startswith("[gMASK]"))
+
+
+def stream_generate(
+    model: Model,
+    tokenizer: TokenizerWrapper,
+    prompt: str | list[int],
+    max_tokens: int = 256,
+    *,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    sampler: Sampler | None = None,
+    prompt_cache: list | None = None,
+    cancel: threading.Event | None = None,
+    prefill_step_size: int = 2048,
+) -> Iterator[GenerationResponse]:
+    """Generate from `prompt` (text or token ids), yielding a `GenerationResponse` per token.
+
+    Stops on every id of the tokenizer's `eos_token_ids` (GLM has three), after `max_tokens`, or
+    when `cancel` (a `threading.Event`, settable from another thread) is set. Closing the
+    generator also stops it. `prompt_cache` (from `model.make_cache()`) is updated in place.
+    """
+    if seed is not None:
+        mx.random.seed(seed)
+    tokens = encode(tokenizer, prompt)
+    if not tokens:
+        raise ValueError("The prompt is empty")
+    sampler = sampler or make_sampler(temp, top_p, min_p, top_k=top_k)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    eos = tokenizer.eos_token_ids
+    mx.reset_peak_memory()
+
+    tic = perf_counter()
+    prompt_tps = 0.0
+    steps = generate_step(
+        mx.array(tokens), model, max_tokens=max_tokens, sampler=sampler,
+        prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+    )
+    for n, (token, logprobs) in enumerate(steps):
+        if n == 0:
+            prompt_tps = len(tokens) / (perf_counter() - tic)
+            tic = perf_counter()
+        finish = None
+        if cancel is not None and cancel.is_set():
+            finish = "cancelled"
+        elif token in eos:
+            finish = "stop"
+        else:
+            detokenizer.add_token(token)
+            if n + 1 == max_tokens:
+                finish = "length"
+        if finish:
+            detokenizer.finalize()
+        elapsed = perf_counter() - tic
+        yield GenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            from_draft=False,
+            prompt_tokens=len(tokens),
+            prompt_tps=prompt_tps,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / elapsed if elapsed > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+        )
+        if finish:
+            return
+
+
+def generate(
+    model: Model,
+    tokenizer: TokenizerWrapper,
+    prompt: str | list[int],
+    max_tokens: int = 256,
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Generate and return the text (keyword arguments as for `stream_generate`)."""
+    text = ""
+    for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        text += r.text
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose:
+        print()
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .loading import load
+
+    p = argparse.ArgumentParser(description="Generate text with a GLM-4.5 (glm4_moe) model.")
+    p.add_argument("--model", help="Model folder or Hugging Face repo (default: bundled demo).")
+    p.add_argument("--prompt", "-p", default="Hello! Who are you?")
+    p.add_argument("--system", help="System message.")
+    p.add_argument("--max-tokens", "-m", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-think", action="store_true", help="Turn thinking off.")
+    a = p.parse_args(argv)
+    if a.max_tokens < 1:
+        p.error("--max-tokens must be at least 1")
+    if a.temp < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or not 0 <= a.min_p <= 1:
+        p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
+
+    if a.model is None:
+        print("[Using the small bundled demo model (random weights): its output is noise. "
+              "Pass --model for a real one.]", file=sys.stderr)
+    try:
+        model, tokenizer = load(a.model)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+        {"role": "user", "content": a.prompt}
+    ]
+    prompt = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, enable_thinking=not a.no_think
+    )
+    r = None
+    for r in stream_generate(model, tokenizer, prompt, a.max_tokens, temp=a.temp,
+                             top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.seed):
+        print(r.text, end="", flush=True)
+    print(flush=True)
+    if r is not None:
+        print(
+            f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s\n"
+            f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s\n"
+            f"Peak memory: {r.peak_memory:.3f} GB",
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    main()

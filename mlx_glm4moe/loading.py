@@ -1,0 +1,118 @@
+"""`load()`: a converted (or raw Hugging Face) checkpoint → model and tokenizer, lazily."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import infer_quant_config, load_tokenizer
+
+from .model import Model, ModelArgs
+from .weights import load_lazy, sanitize, weight_files
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+# Enough to load and convert: weights, configs, tokenizer and chat template.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "*.model"]
+
+
+def resolve(path_or_repo: str | Path | None) -> Path:
+    """A local folder as is; anything else is a Hugging Face repo id, downloaded (or found in the
+    local hub cache) with huggingface_hub."""
+    if path_or_repo is None:
+        return DEFAULT_MODEL
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is not a model folder")
+        return path
+    if str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).count("/") != 1:
+        raise FileNotFoundError(f"No model folder at {path_or_repo}")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_repo), allow_patterns=HUB_PATTERNS))
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json, with the stop ids of generation_config.json when it has them."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"No config.json in {path}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    gen_file = path / "generation_config.json"
+    if gen_file.exists():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        if eos is not None:
+            config["eos_token_id"] = eos
+    return config
+
+
+def eos_ids(config: dict[str, Any]) -> list[int]:
+    eos = config.get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def fp8_block(config: dict[str, Any]) -> list[int] | None:
+    return (config.get("quantization_config") or {}).get("weight_block_size")
+
+
+def build_model(config: dict[str, Any], weights: dict[str, mx.array]) -> Model:
+    """Instantiate the model for `weights` (already in our names) and load them, quantizing the
+    modules whose weights come with scales."""
+    args = ModelArgs.from_dict(config)
+    mtp_prefix = f"model.layers.{args.num_hidden_layers}."
+    if not any(k.startswith(mtp_prefix) for k in weights):
+        args.num_nextn_predict_layers = 0  # e.g. a checkpoint converted by mlx-lm
+    model = Model(args)
+    mode = (config.get("quantization") or {}).get("mode", "affine")
+
+    def quantized(path: str, module: nn.Module) -> dict | bool:
+        if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
+            return False
+        return {**infer_quant_config(path, module, weights), "mode": mode}
+
+    nn.quantize(model, class_predicate=quantized)
+    if mx.default_device() == mx.cpu:
+        # gather_mm on the CPU backend supports float32 only.
+        for path, module in model.named_modules():
+            if isinstance(module, SwitchLinear) and f"{path}.weight" in weights:
+                weights[f"{path}.weight"] = weights[f"{path}.weight"].astype(mx.float32)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ValueError(f"The weights do not match a glm4_moe model of this config: {e}") from None
+    model.eval()
+    return model
+
+
+def load(
+    path_or_repo: str | Path | None = None, lazy: bool = True
+) -> tuple[Model, TokenizerWrapper]:
+    """Load a model and its tokenizer.
+
+    Args:
+        path_or_repo: a local folder or a Hugging Face repo id, converted by `convert.py` or a
+            raw HF checkpoint (bf16 or FP8). None loads the small bundled default model.
+        lazy: leave weights on disk until first used (the default); False reads them all now.
+
+    Returns:
+        (model, tokenizer): `model(mx.array(ids))` gives logits; the tokenizer is mlx-lm's
+        wrapper, stopping on every id of the config's `eos_token_id` list.
+    """
+    path = resolve(path_or_repo)
+    config = read_config(path)
+    ModelArgs.from_dict(config)  # fail on a wrong model type before touching weights
+    weights = load_lazy(weight_files(path))
+    weights = sanitize(weights, config["n_routed_experts"], fp8_block(config))
+    model = build_model(config, weights)
+    if not lazy:
+        mx.eval(model.parameters())
+    tokenizer = load_tokenizer(path, eos_token_ids=eos_ids(config))
+    return model, tokenizer

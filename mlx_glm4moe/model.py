@@ -1,0 +1,308 @@
+"""GLM-4.5 (`glm4_moe`) in MLX: a port of transformers' `Glm4MoeForCausalLM` that keeps the
+multi-token-prediction (nextn) layer the checkpoints ship."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import SwitchGLU
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    first_k_dense_replace: int
+    model_type: str = "glm4_moe"
+    head_dim: int | None = None
+    n_shared_experts: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.5
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 131072
+    use_qk_norm: bool = False
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
+        """Read a Hugging Face `config.json` (transformers v4 or v5 layout)."""
+        model_type = config.get("model_type")
+        if model_type != "glm4_moe":
+            raise ValueError(
+                f"Unsupported model_type {model_type!r}: this package runs 'glm4_moe' "
+                "(GLM-4.5, GLM-4.5-Air, GLM-4.6)."
+            )
+        config = dict(config)
+        # transformers v5 moves rope_theta and partial_rotary_factor into rope_parameters.
+        rope = config.get("rope_parameters") or {}
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key not in config and key in rope:
+                config[key] = rope[key]
+        if rope.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+            config["rope_scaling"] = rope
+        if "num_nextn_predict_layers" not in config and "num_mtp_layers" in config:
+            config["num_nextn_predict_layers"] = config["num_mtp_layers"]
+
+        names = [f.name for f in fields(cls)]
+        missing = [
+            f.name for f in fields(cls) if f.default is MISSING and config.get(f.name) is None
+        ]
+        if missing:
+            raise ValueError(f"config.json is missing required key(s): {', '.join(missing)}")
+        args = cls(**{k: config[k] for k in names if config.get(k) is not None})
+        if args.head_dim is None:
+            args.head_dim = args.hidden_size // args.num_attention_heads
+        if args.num_attention_heads % args.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if args.n_routed_experts % args.n_group or args.topk_group > args.n_group:
+            raise ValueError("n_routed_experts must split into n_group groups, topk_group <= n_group")
+        return args
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, head_dim = args.hidden_size, args.head_dim
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.scale = head_dim**-0.5
+        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=args.attention_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.attention_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
+        if args.use_qk_norm:
+            self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        # Partial NeoX rotation: only the first head_dim * partial_rotary_factor dims turn, in
+        # half-split (not interleaved) pairs; the rest pass through unchanged.
+        self.rope = initialize_rope(
+            int(head_dim * args.partial_rotary_factor),
+            args.rope_theta,
+            traditional=False,
+            scaling_config=args.rope_scaling,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@mx.compile
+def select_experts(
+    scores: mx.array,
+    bias: mx.array,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[mx.array, mx.array]:
+    """DeepSeek-V3 "noaux_tc" routing on float32 sigmoid scores.
+
+    The correction bias only steers which experts are chosen; the mixing weights come from the
+    unbiased scores.
+    """
+    choice = scores + bias
+    if n_group > 1 and topk_group < n_group:
+        choice = mx.unflatten(choice, -1, (n_group, -1))
+        group_scores = mx.topk(choice, 2, axis=-1).sum(axis=-1, keepdims=True)
+        drop = n_group - topk_group
+        dropped = mx.argpartition(group_scores, kth=drop - 1, axis=-2)[..., :drop, :]
+        # -inf, not 0: biased scores can be negative, and a zeroed group could then win.
+        choice = mx.put_along_axis(choice, dropped, mx.array(-mx.inf, choice.dtype), axis=-2)
+        choice = mx.flatten(choice, -2, -1)
+    inds = mx.argpartition(-choice, kth=top_k - 1, axis=-1)[..., :top_k]
+    weights = mx.take_along_axis(scores, inds, axis=-1)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return inds, weights * routed_scaling_factor
+
+
+class MoEGate(nn.Module):
+    """The router. Its weight and correction bias stay float32 whatever the model dtype."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+        self.e_score_correction_bias = mx.zeros((args.n_routed_experts,))
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        a = self.args
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        return select_experts(
+            mx.sigmoid(logits),
+            self.e_score_correction_bias.astype(mx.float32),
+            a.num_experts_per_tok,
+            a.n_group,
+            a.topk_group,
+            a.norm_topk_prob,
+            a.routed_scaling_factor,
+        )
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = MoEGate(args)
+        # Routed experts stacked [E, out, in]; SwitchGLU dispatches them with gather_(q)mm and
+        # sorts tokens by expert for prefill. Expert streaming swaps in a module with the same call.
+        self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
+        self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        inds, weights = self.gate(x)
+        y = self.switch_mlp(x, inds)
+        y = (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
+        return y + self.shared_experts(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(args)
+        if layer_idx >= args.first_k_dense_replace:
+            self.mlp = MoE(args)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+
+class MTPLayer(DecoderLayer):
+    """The nextn layer (checkpoint index `num_hidden_layers`): a full MoE decoder layer with a
+    projection in front that joins a token's embedding to the main model's hidden state, and its
+    own head. It predicts the token after the one it is given."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args, layer_idx=args.num_hidden_layers)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.enorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.hnorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
+        self.shared_head = SharedHead(args)
+
+    def predict(
+        self, tokens: mx.array, hidden: mx.array, cache: Any = None
+    ) -> tuple[mx.array, mx.array]:
+        """Logits for the token after each of `tokens`, given the main model's final (normed)
+        hidden state at the position before each token. Returns (logits, hidden) where hidden is
+        what a chained draft step feeds back in."""
+        x = mx.concatenate([self.enorm(self.embed_tokens(tokens)), self.hnorm(hidden)], axis=-1)
+        h = self.eh_proj(x)
+        h = super().__call__(h, create_attention_mask(h, cache), cache)
+        return self.shared_head.head(self.shared_head.norm(h)), h
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # The nextn layer sits at index num_hidden_layers, where the checkpoints keep it.
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)] + [
+            MTPLayer(args) for _ in range(min(args.num_nextn_predict_layers, 1))
+        ]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        layers = self.layers[: self.args.num_hidden_layers]
+        cache = cache or [None] * len(layers)
+        mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(layers, cache):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """`Glm4MoeForCausalLM`: `model(ids, cache)` returns logits `(B, L, vocab)`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = LanguageModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(
+        self, inputs: mx.array, cache: list | None = None, return_hidden: bool = False
+    ) -> mx.array | tuple[mx.array, mx.array]:
+        """With `return_hidden`, also return the final normed hidden states (what MTP reads),
+        from the same pass."""
+        h = self.model(inputs, cache)
+        if self.args.tie_word_embeddings:
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        return (logits, h) if return_hidden else logits
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        """The main decoder layers (the ones with a KV cache in plain decoding)."""
+        return self.model.layers[: self.args.num_hidden_layers]
+
+    @property
+    def mtp(self) -> MTPLayer | None:
+        """The nextn layer, when the checkpoint has one."""
+        extra = self.model.layers[self.args.num_hidden_layers :]
+        return extra[0] if extra else None
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]

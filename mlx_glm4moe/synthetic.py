@@ -1,0 +1,219 @@
+"""Tiny GLM-4.5-shaped checkpoints in the real Hugging Face layout, built offline.
+
+Used by the tests, the benchmark and the bundled default: per-expert tensor names, sharded
+safetensors with an index, config.json, generation_config.json, and a byte-level BPE tokenizer
+carrying GLM's special tokens and the GLM-4.5 chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .weights import INDEX_FILE
+
+TEMPLATE_FILE = Path(__file__).parent / "chat_template.jinja"
+
+# In GLM's id order (151329 = <|endoftext|> ... 151338 = <|observation|>), then the tags.
+ROLE_TOKENS = [
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+]
+TAG_TOKENS = [
+    "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
+    "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>", "/nothink",
+]
+STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
+
+PRESETS: dict[str, dict] = {
+    # GLM-4.5's switches: QK-norm, several dense layers, grouped routing, scaling 2.5.
+    "glm45": dict(
+        hidden_size=64, num_hidden_layers=4, first_k_dense_replace=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, intermediate_size=128, moe_intermediate_size=64,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+        routed_scaling_factor=2.5, use_qk_norm=True,
+    ),
+    # GLM-4.5-Air's: no QK-norm, one dense layer, one group.
+    "air": dict(
+        hidden_size=64, num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, intermediate_size=128, moe_intermediate_size=64,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, use_qk_norm=False,
+    ),
+}
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. Hello, world! How are you today?
+I am a helpful assistant. Let me think about this step by step.
+def add(a, b):
+    return a + b
+The weather in Paris is sunny, 21 degrees. {"city": "Paris", "unit": "celsius"}
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 3.14. Unicode: café, naïve, 你好, 日本語, emoji 🚀.
+"""
+
+
+def make_tokenizer(out: Path, vocab_size: int = 384, corpus: str = _CORPUS) -> int:
+    """Train a byte-level BPE with GLM's special tokens and chat template into `out`.
+    Returns the tokenizer's size (regular + special tokens)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.splitlines(), trainer)
+    # Role tokens are special (skipped when asked); the tags must stay visible in decoded text
+    # for the reasoning and tool-call parsers.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ROLE_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[gMASK]:0 <sop>:0 $A:0",
+        pair="[gMASK]:0 <sop>:0 $A:0 $B:1",
+        special_tokens=[(t, tok.token_to_id(t)) for t in ("[gMASK]", "<sop>")],
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 131072,
+        "chat_template": TEMPLATE_FILE.read_text(),
+    }, indent=2))
+    return tok.get_vocab_size()
+
+
+def make_config(preset: str = "air", vocab_size: int = 512, **overrides) -> dict:
+    """A config.json for a tiny model with the given preset's switches."""
+    config = {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "model_type": "glm4_moe",
+        "vocab_size": vocab_size,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "partial_rotary_factor": 0.5,
+        "rope_scaling": None,
+        "max_position_embeddings": 4096,
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "num_nextn_predict_layers": 1,
+        "torch_dtype": "float32",
+        **PRESETS[preset],
+    }
+    config.update(overrides)
+    return config
+
+
+def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Random weights under HF names, including the MTP layer. Norm weights and the correction
+    bias are moved off their init values so that a port that ignores them fails."""
+    rng = np.random.default_rng(seed)
+    H, V, D = config["hidden_size"], config["vocab_size"], config["head_dim"]
+    nq, nkv, E = config["num_attention_heads"], config["num_key_value_heads"], config["n_routed_experts"]
+    I, Im = config["intermediate_size"], config["moe_intermediate_size"] * config["n_shared_experts"]
+
+    def lin(out_dim: int, in_dim: int) -> np.ndarray:
+        return (rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(dtype)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.2 * rng.standard_normal(n)).astype(dtype)
+
+    def mlp(prefix: str, inter: int) -> dict:
+        return {
+            f"{prefix}.gate_proj.weight": lin(inter, H),
+            f"{prefix}.up_proj.weight": lin(inter, H),
+            f"{prefix}.down_proj.weight": lin(H, inter),
+        }
+
+    w = {
+        "model.embed_tokens.weight": rng.standard_normal((V, H)).astype(dtype),
+        "model.norm.weight": norm(H),
+        "lm_head.weight": lin(V, H),
+    }
+    n_layers = config["num_hidden_layers"]
+    for i in range(n_layers + config.get("num_nextn_predict_layers", 0)):
+        p = f"model.layers.{i}"
+        w[f"{p}.input_layernorm.weight"] = norm(H)
+        w[f"{p}.post_attention_layernorm.weight"] = norm(H)
+        for name, out_dim in (("q", nq * D), ("k", nkv * D), ("v", nkv * D)):
+            w[f"{p}.self_attn.{name}_proj.weight"] = lin(out_dim, H)
+            if config.get("attention_bias"):
+                w[f"{p}.self_attn.{name}_proj.bias"] = (0.1 * rng.standard_normal(out_dim)).astype(dtype)
+        w[f"{p}.self_attn.o_proj.weight"] = lin(H, nq * D)
+        if config.get("use_qk_norm"):
+            w[f"{p}.self_attn.q_norm.weight"] = norm(D)
+            w[f"{p}.self_attn.k_norm.weight"] = norm(D)
+        if i < config["first_k_dense_replace"]:
+            w.update(mlp(f"{p}.mlp", I))
+            continue
+        w[f"{p}.mlp.gate.weight"] = (2.0 * lin(E, H)).astype(np.float32)
+        w[f"{p}.mlp.gate.e_score_correction_bias"] = (0.1 * rng.standard_normal(E)).astype(np.float32)
+        w.update(mlp(f"{p}.mlp.shared_experts", Im))
+        for e in range(E):
+            w.update(mlp(f"{p}.mlp.experts.{e}", config["moe_intermediate_size"]))
+        if i >= n_layers:  # the nextn layer's extras
+            w[f"{p}.embed_tokens.weight"] = rng.standard_normal((V, H)).astype(dtype)
+            w[f"{p}.enorm.weight"] = norm(H)
+            w[f"{p}.hnorm.weight"] = norm(H)
+            w[f"{p}.eh_proj.weight"] = lin(H, 2 * H)
+            w[f"{p}.shared_head.norm.weight"] = norm(H)
+            w[f"{p}.shared_head.head.weight"] = lin(V, H)
+    return w
+
+
+def save_sharded(weights: dict, out: Path, num_shards: int = 2, dtype: str = "float32") -> None:
+    """Write HF-style shards `model-0000i-of-0000n.safetensors` plus the index. The router
+    weight and correction bias stay float32, as in the published checkpoints."""
+    names = list(weights)
+    chunks = np.array_split(np.arange(len(names)), num_shards)
+    weight_map = {}
+    for i, chunk in enumerate(chunks):
+        fname = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        arrays = {}
+        for j in chunk:
+            a = mx.array(weights[names[j]])
+            keep_fp32 = names[j].endswith(("mlp.gate.weight", "e_score_correction_bias"))
+            arrays[names[j]] = a if keep_fp32 else a.astype(getattr(mx, dtype))
+            weight_map[names[j]] = fname
+        mx.save_safetensors(str(out / fname), arrays, metadata={"format": "pt"})
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+def make_checkpoint(
+    out: str | Path,
+    preset: str = "air",
+    seed: int = 0,
+    dtype: str = "float32",
+    num_shards: int = 2,
+    **overrides,
+) -> Path:
+    """Build a complete tiny HF checkpoint folder (weights, config, tokenizer) in `out`."""
+    out = Path(out)
+    n_tokens = make_tokenizer(out)
+    vocab_size = -(-n_tokens // 64) * 64  # padded like GLM's 151552
+    config = make_config(preset, vocab_size=vocab_size, torch_dtype=dtype, **overrides)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eos = [tok.token_to_id(t) for t in STOP_TOKENS]
+    config.update(eos_token_id=eos, pad_token_id=eos[0])
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": eos, "pad_token_id": eos[0]}, indent=2)
+    )
+    save_sharded(random_weights(config, seed), out, num_shards, dtype)
+    return out

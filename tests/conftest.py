@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny GLM-4.5 and GLM-4.5-Air checkpoints in the real Hugging Face layout."""
+
+from pathlib import Path
+
+import pytest
+
+from mlx_glm4moe.convert import convert
+from mlx_glm4moe.synthetic import make_checkpoint
+
+PRESETS = ["glm45", "air"]
+
+
+@pytest.fixture(scope="session", params=PRESETS)
+def hf_checkpoint(request, tmp_path_factory) -> Path:
+    """A float32 HF checkpoint: two shards with an index, config, tokenizer, chat template."""
+    return make_checkpoint(tmp_path_factory.mktemp(f"hf-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="session")
+def air_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("hf-air"), "air")
+
+
+@pytest.fixture(scope="session")
+def air_q4(air_checkpoint, tmp_path_factory) -> Path:
+    """The Air fixture converted to 4-bit."""
+    return convert(str(air_checkpoint), str(tmp_path_factory.mktemp("q4") / "out"), quantize=True)
+
+
+@pytest.fixture(scope="session")
+def air_f32(air_checkpoint, tmp_path_factory) -> Path:
+    return convert(str(air_checkpoint), str(tmp_path_factory.mktemp("f32") / "out"))
