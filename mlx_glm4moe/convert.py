@@ -13,7 +13,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 from tqdm import tqdm
@@ -194,7 +193,9 @@ def convert(
         writer = _ShardWriter(tmp, max_shard_bytes)
         params: dict[str, dict] = {}
         for names in tqdm(_groups(list(weights)), desc="Converting", unit="layer"):
-            group = sanitize({n: weights.pop(n) for n in names}, args.n_routed_experts, fp8_block(config))
+            group = sanitize(
+                {n: weights.pop(n) for n in names}, args.n_routed_experts, fp8_block(config)
+            )
             tensors, used = convert_tensors(group, getattr(mx, dtype), quant)
             mx.eval(tensors)
             writer.add(tensors)
@@ -212,7 +213,9 @@ def convert(
             if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _WRITTEN:
                 shutil.copy2(f, tmp / f.name)
         src_name = hf_path if not Path(hf_path).expanduser().exists() else src.name
-        card = model_card(src_name, upload_repo or dst.name, config, default_q if quantize else None)
+        card = model_card(
+            src_name, upload_repo or dst.name, config, default_q if quantize else None
+        )
         (tmp / "README.md").write_text(card)
         if dst.exists():
             shutil.rmtree(dst)
@@ -247,8 +250,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="Replace an existing --mlx-path.")
     a = p.parse_args(argv)
     try:
-        out = convert(a.hf_path, a.mlx_path, a.quantize, a.q_bits, a.q_group_size, a.dtype,
-                      a.upload_repo, a.force)
+        out = convert(
+            a.hf_path,
+            a.mlx_path,
+            a.quantize,
+            a.q_bits,
+            a.q_group_size,
+            a.dtype,
+            a.upload_repo,
+            a.force,
+        )
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"Wrote {out}", file=sys.stderr)

@@ -123,8 +123,12 @@ def stream_generate(
     tic = perf_counter()
     prompt_tps = 0.0
     steps = generate_step(
-        mx.array(tokens), model, max_tokens=max_tokens, sampler=sampler,
-        prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+        mx.array(tokens),
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        prompt_cache=prompt_cache,
+        prefill_step_size=prefill_step_size,
     )
     for n, (token, logprobs) in enumerate(steps):
         if n == 0:
@@ -198,8 +202,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
 
     if a.model is None:
-        print("[Using the small bundled demo model (random weights): its output is noise. "
-              "Pass --model for a real one.]", file=sys.stderr)
+        print(
+            "[Using the small bundled demo model (random weights): its output is noise. "
+            "Pass --model for a real one.]",
+            file=sys.stderr,
+        )
     try:
         model, tokenizer = load(a.model)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
@@ -211,8 +218,17 @@ def main(argv: list[str] | None = None) -> None:
         messages, add_generation_prompt=True, tokenize=False, enable_thinking=not a.no_think
     )
     r = None
-    for r in stream_generate(model, tokenizer, prompt, a.max_tokens, temp=a.temp,
-                             top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.seed):
+    for r in stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        a.max_tokens,
+        temp=a.temp,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        min_p=a.min_p,
+        seed=a.seed,
+    ):
         print(r.text, end="", flush=True)
     print(flush=True)
     if r is not None:

@@ -76,7 +76,9 @@ class ModelArgs:
         if args.num_attention_heads % args.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if args.n_routed_experts % args.n_group or args.topk_group > args.n_group:
-            raise ValueError("n_routed_experts must split into n_group groups, topk_group <= n_group")
+            raise ValueError(
+                "n_routed_experts must split into n_group groups, topk_group <= n_group"
+            )
         return args
 
 
@@ -191,8 +193,12 @@ class MoE(nn.Module):
         self.gate = MoEGate(args)
         # Routed experts stacked [E, out, in]; SwitchGLU dispatches them with gather_(q)mm and
         # sorts tokens by expert for prefill. Expert streaming swaps in a module with the same call.
-        self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
-        self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+        self.switch_mlp = SwitchGLU(
+            args.hidden_size, args.moe_intermediate_size, args.n_routed_experts
+        )
+        self.shared_experts = MLP(
+            args.hidden_size, args.moe_intermediate_size * args.n_shared_experts
+        )
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = self.gate(x)
@@ -265,7 +271,7 @@ class LanguageModel(nn.Module):
         layers = self.layers[: self.args.num_hidden_layers]
         cache = cache or [None] * len(layers)
         mask = create_attention_mask(h, cache[0])
-        for layer, c in zip(layers, cache):
+        for layer, c in zip(layers, cache, strict=True):
             h = layer(h, mask, c)
         return self.norm(h)
 

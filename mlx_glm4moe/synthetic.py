@@ -19,29 +19,66 @@ TEMPLATE_FILE = Path(__file__).parent / "chat_template.jinja"
 
 # In GLM's id order (151329 = <|endoftext|> ... 151338 = <|observation|>), then the tags.
 ROLE_TOKENS = [
-    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
 ]
 TAG_TOKENS = [
-    "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
-    "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>", "/nothink",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+    "<tool_response>",
+    "</tool_response>",
+    "/nothink",
 ]
 STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
 
 PRESETS: dict[str, dict] = {
     # GLM-4.5's switches: QK-norm, several dense layers, grouped routing, scaling 2.5.
     "glm45": dict(
-        hidden_size=64, num_hidden_layers=4, first_k_dense_replace=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, intermediate_size=128, moe_intermediate_size=64,
-        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-        routed_scaling_factor=2.5, use_qk_norm=True,
+        hidden_size=64,
+        num_hidden_layers=4,
+        first_k_dense_replace=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        use_qk_norm=True,
     ),
     # GLM-4.5-Air's: no QK-norm, one dense layer, one group.
     "air": dict(
-        hidden_size=64, num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, intermediate_size=128, moe_intermediate_size=64,
-        n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
-        routed_scaling_factor=1.0, use_qk_norm=False,
+        hidden_size=64,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        use_qk_norm=False,
     ),
 }
 
@@ -81,14 +118,19 @@ def make_tokenizer(out: Path, vocab_size: int = 384, corpus: str = _CORPUS) -> i
     )
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 131072,
-        "chat_template": TEMPLATE_FILE.read_text(),
-    }, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": 131072,
+                "chat_template": TEMPLATE_FILE.read_text(),
+            },
+            indent=2,
+        )
+    )
     return tok.get_vocab_size()
 
 
@@ -123,8 +165,15 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
     bias are moved off their init values so that a port that ignores them fails."""
     rng = np.random.default_rng(seed)
     H, V, D = config["hidden_size"], config["vocab_size"], config["head_dim"]
-    nq, nkv, E = config["num_attention_heads"], config["num_key_value_heads"], config["n_routed_experts"]
-    I, Im = config["intermediate_size"], config["moe_intermediate_size"] * config["n_shared_experts"]
+    nq, nkv, E = (
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["n_routed_experts"],
+    )
+    I, Im = (
+        config["intermediate_size"],
+        config["moe_intermediate_size"] * config["n_shared_experts"],
+    )
 
     def lin(out_dim: int, in_dim: int) -> np.ndarray:
         return (rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(dtype)
@@ -152,7 +201,9 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
         for name, out_dim in (("q", nq * D), ("k", nkv * D), ("v", nkv * D)):
             w[f"{p}.self_attn.{name}_proj.weight"] = lin(out_dim, H)
             if config.get("attention_bias"):
-                w[f"{p}.self_attn.{name}_proj.bias"] = (0.1 * rng.standard_normal(out_dim)).astype(dtype)
+                w[f"{p}.self_attn.{name}_proj.bias"] = (0.1 * rng.standard_normal(out_dim)).astype(
+                    dtype
+                )
         w[f"{p}.self_attn.o_proj.weight"] = lin(H, nq * D)
         if config.get("use_qk_norm"):
             w[f"{p}.self_attn.q_norm.weight"] = norm(D)
@@ -161,7 +212,9 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
             w.update(mlp(f"{p}.mlp", I))
             continue
         w[f"{p}.mlp.gate.weight"] = (2.0 * lin(E, H)).astype(np.float32)
-        w[f"{p}.mlp.gate.e_score_correction_bias"] = (0.1 * rng.standard_normal(E)).astype(np.float32)
+        w[f"{p}.mlp.gate.e_score_correction_bias"] = (0.1 * rng.standard_normal(E)).astype(
+            np.float32
+        )
         w.update(mlp(f"{p}.mlp.shared_experts", Im))
         for e in range(E):
             w.update(mlp(f"{p}.mlp.experts.{e}", config["moe_intermediate_size"]))

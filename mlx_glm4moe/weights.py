@@ -51,7 +51,9 @@ def load_lazy(files: dict[str, Path]) -> dict[str, mx.array]:
         weights.update(open_file(f))
     missing = set(files) - set(weights)
     if missing:
-        raise ValueError(f"Tensors listed in the index are not in their files: {sorted(missing)[:5]}")
+        raise ValueError(
+            f"Tensors listed in the index are not in their files: {sorted(missing)[:5]}"
+        )
     return weights
 
 
@@ -82,7 +84,9 @@ def sanitize(
     does not use. Works on any subset of whole layers; the MTP layer is kept."""
     out = {}
     for name, w in weights.items():
-        if name.endswith(("weight_scale", "weight_scale_inv", "input_scale", "rotary_emb.inv_freq")):
+        if name.endswith(
+            ("weight_scale", "weight_scale_inv", "input_scale", "rotary_emb.inv_freq")
+        ):
             continue
         for suffix in ("_scale", "_scale_inv"):
             if (scale := weights.get(name + suffix)) is not None:

@@ -72,7 +72,11 @@ def test_mtp_layer_loads_and_predicts(hf_checkpoint):
 def test_config_layouts():
     v4 = make_config("glm45")
     v5 = {k: v for k, v in v4.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    v5["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}
+    v5["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 1e6,
+        "partial_rotary_factor": 0.5,
+    }
     a, b = ModelArgs.from_dict(v4), ModelArgs.from_dict(v5)
     assert (a.rope_theta, a.partial_rotary_factor) == (b.rope_theta, b.partial_rotary_factor)
     assert a.head_dim == 32 and a.num_nextn_predict_layers == 1
@@ -108,7 +112,9 @@ def test_router_matches_reference(n_group, topk_group):
     logits = rng.standard_normal((64, 16)).astype(np.float32) * 3
     # A large negative bias makes biased scores negative: masked groups must still lose.
     bias = (rng.standard_normal(16) - 2.0).astype(np.float32)
-    inds, w = select_experts(mx.sigmoid(mx.array(logits)), mx.array(bias), 4, n_group, topk_group, True, 2.5)
+    inds, w = select_experts(
+        mx.sigmoid(mx.array(logits)), mx.array(bias), 4, n_group, topk_group, True, 2.5
+    )
     ref_idx, ref_w = reference_route(logits, bias, 4, n_group, topk_group, 2.5)
     order = np.argsort(np.array(inds), -1)
     assert (np.take_along_axis(np.array(inds), order, -1) == np.sort(ref_idx, -1)).all()
