@@ -1,0 +1,511 @@
+r"""Reasoning and tool-call parsing for GLM-4.5 (``glm4_moe``) generations.
+
+The model writes (thinking on)::
+
+    \n<think>REASONING</think>\nANSWER\n<tool_call>NAME\n<arg_key>K</arg_key>\n<arg_value>V</arg_value>\n</tool_call>
+
+:class:`StreamParser` is one small state machine over the generated text; :func:`parse_assistant`
+is literally "feed the whole text, close, take the result", so streaming and batch parsing agree
+exactly by construction, whatever way the text is cut into pieces.
+
+Rules (chosen so they can be applied incrementally; they match the chat template, which
+renders ``reasoning.strip()`` and ``content.strip()``):
+
+* ``reasoning_content`` and ``content`` are ``str.strip()``-ed: leading whitespace is dropped,
+  trailing whitespace is held back until non-whitespace text follows (so it is dropped at the
+  end). ``content`` is all text outside the reasoning section and outside tool calls, so the
+  whitespace around a tool call survives only when text follows it:
+  ``"A\n<tool_call>…</tool_call>\nB"`` gives content ``"A\n\nB"``.
+* ``reasoning_content`` is ``None`` when no reasoning section was seen, ``""`` for
+  ``<think></think>``. With ``thinking=True`` the reasoning section is ``<think>…</think>``; if
+  the first ``</think>`` comes with no ``<think>`` before it (the prompt may end with
+  ``<think>``), the text before it is reasoning. Until one of ``<think>``, ``</think>``,
+  ``<tool_call>`` is seen, that leading text is undecided and held back (it is content if the
+  generation ends first). An unclosed ``<think>`` makes the rest reasoning. Later
+  ``<think>``/``</think>`` tags (all of them with ``thinking=False``) are stray and dropped.
+* String arguments are kept byte-exact (no stripping at all): the template writes string values
+  raw, so exact is the only rule that round-trips values such as file contents ending in "\n".
+* A broken call is kept verbatim in ``content`` (its trailing whitespace aside, by the rule
+  above) and ``malformed`` names the first problem met: ``unclosed_tool_call`` (truncated),
+  ``missing_arg_value`` (no ``<arg_value>…</arg_value>`` after a key, e.g. a lost
+  ``</arg_value>``), ``bad_arg_key``, ``unexpected_text``, ``missing_tool_name``,
+  ``bad_tool_name``, ``unknown_tool`` (only checked when ``tools`` is non-empty),
+  ``bad_json_call``; also ``unclosed_think`` (truncated reasoning; nothing is moved to
+  content). Well-formed calls before or after a broken one are still returned. Nothing ever
+  raises on model output.
+* A ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` JSON-style call is accepted too.
+* Tool calls are emitted whole when ``</tool_call>`` arrives. Ids hash (``id_salt``, index,
+  name, arguments): deterministic, so streaming and batch agree. Pass a per-request
+  ``id_salt`` to make ids unique across requests.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from typing import Any
+
+__all__ = ["StreamParser", "normalize_messages", "parse_assistant"]
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+KEY_OPEN, KEY_CLOSE = "<arg_key>", "</arg_key>"
+VALUE_OPEN, VALUE_CLOSE = "<arg_value>", "</arg_value>"
+
+# Tags the machine looks for in each state. "pre" = thinking on, nothing decided yet.
+_TAGS = {
+    "pre": (THINK_OPEN, THINK_CLOSE, CALL_OPEN),
+    "reasoning": (THINK_CLOSE, THINK_OPEN),
+    "content": (CALL_OPEN, THINK_OPEN, THINK_CLOSE),
+}
+
+
+class _Stripper:
+    """Incremental ``str.strip()``: the returned pieces join to ``"".join(pushed).strip()``."""
+
+    def __init__(self) -> None:
+        self.started = False  # has a non-whitespace character been emitted yet?
+        self.held = ""  # trailing whitespace, emitted only if more text follows
+        self.parts: list[str] = []  # everything emitted so far
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def push(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+        body = self.held + text
+        out = body.rstrip()
+        self.held = body[len(out) :]
+        self.parts.append(out)
+        return out
+
+
+def _held_suffix(buf: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``buf`` that could still grow into one of ``tags``."""
+    longest = max(len(t) for t in tags) - 1
+    for k in range(min(len(buf), longest), 0, -1):
+        tail = buf[-k:]
+        if any(t.startswith(tail) for t in tags):
+            return k
+    return 0
+
+
+class StreamParser:
+    """Incremental parser for one assistant generation.
+
+    ``feed(piece)`` returns events ``{"type": "reasoning"|"content", "delta": str}`` and
+    ``{"type": "tool_call", "tool_call": {..., "index": n}}``; ``close()`` flushes what was
+    held back (undecided text, a trailing tag prefix, an unfinished call). After ``close()``,
+    ``result()`` equals ``parse_assistant(full_text, tools, thinking=thinking)``. Never emits
+    a partial tag.
+    """
+
+    def __init__(
+        self, tools: list | None = None, *, thinking: bool = True, id_salt: str = ""
+    ) -> None:
+        self._schemas = _tool_schemas(tools)
+        self._salt = id_salt
+        self._state = "pre" if thinking else "content"  # "pre"|"reasoning"|"content"|"call"
+        self._buf = ""  # unprocessed text: a possible tag prefix, or the body of an open call
+        self._scanned = 0  # in "call": how much of _buf is known to hold no CALL_CLOSE
+        self._pre: list[str] = []  # "pre" text: reasoning if a bare </think> follows, else content
+        self._reasoning: _Stripper | None = None  # created when a reasoning section opens
+        self._content = _Stripper()
+        self._calls: list[dict] = []
+        self._malformed: str | None = None
+        self._closed = False
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def feed(self, piece: str) -> list[dict]:
+        """Consume the next piece of generated text; return the events it completes."""
+        if self._closed:
+            raise RuntimeError("StreamParser.feed() after close()")
+        events: list[dict] = []
+        self._buf += piece
+        while self._step(events):
+            pass
+        return events
+
+    def close(self) -> list[dict]:
+        """End of generation: flush held-back text, flag truncation. Idempotent."""
+        events: list[dict] = []
+        if self._closed:
+            return events
+        self._closed = True
+        rest, self._buf = self._buf, ""
+        if self._state == "pre":  # no tag at all: everything is content
+            self._to_content("".join(self._pre) + rest, events)
+        elif self._state == "reasoning":  # truncated inside <think>
+            self._to_reasoning(rest, events)
+            self._flag("unclosed_think")
+        elif self._state == "call":  # truncated inside <tool_call>: keep it verbatim
+            self._to_content(CALL_OPEN + rest, events)
+            self._flag("unclosed_tool_call")
+        else:
+            self._to_content(rest, events)
+        return events
+
+    def result(self) -> dict:
+        """The parse so far; exactly ``parse_assistant``'s answer once ``close()`` was called."""
+        return {
+            "content": self._content.text,
+            "reasoning_content": None if self._reasoning is None else self._reasoning.text,
+            "tool_calls": [_strip_index(c) for c in self._calls],
+            "malformed": self._malformed,
+        }
+
+    # -- machine --------------------------------------------------------------------------------
+
+    def _step(self, events: list[dict]) -> bool:
+        """Handle the first tag in the buffer, or flush the tag-free part. True = call again."""
+        buf = self._buf
+        if self._state == "call":
+            end = buf.find(CALL_CLOSE, self._scanned)
+            if end < 0:
+                # Only the last len(CALL_CLOSE)-1 chars can start a CALL_CLOSE later.
+                self._scanned = max(0, len(buf) - len(CALL_CLOSE) + 1)
+                return False
+            self._buf, self._scanned, self._state = buf[end + len(CALL_CLOSE) :], 0, "content"
+            self._finish_call(buf[:end], events)
+            return True
+
+        tags = _TAGS[self._state]
+        hits = [(i, t) for t in tags if (i := buf.find(t)) >= 0]
+        if not hits:
+            keep = _held_suffix(buf, tags)
+            self._text(buf[: len(buf) - keep], events)
+            self._buf = buf[len(buf) - keep :]
+            return False
+        pos, tag = min(hits)  # tags never share a start, so this is the leftmost tag
+        self._text(buf[:pos], events)
+        self._buf = buf[pos + len(tag) :]
+        self._tag(tag, events)
+        return True
+
+    def _text(self, text: str, events: list[dict]) -> None:
+        if not text:
+            return
+        if self._state == "pre":
+            self._pre.append(text)  # undecided: held until a tag or close() tells what it is
+        elif self._state == "reasoning":
+            self._to_reasoning(text, events)
+        else:
+            self._to_content(text, events)
+
+    def _tag(self, tag: str, events: list[dict]) -> None:
+        if self._state == "pre":
+            pre, self._pre = "".join(self._pre), []
+            if tag == THINK_OPEN:  # normal case: pre is the "\n" before <think>
+                self._to_content(pre, events)
+                self._open_reasoning()
+                self._state = "reasoning"
+            elif tag == THINK_CLOSE:  # the prompt already opened <think>
+                self._open_reasoning()
+                self._to_reasoning(pre, events)
+                self._state = "content"
+            else:  # CALL_OPEN: no reasoning section at all
+                self._to_content(pre, events)
+                self._state = "call"
+        elif self._state == "reasoning":
+            if tag == THINK_CLOSE:
+                self._state = "content"
+            # a nested <think> is stray: dropped
+        elif tag == CALL_OPEN:
+            self._state = "call"
+        # stray <think> / </think> in content: dropped
+
+    def _open_reasoning(self) -> None:
+        self._reasoning = _Stripper()
+
+    def _to_reasoning(self, text: str, events: list[dict]) -> None:
+        assert self._reasoning is not None
+        delta = self._reasoning.push(text)
+        if delta:
+            events.append({"type": "reasoning", "delta": delta})
+
+    def _to_content(self, text: str, events: list[dict]) -> None:
+        delta = self._content.push(text)
+        if delta:
+            events.append({"type": "content", "delta": delta})
+
+    def _flag(self, why: str) -> None:
+        if self._malformed is None:  # keep the first problem: later ones are often its echo
+            self._malformed = why
+
+    def _finish_call(self, body: str, events: list[dict]) -> None:
+        name, args, why = _parse_call_body(body, self._schemas)
+        if why is not None:
+            self._flag(why)
+            self._to_content(CALL_OPEN + body + CALL_CLOSE, events)
+            return
+        index = len(self._calls)
+        arguments = json.dumps(args, ensure_ascii=False)
+        digest = hashlib.sha256(f"{self._salt}\0{index}\0{name}\0{arguments}".encode()).hexdigest()
+        call = {
+            "id": f"call_{digest[:24]}",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+            "index": index,
+        }
+        self._calls.append(call)
+        events.append({"type": "tool_call", "tool_call": copy.deepcopy(call)})
+
+
+def parse_assistant(
+    text: str, tools: list | None = None, *, thinking: bool = True, id_salt: str = ""
+) -> dict:
+    """Parse one generated assistant turn (the text after the prompt).
+
+    Returns ``{"content": str, "reasoning_content": str | None, "tool_calls": [OpenAI calls],
+    "malformed": None | str}``. ``tools`` (OpenAI tools list) types the arguments and rejects
+    unknown names; ``thinking=False`` means the prompt ended with ``<think></think>``.
+    Never raises on model output. See the module docstring for the exact rules.
+    """
+    parser = StreamParser(tools, thinking=thinking, id_salt=id_salt)
+    parser.feed(text)
+    parser.close()
+    return parser.result()
+
+
+def _strip_index(call: dict) -> dict:
+    out = copy.deepcopy(call)
+    out.pop("index", None)
+    return out
+
+
+# -- tool-call bodies ---------------------------------------------------------------------------
+
+
+def _tool_schemas(tools: list | None) -> dict[str, dict] | None:
+    """name -> parameters schema; None when no tools were given (then any name is accepted)."""
+    if not tools:
+        return None
+    schemas: dict[str, dict] = {}
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        fn = tool.get("function", tool)  # OpenAI wrapper, or a bare function object
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            params = fn.get("parameters")
+            schemas[fn["name"].strip()] = params if isinstance(params, dict) else {}
+    return schemas
+
+
+def _skip_separators(s: str, i: int) -> int:
+    """Skip whitespace and literal backslash-n pairs (vLLM accepts both between tags)."""
+    while i < len(s):
+        if s[i].isspace():
+            i += 1
+        elif s.startswith("\\n", i):
+            i += 2
+        else:
+            break
+    return i
+
+
+def _parse_call_body(
+    body: str, schemas: dict[str, dict] | None
+) -> tuple[str, dict[str, Any], str | None]:
+    """Parse the text between <tool_call> and </tool_call> into (name, args, why_malformed)."""
+    stripped = body.strip()
+    if stripped.startswith("{"):  # the model slipped into JSON tool calls (a known GLM drift)
+        return _parse_json_call(stripped, schemas)
+
+    # Name: up to the first newline, literal "\n", or <arg_key> (GLM-4.7 has no newline),
+    # after any whitespace the model put right after <tool_call>.
+    start = len(body) - len(body.lstrip())
+    cuts = [body.find(sep, start) for sep in ("\n", "\\n", KEY_OPEN)]
+    end = min([i for i in cuts if i >= 0], default=len(body))
+    name = body[start:end].strip()
+    if not name:
+        return name, {}, "missing_tool_name"
+    if any(c.isspace() or c in "<>" for c in name):
+        return name, {}, "bad_tool_name"
+    if schemas is not None and name not in schemas:
+        return name, {}, "unknown_tool"
+    props = _properties(schemas, name)
+
+    args: dict[str, Any] = {}
+    i = _skip_separators(body, end)
+    while i < len(body):
+        if not body.startswith(KEY_OPEN, i):
+            return name, args, "unexpected_text"
+        k_end = body.find(KEY_CLOSE, i)
+        key = body[i + len(KEY_OPEN) : k_end].strip() if k_end >= 0 else ""
+        if not key or KEY_OPEN in key or VALUE_OPEN in key:
+            return name, args, "bad_arg_key"
+        i = _skip_separators(body, k_end + len(KEY_CLOSE))
+        if not body.startswith(VALUE_OPEN, i):
+            return name, args, "missing_arg_value"
+        v_start = i + len(VALUE_OPEN)
+        v_end = body.find(VALUE_CLOSE, v_start)
+        raw = body[v_start:v_end] if v_end >= 0 else ""
+        # A value running into the next <arg_key>/<arg_value> lost its </arg_value>.
+        if v_end < 0 or KEY_OPEN in raw or VALUE_OPEN in raw:
+            return name, args, "missing_arg_value"
+        args[key] = _convert(raw, _schema_types(props.get(key)) if props is not None else None)
+        i = _skip_separators(body, v_end + len(VALUE_CLOSE))
+    return name, args, None
+
+
+def _parse_json_call(
+    text: str, schemas: dict[str, dict] | None
+) -> tuple[str, dict[str, Any], str | None]:
+    """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``."""
+    obj = _loads(text)
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"].strip():
+        return "", {}, "bad_json_call"
+    name = obj["name"].strip()
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        args = _loads(args)
+    if not isinstance(args, dict):
+        return name, {}, "bad_json_call"
+    if schemas is not None and name not in schemas:
+        return name, {}, "unknown_tool"
+    return name, args, None
+
+
+def _properties(schemas: dict[str, dict] | None, name: str) -> dict | None:
+    if schemas is None:
+        return None
+    props = schemas.get(name, {}).get("properties")
+    return props if isinstance(props, dict) else {}
+
+
+# -- argument typing ----------------------------------------------------------------------------
+
+_FAIL = object()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)  # NaN/Infinity would make json.dumps emit invalid JSON
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # "1e999"
+        raise ValueError(text)
+    return value
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        return _FAIL
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _schema_types(schema: Any, depth: int = 0) -> set[str] | None:
+    """JSON types a property schema allows; None = unknown (anything goes)."""
+    if not isinstance(schema, dict) or depth > 16:
+        return None
+    types: set[str] = set()
+    t = schema.get("type")
+    if isinstance(t, str):
+        types.add(t)
+    elif isinstance(t, list):
+        types.update(x for x in t if isinstance(x, str))
+    for key in ("anyOf", "oneOf", "allOf"):
+        subs = schema.get(key)
+        for sub in subs if isinstance(subs, list) else ():
+            sub_types = _schema_types(sub, depth + 1)
+            if sub_types is None:  # an untyped branch accepts anything
+                return None
+            types |= sub_types
+    if not types:
+        values = schema["enum"] if isinstance(schema.get("enum"), list) else []
+        if "const" in schema:
+            values = [schema["const"]]
+        types = {_json_type(v) for v in values}
+    if not types and "properties" in schema:
+        types = {"object"}
+    return types or None
+
+
+def _convert(raw: str, types: set[str] | None) -> Any:
+    """Type one raw <arg_value> text. Strings stay byte-exact; other types are JSON."""
+    if types == {"string"}:
+        return raw
+    value = _loads(raw)
+    if types is None:  # no schema: best-effort JSON, else the raw text
+        return raw if value is _FAIL else value
+    if value is _FAIL:
+        word = raw.strip().lower()
+        if "boolean" in types and word in ("true", "false"):  # Python-style True/False
+            return word == "true"
+        return raw
+    jt = _json_type(value)
+    if jt == "number" and "integer" in types and "number" not in types and value.is_integer():
+        return int(value)
+    if "string" in types and (jt == "string" or not _type_ok(jt, types)):
+        return raw  # e.g. ["string", "null"]: "null" -> None, anything else stays raw text
+    return value
+
+
+def _type_ok(jt: str, types: set[str]) -> bool:
+    return jt in types or (jt == "integer" and "number" in types)
+
+
+# -- request side -------------------------------------------------------------------------------
+
+
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """Copies of OpenAI chat ``messages`` made safe for the GLM-4.5 chat template.
+
+    * assistant ``tool_calls[*].function.arguments`` given as a JSON string (OpenAI wire shape)
+      become dicts, since the template calls ``.items()``; dicts are left as they are; an empty
+      string or None becomes ``{}``; anything that is not a JSON object becomes
+      ``{"raw_arguments": <the string>}``.
+    * ``content: None`` becomes ``""`` (the template would otherwise render the word "None").
+    The input list and its messages are not modified.
+    """
+    out = []
+    for msg in messages:
+        msg = copy.deepcopy(msg)
+        if isinstance(msg, dict):
+            if "content" in msg and msg["content"] is None:
+                msg["content"] = ""
+            calls = msg.get("tool_calls")
+            if msg.get("role") == "assistant" and isinstance(calls, list):
+                for call in calls:
+                    if not isinstance(call, dict):
+                        continue
+                    fn = call["function"] if isinstance(call.get("function"), dict) else call
+                    if "arguments" in fn:
+                        fn["arguments"] = _arguments_dict(fn["arguments"])
+        out.append(msg)
+    return out
+
+
+def _arguments_dict(arguments: Any) -> Any:
+    if arguments is None:
+        return {}
+    if not isinstance(arguments, str):
+        return arguments  # already a dict (or something the caller chose); leave it alone
+    if not arguments.strip():
+        return {}
+    value = _loads(arguments)
+    return value if isinstance(value, dict) else {"raw_arguments": arguments}

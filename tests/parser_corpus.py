@@ -1,0 +1,504 @@
+"""Realistic GLM-4.5 generations and the parse_assistant result each must give.
+
+Each case: ``name``, ``text`` (generated text only), ``tools`` (a key of TOOLSETS or None),
+``thinking`` (default True) and the expected ``content``, ``reasoning`` (reasoning_content),
+``calls`` (list of (name, arguments dict), in order; arguments compare as JSON text too, so the
+key order matters) and ``malformed`` (None or the flag).
+"""
+
+
+def _fn(name, properties=None, required=()):
+    params = {"type": "object", "properties": properties or {}, "required": list(required)}
+    fn = {"name": name, "description": name, "parameters": params}
+    return {"type": "function", "function": fn}
+
+
+WEATHER = _fn(
+    "get_weather",
+    {
+        "city": {"type": "string"},
+        "days": {"type": "integer"},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    ["city"],
+)
+EDIT = _fn(
+    "edit_file",
+    {"path": {"type": "string"}, "old": {"type": "string"}, "new": {"type": "string"}},
+)
+TIME = _fn("get_time")
+SEARCH = _fn("search", {"query": {"type": "string"}, "filters": {"type": "object"}})
+CONFIGURE = _fn(
+    "configure",
+    {
+        "count": {"type": "integer"},
+        "ratio": {"type": "number"},
+        "enabled": {"type": "boolean"},
+        "options": {"type": "object"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "note": {"type": ["string", "null"]},
+        "mode": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+        "limit": {"oneOf": [{"type": "integer"}, {"type": "null"}]},
+        "level": {"enum": [1, 2, 3]},
+        "nothing": {"type": "null"},
+        "payload": {"description": "no type given"},
+    },
+)
+
+TOOLSETS = {
+    "basic": [WEATHER, EDIT, TIME, SEARCH],
+    "typed": [CONFIGURE],
+}
+
+WEATHER_PARIS = (
+    "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+    "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"
+)
+TIME_CALL = "<tool_call>get_time\n</tool_call>"
+
+
+def case(name, text, *, tools=None, thinking=True, content="", reasoning=None, calls=(),
+         malformed=None):
+    return {
+        "name": name,
+        "text": text,
+        "tools": tools,
+        "thinking": thinking,
+        "content": content,
+        "reasoning": reasoning,
+        "calls": list(calls),
+        "malformed": malformed,
+    }
+
+
+CASES = [
+    # ---- reasoning / content -----------------------------------------------------------------
+    case(
+        "think_answer",
+        "\n<think>\nThe user greets me. I should reply politely.\n</think>\n"
+        "Hello! How can I help you today?",
+        reasoning="The user greets me. I should reply politely.",
+        content="Hello! How can I help you today?",
+    ),
+    case(
+        "think_markdown_answer",
+        "\n<think>Need a code sample.\n\nKeep it short.</think>\n\nHere it is:\n\n```python\n"
+        "def add(a, b):\n    return a + b\n```\n\nHope this helps.\n",
+        reasoning="Need a code sample.\n\nKeep it short.",
+        content="Here it is:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\n"
+        "Hope this helps.",
+    ),
+    case("empty_think", "\n<think></think>\nSure.", reasoning="", content="Sure."),
+    case("empty_generation", "", content=""),
+    case("whitespace_only", "\n\n  \n", content=""),
+    case("thinking_off_plain", "Paris is the capital of France.", thinking=False,
+         content="Paris is the capital of France."),
+    case("thinking_off_newlines", "\nHi there!\n\n", thinking=False, content="Hi there!"),
+    case(
+        "thinking_off_stray_close",
+        "Okay.</think>\nThe answer is 4.",
+        thinking=False,
+        content="Okay.\nThe answer is 4.",
+    ),
+    case(
+        "thinking_off_reemitted_empty_think",
+        "\n<think></think>\nAnswer: 42",
+        thinking=False,
+        content="Answer: 42",
+    ),
+    case("no_tags_thinking_on", "Just an answer, no thinking.",
+         content="Just an answer, no thinking."),
+    case(
+        "bare_close_think",
+        "The user wants a haiku.\nFive, seven, five.</think>\nAutumn moonlight -\n"
+        "a worm digs silently\ninto the chestnut.",
+        reasoning="The user wants a haiku.\nFive, seven, five.",
+        content="Autumn moonlight -\na worm digs silently\ninto the chestnut.",
+    ),
+    case(
+        "unclosed_think",
+        "\n<think>\nStep 1: compute 2+2.\nStep 2:",
+        reasoning="Step 1: compute 2+2.\nStep 2:",
+        malformed="unclosed_think",
+    ),
+    case(
+        "unclosed_think_partial_close_tag",
+        "\n<think>almost done</thi",
+        reasoning="almost done</thi",
+        malformed="unclosed_think",
+    ),
+    case(
+        "stray_close_after_content",
+        "\n<think>a</think>\nB</think> C",
+        reasoning="a",
+        content="B C",
+    ),
+    case(
+        "nested_think_dropped",
+        "\n<think>outer <think>inner</think>\nanswer",
+        reasoning="outer inner",
+        content="answer",
+    ),
+    case(
+        "tool_call_text_inside_reasoning",
+        "\n<think>I could use <tool_call>get_time</tool_call> here.</think>\nOK, one moment.",
+        tools="basic",
+        reasoning="I could use <tool_call>get_time</tool_call> here.",
+        content="OK, one moment.",
+    ),
+    case(
+        "angle_brackets_not_tags",
+        "\n<think>x</think>\nUse a<b, <div>, <thinking> and <tool> in text; ends with <t",
+        reasoning="x",
+        content="Use a<b, <div>, <thinking> and <tool> in text; ends with <t",
+    ),
+    case(
+        "truncated_at_tag_prefix",
+        "\n<think>Call the tool.</think>\nLet me check.\n<tool_ca",
+        reasoning="Call the tool.",
+        content="Let me check.\n<tool_ca",
+    ),
+    # ---- tool calls --------------------------------------------------------------------------
+    case(
+        "think_single_call",
+        "\n<think>The user asks about the weather in Paris. I'll call get_weather.</think>\n"
+        + WEATHER_PARIS,
+        tools="basic",
+        reasoning="The user asks about the weather in Paris. I'll call get_weather.",
+        calls=[("get_weather", {"city": "Paris", "days": 3})],
+    ),
+    case(
+        "content_before_call",
+        "\n<think>Need weather.</think>\nLet me look that up for you.\n" + WEATHER_PARIS,
+        tools="basic",
+        reasoning="Need weather.",
+        content="Let me look that up for you.",
+        calls=[("get_weather", {"city": "Paris", "days": 3})],
+    ),
+    case(
+        "two_calls",
+        "\n<think>Two cities.</think>\n" + WEATHER_PARIS + "\n"
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>London</arg_value>\n"
+        "<arg_key>unit</arg_key>\n<arg_value>celsius</arg_value>\n</tool_call>",
+        tools="basic",
+        reasoning="Two cities.",
+        calls=[
+            ("get_weather", {"city": "Paris", "days": 3}),
+            ("get_weather", {"city": "London", "unit": "celsius"}),
+        ],
+    ),
+    case(
+        "three_calls_mixed",
+        "\n<think>Do all three.</think>\nRunning three tools.\n" + TIME_CALL + "\n"
+        "<tool_call>search\n<arg_key>query</arg_key>\n<arg_value>mlx glm4 moe</arg_value>\n"
+        "<arg_key>filters</arg_key>\n<arg_value>{\"site\": \"github.com\", \"year\": 2025}"
+        "</arg_value>\n</tool_call>\n" + WEATHER_PARIS,
+        tools="basic",
+        reasoning="Do all three.",
+        content="Running three tools.",
+        calls=[
+            ("get_time", {}),
+            ("search", {"query": "mlx glm4 moe", "filters": {"site": "github.com", "year": 2025}}),
+            ("get_weather", {"city": "Paris", "days": 3}),
+        ],
+    ),
+    case(
+        "call_without_think_block",
+        "\n" + TIME_CALL,
+        tools="basic",
+        calls=[("get_time", {})],
+    ),
+    case(
+        "thinking_off_call",
+        "I'll check the time.\n" + TIME_CALL,
+        tools="basic",
+        thinking=False,
+        content="I'll check the time.",
+        calls=[("get_time", {})],
+    ),
+    case(
+        "content_after_call",
+        "\n<think>t</think>\n" + TIME_CALL + "\nWaiting for the result.",
+        tools="basic",
+        reasoning="t",
+        content="Waiting for the result.",
+        calls=[("get_time", {})],
+    ),
+    case(
+        "content_around_call",
+        "\n<think>t</think>\nBefore.\n" + TIME_CALL + "\nAfter.\n",
+        tools="basic",
+        reasoning="t",
+        content="Before.\n\nAfter.",
+        calls=[("get_time", {})],
+    ),
+    case(
+        "multiline_file_value",
+        "\n<think>Fix the bug.</think>\n<tool_call>edit_file\n<arg_key>path</arg_key>\n"
+        "<arg_value>src/app.py</arg_value>\n<arg_key>old</arg_key>\n"
+        "<arg_value>def f():\n    return 0\n</arg_value>\n<arg_key>new</arg_key>\n"
+        "<arg_value>def f():\n    # fixed\n    return 1\n\n\n</arg_value>\n</tool_call>",
+        tools="basic",
+        reasoning="Fix the bug.",
+        calls=[(
+            "edit_file",
+            {"path": "src/app.py", "old": "def f():\n    return 0\n",
+             "new": "def f():\n    # fixed\n    return 1\n\n\n"},
+        )],
+    ),
+    case(
+        "string_value_edge_newlines_and_spaces",
+        "<tool_call>edit_file\n<arg_key>path</arg_key>\n<arg_value>\nREADME.md\n</arg_value>\n"
+        "<arg_key>old</arg_key>\n<arg_value>  </arg_value>\n<arg_key>new</arg_key>\n"
+        "<arg_value></arg_value>\n</tool_call>",
+        tools="basic",
+        calls=[("edit_file", {"path": "\nREADME.md\n", "old": "  ", "new": ""})],
+    ),
+    case(
+        "unicode_values",
+        "\n<think>用户想知道东京的天气。</think>\n好的，我来查一下。🌤\n"
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>東京 (Tōkyō) 🗼</arg_value>\n"
+        "</tool_call>",
+        tools="basic",
+        reasoning="用户想知道东京的天气。",
+        content="好的，我来查一下。🌤",
+        calls=[("get_weather", {"city": "東京 (Tōkyō) 🗼"})],
+    ),
+    case(
+        "special_chars_in_string",
+        "<tool_call>search\n<arg_key>query</arg_key>\n"
+        "<arg_value>a < b && c > \"d\" 'e' \\n \\u0041 <div class=\"x\">&amp;</div></arg_value>\n"
+        "</tool_call>",
+        tools="basic",
+        calls=[("search",
+                {"query": "a < b && c > \"d\" 'e' \\n \\u0041 <div class=\"x\">&amp;</div>"})],
+    ),
+    case(
+        "json_text_in_string_param",
+        "<tool_call>edit_file\n<arg_key>path</arg_key>\n<arg_value>package.json</arg_value>\n"
+        "<arg_key>new</arg_key>\n<arg_value>{\"name\": \"x\", \"version\": 1}</arg_value>\n"
+        "<arg_key>old</arg_key>\n<arg_value>123</arg_value>\n</tool_call>",
+        tools="basic",
+        calls=[("edit_file", {"path": "package.json", "new": "{\"name\": \"x\", \"version\": 1}",
+                              "old": "123"})],
+    ),
+    case(
+        "typed_scalars",
+        "<tool_call>configure\n<arg_key>count</arg_key>\n<arg_value>7</arg_value>\n"
+        "<arg_key>ratio</arg_key>\n<arg_value>0.25</arg_value>\n"
+        "<arg_key>enabled</arg_key>\n<arg_value>true</arg_value>\n</tool_call>",
+        tools="typed",
+        calls=[("configure", {"count": 7, "ratio": 0.25, "enabled": True})],
+    ),
+    case(
+        "typed_object_array",
+        "<tool_call>configure\n<arg_key>options</arg_key>\n"
+        "<arg_value>{\"depth\": 2, \"names\": [\"α\", \"β\"], \"deep\": {\"x\": null}}"
+        "</arg_value>\n"
+        "<arg_key>tags</arg_key>\n<arg_value>[\"a\", \"b<c\", \"d&e\"]</arg_value>\n</tool_call>",
+        tools="typed",
+        calls=[("configure", {"options": {"depth": 2, "names": ["α", "β"], "deep": {"x": None}},
+                              "tags": ["a", "b<c", "d&e"]})],
+    ),
+    case(
+        "typed_nullable_string",
+        "<tool_call>configure\n<arg_key>note</arg_key>\n<arg_value>null</arg_value>\n</tool_call>\n"
+        "<tool_call>configure\n<arg_key>note</arg_key>\n<arg_value>123</arg_value>\n</tool_call>\n"
+        "<tool_call>configure\n<arg_key>note</arg_key>\n<arg_value>hello</arg_value>\n</tool_call>",
+        tools="typed",
+        calls=[("configure", {"note": None}), ("configure", {"note": "123"}),
+               ("configure", {"note": "hello"})],
+    ),
+    case(
+        "typed_anyof_oneof_enum_null",
+        "<tool_call>configure\n<arg_key>mode</arg_key>\n<arg_value>42</arg_value>\n"
+        "<arg_key>limit</arg_key>\n<arg_value>null</arg_value>\n"
+        "<arg_key>level</arg_key>\n<arg_value>2</arg_value>\n"
+        "<arg_key>nothing</arg_key>\n<arg_value>null</arg_value>\n</tool_call>\n"
+        "<tool_call>configure\n<arg_key>mode</arg_key>\n<arg_value>fast</arg_value>\n"
+        "<arg_key>limit</arg_key>\n<arg_value>10</arg_value>\n</tool_call>",
+        tools="typed",
+        calls=[("configure", {"mode": 42, "limit": None, "level": 2, "nothing": None}),
+               ("configure", {"mode": "fast", "limit": 10})],
+    ),
+    case(
+        "typed_string_enum",
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Oslo</arg_value>\n"
+        "<arg_key>unit</arg_key>\n<arg_value>fahrenheit</arg_value>\n</tool_call>",
+        tools="basic",
+        calls=[("get_weather", {"city": "Oslo", "unit": "fahrenheit"})],
+    ),
+    case(
+        "typed_fallbacks",
+        "<tool_call>configure\n<arg_key>count</arg_key>\n<arg_value>three</arg_value>\n"
+        "<arg_key>enabled</arg_key>\n<arg_value>True</arg_value>\n"
+        "<arg_key>ratio</arg_key>\n<arg_value>NaN</arg_value>\n"
+        "<arg_key>options</arg_key>\n<arg_value>{bad json</arg_value>\n"
+        "<arg_key>tags</arg_key>\n<arg_value> [1, 2] </arg_value>\n"
+        "<arg_key>level</arg_key>\n<arg_value>3.0</arg_value>\n</tool_call>",
+        tools="typed",
+        calls=[("configure", {"count": "three", "enabled": True, "ratio": "NaN",
+                              "options": "{bad json", "tags": [1, 2], "level": 3})],
+    ),
+    case(
+        "typed_integer_from_float_text",
+        "<tool_call>configure\n<arg_key>count</arg_key>\n<arg_value>5.0</arg_value>\n</tool_call>",
+        tools="typed",
+        calls=[("configure", {"count": 5})],
+    ),
+    case(
+        "arg_not_in_schema_best_effort",
+        "<tool_call>configure\n<arg_key>payload</arg_key>\n<arg_value>{\"k\": [1]}</arg_value>\n"
+        "<arg_key>extra</arg_key>\n<arg_value>5</arg_value>\n"
+        "<arg_key>words</arg_key>\n<arg_value>x y</arg_value>\n</tool_call>",
+        tools="typed",
+        calls=[("configure", {"payload": {"k": [1]}, "extra": 5, "words": "x y"})],
+    ),
+    case(
+        "no_tools_best_effort",
+        "<tool_call>lookup\n<arg_key>id</arg_key>\n<arg_value>3</arg_value>\n"
+        "<arg_key>name</arg_key>\n<arg_value>Paris</arg_value>\n"
+        "<arg_key>ids</arg_key>\n<arg_value>[1, 2]</arg_value>\n"
+        "<arg_key>flag</arg_key>\n<arg_value>true</arg_value>\n"
+        "<arg_key>quoted</arg_key>\n<arg_value>\"quoted\"</arg_value>\n"
+        "<arg_key>big</arg_key>\n<arg_value>1e999</arg_value>\n</tool_call>",
+        calls=[("lookup", {"id": 3, "name": "Paris", "ids": [1, 2], "flag": True,
+                           "quoted": "quoted", "big": "1e999"})],
+    ),
+    case("name_trailing_newline_no_args", "\n<think></think>\n" + TIME_CALL, tools="basic",
+         reasoning="", calls=[("get_time", {})]),
+    case("empty_args_no_newline", "<tool_call>get_time</tool_call>", tools="basic",
+         calls=[("get_time", {})]),
+    case(
+        "glm47_no_newlines",
+        "<think>Berlin weather.</think><tool_call>get_weather<arg_key>city</arg_key>"
+        "<arg_value>Berlin</arg_value><arg_key>days</arg_key><arg_value>2</arg_value>"
+        "</tool_call>",
+        tools="basic",
+        reasoning="Berlin weather.",
+        calls=[("get_weather", {"city": "Berlin", "days": 2})],
+    ),
+    case(
+        "literal_backslash_n",
+        "<tool_call>get_weather\\n<arg_key>city</arg_key>\\n<arg_value>Rome</arg_value>\\n"
+        "</tool_call>",
+        tools="basic",
+        calls=[("get_weather", {"city": "Rome"})],
+    ),
+    case(
+        "loose_whitespace_and_keys",
+        "<tool_call> get_weather \n\n<arg_key> city </arg_key>\n\n  <arg_value>Lima</arg_value>"
+        "\n\n<arg_key>days\n</arg_key> <arg_value> 4 </arg_value>\n\n</tool_call>",
+        tools="basic",
+        calls=[("get_weather", {"city": "Lima", "days": 4})],
+    ),
+    case(
+        "duplicate_key_last_wins",
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>A</arg_value>\n"
+        "<arg_key>city</arg_key>\n<arg_value>B</arg_value>\n</tool_call>",
+        tools="basic",
+        calls=[("get_weather", {"city": "B"})],
+    ),
+    case(
+        "json_style_call",
+        "\n<think>t</think>\n<tool_call>{\"name\": \"get_weather\", \"arguments\": "
+        "{\"city\": \"Kyiv\", \"days\": 1}}</tool_call>",
+        tools="basic",
+        reasoning="t",
+        calls=[("get_weather", {"city": "Kyiv", "days": 1})],
+    ),
+    # ---- malformed -----------------------------------------------------------------------------
+    case(
+        "truncated_mid_value_after_good_call",
+        "\n<think>t</think>\n" + WEATHER_PARIS + "\n<tool_call>get_weather\n"
+        "<arg_key>city</arg_key>\n<arg_value>Lon",
+        tools="basic",
+        reasoning="t",
+        content="<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Lon",
+        calls=[("get_weather", {"city": "Paris", "days": 3})],
+        malformed="unclosed_tool_call",
+    ),
+    case(
+        "truncated_mid_key",
+        "\n<think>t</think>\nChecking.\n<tool_call>get_weather\n<arg_key>ci",
+        tools="basic",
+        reasoning="t",
+        content="Checking.\n<tool_call>get_weather\n<arg_key>ci",
+        malformed="unclosed_tool_call",
+    ),
+    case(
+        "truncated_after_open_tag",
+        "Sure.\n<tool_call>",
+        content="Sure.\n<tool_call>",
+        malformed="unclosed_tool_call",
+    ),
+    case(
+        "missing_arg_value_close_at_end",
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris\n</tool_call>",
+        tools="basic",
+        content="<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris\n</tool_call>",
+        malformed="missing_arg_value",
+    ),
+    case(
+        "missing_arg_value_close_mid_list",
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris\n"
+        "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>",
+        tools="basic",
+        content="<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris\n"
+        "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>",
+        malformed="missing_arg_value",
+    ),
+    case(
+        "key_without_value",
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n</tool_call>",
+        tools="basic",
+        content="<tool_call>get_weather\n<arg_key>city</arg_key>\n</tool_call>",
+        malformed="missing_arg_value",
+    ),
+    case(
+        "unclosed_key",
+        "<tool_call>get_weather\n<arg_key>city\n<arg_value>Paris</arg_value>\n</tool_call>",
+        tools="basic",
+        content="<tool_call>get_weather\n<arg_key>city\n<arg_value>Paris</arg_value>\n</tool_call>",
+        malformed="bad_arg_key",
+    ),
+    case(
+        "unknown_tool_then_good_call",
+        "\n<think>t</think>\n<tool_call>get_stock\n<arg_key>sym</arg_key>\n<arg_value>AAPL"
+        "</arg_value>\n</tool_call>\n" + TIME_CALL,
+        tools="basic",
+        reasoning="t",
+        content="<tool_call>get_stock\n<arg_key>sym</arg_key>\n<arg_value>AAPL</arg_value>\n"
+        "</tool_call>",
+        calls=[("get_time", {})],
+        malformed="unknown_tool",
+    ),
+    case(
+        "missing_tool_name",
+        "<tool_call>\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>",
+        content="<tool_call>\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>",
+        malformed="missing_tool_name",
+    ),
+    case(
+        "bad_tool_name",
+        "<tool_call>get weather now</tool_call>",
+        content="<tool_call>get weather now</tool_call>",
+        malformed="bad_tool_name",
+    ),
+    case(
+        "unexpected_text_in_call",
+        "<tool_call>get_weather\nplease\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+        "</tool_call>",
+        tools="basic",
+        content="<tool_call>get_weather\nplease\n<arg_key>city</arg_key>\n"
+        "<arg_value>Paris</arg_value>\n</tool_call>",
+        malformed="unexpected_text",
+    ),
+    case(
+        "first_flag_wins",
+        "<tool_call>nope\n</tool_call>\n<tool_call>get_time\n<arg_key>x</arg_key>",
+        tools="basic",
+        content="<tool_call>nope\n</tool_call>\n<tool_call>get_time\n<arg_key>x</arg_key>",
+        malformed="unknown_tool",
+    ),
+]
