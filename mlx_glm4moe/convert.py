@@ -189,6 +189,7 @@ def convert(
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the output folder's mode
     try:
         writer = _ShardWriter(tmp, max_shard_bytes)
         params: dict[str, dict] = {}
