@@ -57,8 +57,9 @@ WEATHER_PARIS = (
 TIME_CALL = "<tool_call>get_time\n</tool_call>"
 
 
-def case(name, text, *, tools=None, thinking=True, content="", reasoning=None, calls=(),
-         malformed=None):
+def case(
+    name, text, *, tools=None, thinking=True, content="", reasoning=None, calls=(), malformed=None
+):
     return {
         "name": name,
         "text": text,
@@ -91,8 +92,12 @@ CASES = [
     case("empty_think", "\n<think></think>\nSure.", reasoning="", content="Sure."),
     case("empty_generation", "", content=""),
     case("whitespace_only", "\n\n  \n", content=""),
-    case("thinking_off_plain", "Paris is the capital of France.", thinking=False,
-         content="Paris is the capital of France."),
+    case(
+        "thinking_off_plain",
+        "Paris is the capital of France.",
+        thinking=False,
+        content="Paris is the capital of France.",
+    ),
     case("thinking_off_newlines", "\nHi there!\n\n", thinking=False, content="Hi there!"),
     case(
         "thinking_off_stray_close",
@@ -106,8 +111,11 @@ CASES = [
         thinking=False,
         content="Answer: 42",
     ),
-    case("no_tags_thinking_on", "Just an answer, no thinking.",
-         content="Just an answer, no thinking."),
+    case(
+        "no_tags_thinking_on",
+        "Just an answer, no thinking.",
+        content="Just an answer, no thinking.",
+    ),
     case(
         "bare_close_think",
         "The user wants a haiku.\nFive, seven, five.</think>\nAutumn moonlight -\n"
@@ -191,7 +199,7 @@ CASES = [
         "three_calls_mixed",
         "\n<think>Do all three.</think>\nRunning three tools.\n" + TIME_CALL + "\n"
         "<tool_call>search\n<arg_key>query</arg_key>\n<arg_value>mlx glm4 moe</arg_value>\n"
-        "<arg_key>filters</arg_key>\n<arg_value>{\"site\": \"github.com\", \"year\": 2025}"
+        '<arg_key>filters</arg_key>\n<arg_value>{"site": "github.com", "year": 2025}'
         "</arg_value>\n</tool_call>\n" + WEATHER_PARIS,
         tools="basic",
         reasoning="Do all three.",
@@ -240,11 +248,16 @@ CASES = [
         "<arg_value>def f():\n    # fixed\n    return 1\n\n\n</arg_value>\n</tool_call>",
         tools="basic",
         reasoning="Fix the bug.",
-        calls=[(
-            "edit_file",
-            {"path": "src/app.py", "old": "def f():\n    return 0\n",
-             "new": "def f():\n    # fixed\n    return 1\n\n\n"},
-        )],
+        calls=[
+            (
+                "edit_file",
+                {
+                    "path": "src/app.py",
+                    "old": "def f():\n    return 0\n",
+                    "new": "def f():\n    # fixed\n    return 1\n\n\n",
+                },
+            )
+        ],
     ),
     case(
         "string_value_edge_newlines_and_spaces",
@@ -267,20 +280,25 @@ CASES = [
     case(
         "special_chars_in_string",
         "<tool_call>search\n<arg_key>query</arg_key>\n"
-        "<arg_value>a < b && c > \"d\" 'e' \\n \\u0041 <div class=\"x\">&amp;</div></arg_value>\n"
+        '<arg_value>a < b && c > "d" \'e\' \\n \\u0041 <div class="x">&amp;</div></arg_value>\n'
         "</tool_call>",
         tools="basic",
-        calls=[("search",
-                {"query": "a < b && c > \"d\" 'e' \\n \\u0041 <div class=\"x\">&amp;</div>"})],
+        calls=[
+            ("search", {"query": 'a < b && c > "d" \'e\' \\n \\u0041 <div class="x">&amp;</div>'})
+        ],
     ),
     case(
         "json_text_in_string_param",
         "<tool_call>edit_file\n<arg_key>path</arg_key>\n<arg_value>package.json</arg_value>\n"
-        "<arg_key>new</arg_key>\n<arg_value>{\"name\": \"x\", \"version\": 1}</arg_value>\n"
+        '<arg_key>new</arg_key>\n<arg_value>{"name": "x", "version": 1}</arg_value>\n'
         "<arg_key>old</arg_key>\n<arg_value>123</arg_value>\n</tool_call>",
         tools="basic",
-        calls=[("edit_file", {"path": "package.json", "new": "{\"name\": \"x\", \"version\": 1}",
-                              "old": "123"})],
+        calls=[
+            (
+                "edit_file",
+                {"path": "package.json", "new": '{"name": "x", "version": 1}', "old": "123"},
+            )
+        ],
     ),
     case(
         "typed_scalars",
@@ -293,12 +311,19 @@ CASES = [
     case(
         "typed_object_array",
         "<tool_call>configure\n<arg_key>options</arg_key>\n"
-        "<arg_value>{\"depth\": 2, \"names\": [\"α\", \"β\"], \"deep\": {\"x\": null}}"
+        '<arg_value>{"depth": 2, "names": ["α", "β"], "deep": {"x": null}}'
         "</arg_value>\n"
-        "<arg_key>tags</arg_key>\n<arg_value>[\"a\", \"b<c\", \"d&e\"]</arg_value>\n</tool_call>",
+        '<arg_key>tags</arg_key>\n<arg_value>["a", "b<c", "d&e"]</arg_value>\n</tool_call>',
         tools="typed",
-        calls=[("configure", {"options": {"depth": 2, "names": ["α", "β"], "deep": {"x": None}},
-                              "tags": ["a", "b<c", "d&e"]})],
+        calls=[
+            (
+                "configure",
+                {
+                    "options": {"depth": 2, "names": ["α", "β"], "deep": {"x": None}},
+                    "tags": ["a", "b<c", "d&e"],
+                },
+            )
+        ],
     ),
     case(
         "typed_nullable_string",
@@ -306,8 +331,11 @@ CASES = [
         "<tool_call>configure\n<arg_key>note</arg_key>\n<arg_value>123</arg_value>\n</tool_call>\n"
         "<tool_call>configure\n<arg_key>note</arg_key>\n<arg_value>hello</arg_value>\n</tool_call>",
         tools="typed",
-        calls=[("configure", {"note": None}), ("configure", {"note": "123"}),
-               ("configure", {"note": "hello"})],
+        calls=[
+            ("configure", {"note": None}),
+            ("configure", {"note": "123"}),
+            ("configure", {"note": "hello"}),
+        ],
     ),
     case(
         "typed_anyof_oneof_enum_null",
@@ -318,8 +346,10 @@ CASES = [
         "<tool_call>configure\n<arg_key>mode</arg_key>\n<arg_value>fast</arg_value>\n"
         "<arg_key>limit</arg_key>\n<arg_value>10</arg_value>\n</tool_call>",
         tools="typed",
-        calls=[("configure", {"mode": 42, "limit": None, "level": 2, "nothing": None}),
-               ("configure", {"mode": "fast", "limit": 10})],
+        calls=[
+            ("configure", {"mode": 42, "limit": None, "level": 2, "nothing": None}),
+            ("configure", {"mode": "fast", "limit": 10}),
+        ],
     ),
     case(
         "typed_string_enum",
@@ -337,8 +367,19 @@ CASES = [
         "<arg_key>tags</arg_key>\n<arg_value> [1, 2] </arg_value>\n"
         "<arg_key>level</arg_key>\n<arg_value>3.0</arg_value>\n</tool_call>",
         tools="typed",
-        calls=[("configure", {"count": "three", "enabled": True, "ratio": "NaN",
-                              "options": "{bad json", "tags": [1, 2], "level": 3})],
+        calls=[
+            (
+                "configure",
+                {
+                    "count": "three",
+                    "enabled": True,
+                    "ratio": "NaN",
+                    "options": "{bad json",
+                    "tags": [1, 2],
+                    "level": 3,
+                },
+            )
+        ],
     ),
     case(
         "typed_integer_from_float_text",
@@ -348,7 +389,7 @@ CASES = [
     ),
     case(
         "arg_not_in_schema_best_effort",
-        "<tool_call>configure\n<arg_key>payload</arg_key>\n<arg_value>{\"k\": [1]}</arg_value>\n"
+        '<tool_call>configure\n<arg_key>payload</arg_key>\n<arg_value>{"k": [1]}</arg_value>\n'
         "<arg_key>extra</arg_key>\n<arg_value>5</arg_value>\n"
         "<arg_key>words</arg_key>\n<arg_value>x y</arg_value>\n</tool_call>",
         tools="typed",
@@ -360,15 +401,35 @@ CASES = [
         "<arg_key>name</arg_key>\n<arg_value>Paris</arg_value>\n"
         "<arg_key>ids</arg_key>\n<arg_value>[1, 2]</arg_value>\n"
         "<arg_key>flag</arg_key>\n<arg_value>true</arg_value>\n"
-        "<arg_key>quoted</arg_key>\n<arg_value>\"quoted\"</arg_value>\n"
+        '<arg_key>quoted</arg_key>\n<arg_value>"quoted"</arg_value>\n'
         "<arg_key>big</arg_key>\n<arg_value>1e999</arg_value>\n</tool_call>",
-        calls=[("lookup", {"id": 3, "name": "Paris", "ids": [1, 2], "flag": True,
-                           "quoted": "quoted", "big": "1e999"})],
+        calls=[
+            (
+                "lookup",
+                {
+                    "id": 3,
+                    "name": "Paris",
+                    "ids": [1, 2],
+                    "flag": True,
+                    "quoted": "quoted",
+                    "big": "1e999",
+                },
+            )
+        ],
     ),
-    case("name_trailing_newline_no_args", "\n<think></think>\n" + TIME_CALL, tools="basic",
-         reasoning="", calls=[("get_time", {})]),
-    case("empty_args_no_newline", "<tool_call>get_time</tool_call>", tools="basic",
-         calls=[("get_time", {})]),
+    case(
+        "name_trailing_newline_no_args",
+        "\n<think></think>\n" + TIME_CALL,
+        tools="basic",
+        reasoning="",
+        calls=[("get_time", {})],
+    ),
+    case(
+        "empty_args_no_newline",
+        "<tool_call>get_time</tool_call>",
+        tools="basic",
+        calls=[("get_time", {})],
+    ),
     case(
         "glm47_no_newlines",
         "<think>Berlin weather.</think><tool_call>get_weather<arg_key>city</arg_key>"
@@ -401,8 +462,8 @@ CASES = [
     ),
     case(
         "json_style_call",
-        "\n<think>t</think>\n<tool_call>{\"name\": \"get_weather\", \"arguments\": "
-        "{\"city\": \"Kyiv\", \"days\": 1}}</tool_call>",
+        '\n<think>t</think>\n<tool_call>{"name": "get_weather", "arguments": '
+        '{"city": "Kyiv", "days": 1}}</tool_call>',
         tools="basic",
         reasoning="t",
         calls=[("get_weather", {"city": "Kyiv", "days": 1})],

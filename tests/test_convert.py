@@ -125,7 +125,11 @@ def test_upload_creates_repo_and_uploads_card(air_checkpoint, tmp_path, monkeypa
     convert(str(air_checkpoint), str(tmp_path / "up"), quantize=True, upload_repo="me/air-4bit")
     assert calls[0] == ("create_repo", {"repo_id": "me/air-4bit", "exist_ok": True})
     name, kw, files = calls[1]
-    assert kw == {"folder_path": str(tmp_path / "up"), "repo_id": "me/air-4bit", "repo_type": "model"}
+    assert kw == {
+        "folder_path": str(tmp_path / "up"),
+        "repo_id": "me/air-4bit",
+        "repo_type": "model",
+    }
     assert "README.md" in files and "model-00001-of-00001.safetensors" in files
     card = (tmp_path / "up" / "README.md").read_text()
     assert "base_model:" in card and "4-bit (group 64, affine)" in card
@@ -195,6 +199,8 @@ def test_existing_destination_is_kept_without_force(air_checkpoint, tmp_path):
     "flags", [["--q-bits", "7"], ["--q-group-size", "48"], ["--dtype", "int8"], ["--bogus"]]
 )
 def test_bad_flags(air_checkpoint, tmp_path, flags):
-    r = run_convert("--hf-path", str(air_checkpoint), "--mlx-path", str(tmp_path / "o"), "-q", *flags)
+    r = run_convert(
+        "--hf-path", str(air_checkpoint), "--mlx-path", str(tmp_path / "o"), "-q", *flags
+    )
     assert r.returncode == 2 and "error:" in r.stderr
     assert not (tmp_path / "o").exists()

@@ -51,7 +51,9 @@ def test_stops_on_every_glm_stop_token(q4, stop):
     stop_id = tokenizer.convert_tokens_to_ids(stop)
     script = iter([7, 8, stop_id, 9])
     responses = list(
-        stream_generate(model, tokenizer, PROMPT, max_tokens=10, sampler=lambda _: mx.array([next(script)]))
+        stream_generate(
+            model, tokenizer, PROMPT, max_tokens=10, sampler=lambda _: mx.array([next(script)])
+        )
     )
     assert [r.token for r in responses] == [7, 8, stop_id]
     assert responses[-1].finish_reason == "stop" and responses[-1].text == ""
@@ -105,8 +107,21 @@ def test_cli_runs_on_bundled_default():
 
 
 def test_cli_model_and_flags(air_q4):
-    r = run_cli("--model", str(air_q4), "--prompt", "hi", "--no-think", "--max-tokens", "4",
-                "--temp", "0.8", "--top-p", "0.9", "--seed", "1")
+    r = run_cli(
+        "--model",
+        str(air_q4),
+        "--prompt",
+        "hi",
+        "--no-think",
+        "--max-tokens",
+        "4",
+        "--temp",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     assert "Prompt:" in r.stderr and "bundled" not in r.stderr
 

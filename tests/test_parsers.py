@@ -26,8 +26,10 @@ def _tools(c: dict) -> list | None:
 
 
 def _calls(result: dict) -> list[tuple[str, dict]]:
-    return [(t["function"]["name"], json.loads(t["function"]["arguments"]))
-            for t in result["tool_calls"]]
+    return [
+        (t["function"]["name"], json.loads(t["function"]["arguments"]))
+        for t in result["tool_calls"]
+    ]
 
 
 # ---- corpus: batch -----------------------------------------------------------------------------
@@ -155,8 +157,11 @@ def test_no_partial_tag_ever_emitted():
         for piece in pieces:
             for e in sp.feed(piece):
                 if e["type"] != "tool_call":
-                    assert not any(t in e["delta"] or e["delta"].endswith(t[:k])
-                                   for t in TAG_PREFIXES for k in range(1, len(t))), pieces
+                    assert not any(
+                        t in e["delta"] or e["delta"].endswith(t[:k])
+                        for t in TAG_PREFIXES
+                        for k in range(1, len(t))
+                    ), pieces
 
 
 def test_leading_newlines_after_think_are_held():
@@ -181,10 +186,34 @@ def test_tool_call_event_shape():
 
 
 FRAGMENTS = [
-    "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
-    "<arg_value>", "</arg_value>", "<tool_", "</thi", "<", ">", "\n", "\n\n", " ", "\\n",
-    "get_time", "get_weather", "city", "days", "Paris", "3", "{\"a\": [1]}", "null", "é字",
-    "x < y & z", "{", "\"",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+    "<tool_",
+    "</thi",
+    "<",
+    ">",
+    "\n",
+    "\n\n",
+    " ",
+    "\\n",
+    "get_time",
+    "get_weather",
+    "city",
+    "days",
+    "Paris",
+    "3",
+    '{"a": [1]}',
+    "null",
+    "é字",
+    "x < y & z",
+    "{",
+    '"',
 ]
 
 
@@ -212,7 +241,9 @@ def _render(messages: list[dict], tools) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, _ = render_jinja_template(
-        conversations=[messages], chat_template=TEMPLATE.read_text(), tools=tools,
+        conversations=[messages],
+        chat_template=TEMPLATE.read_text(),
+        tools=tools,
         add_generation_prompt=False,
     )
     return rendered[0]
@@ -224,34 +255,66 @@ ROUND_TRIPS = [
         "reasoning_content": "Two tools.\nFirst edit, then configure.",
         "content": "I'll make the change & configure <it>.",
         "tool_calls": [
-            ("edit_file", {"path": "src/ä.py", "old": "x = 1\n",
-                           "new": "if a < b and c > d:\n    s = \"q\" + '&'\n"}),
-            ("configure", {"count": 3, "ratio": 1.5, "enabled": False, "options": {"a": [1, None]},
-                           "tags": ["x", "y"], "note": None, "mode": "slow", "limit": 7,
-                           "level": 1, "nothing": None, "payload": {"k": "v"}}),
+            (
+                "edit_file",
+                {
+                    "path": "src/ä.py",
+                    "old": "x = 1\n",
+                    "new": "if a < b and c > d:\n    s = \"q\" + '&'\n",
+                },
+            ),
+            (
+                "configure",
+                {
+                    "count": 3,
+                    "ratio": 1.5,
+                    "enabled": False,
+                    "options": {"a": [1, None]},
+                    "tags": ["x", "y"],
+                    "note": None,
+                    "mode": "slow",
+                    "limit": 7,
+                    "level": 1,
+                    "nothing": None,
+                    "payload": {"k": "v"},
+                },
+            ),
         ],
     },
     {"content": "", "tool_calls": [("get_time", {})]},
-    {"content": "", "tool_calls": [("search", {"query": "{\"looks\": \"like json\"}",
-                                               "filters": {}})]},
-    {"content": "", "tool_calls": [("edit_file", {"path": "\nleading and trailing\n",
-                                                  "new": "   ", "old": ""})]},
+    {"content": "", "tool_calls": [("search", {"query": '{"looks": "like json"}', "filters": {}})]},
+    {
+        "content": "",
+        "tool_calls": [
+            ("edit_file", {"path": "\nleading and trailing\n", "new": "   ", "old": ""})
+        ],
+    },
     {"content": "Plain answer with 中文 and emoji 🎉\n\nSecond paragraph.", "tool_calls": []},
     {"reasoning_content": "Only thinking then answer.", "content": "Answer.", "tool_calls": []},
-    {"content": "Weather for two cities:", "tool_calls": [
-        ("get_weather", {"city": "São Paulo", "days": 2, "unit": "celsius"}),
-        ("get_weather", {"city": "123"}),
-    ]},
+    {
+        "content": "Weather for two cities:",
+        "tool_calls": [
+            ("get_weather", {"city": "São Paulo", "days": 2, "unit": "celsius"}),
+            ("get_weather", {"city": "123"}),
+        ],
+    },
 ]
 
 
 @pytest.mark.parametrize("msg", ROUND_TRIPS, ids=[str(i) for i in range(len(ROUND_TRIPS))])
 @pytest.mark.parametrize("wire", [False, True], ids=["dict_args", "json_string_args"])
 def test_template_round_trip(msg, wire):
-    calls = [{"id": f"c{i}", "type": "function",
-              "function": {"name": name,
-                           "arguments": json.dumps(args) if wire else copy.deepcopy(args)}}
-             for i, (name, args) in enumerate(msg["tool_calls"])]
+    calls = [
+        {
+            "id": f"c{i}",
+            "type": "function",
+            "function": {
+                "name": name,
+                "arguments": json.dumps(args) if wire else copy.deepcopy(args),
+            },
+        }
+        for i, (name, args) in enumerate(msg["tool_calls"])
+    ]
     assistant = {"role": "assistant", "content": msg["content"]}
     if "reasoning_content" in msg:
         assistant["reasoning_content"] = msg["reasoning_content"]
@@ -267,17 +330,23 @@ def test_template_round_trip(msg, wire):
     assert _calls(r) == msg["tool_calls"]
     # Exact types too (1 vs 1.0 vs True compare equal in Python).
     assert [c["function"]["arguments"] for c in r["tool_calls"]] == [
-        json.dumps(a, ensure_ascii=False) for _, a in msg["tool_calls"]]
+        json.dumps(a, ensure_ascii=False) for _, a in msg["tool_calls"]
+    ]
     _check_stream(list(text), RT_TOOLS, True, r)
 
 
 def test_template_round_trip_without_tools_schema():
     args = {"city": "Paris", "days": 3, "flags": [True, None], "opts": {"deep": {"x": 1.5}}}
-    messages = normalize_messages([
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": None,
-         "tool_calls": [{"function": {"name": "lookup", "arguments": json.dumps(args)}}]},
-    ])
+    messages = normalize_messages(
+        [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"function": {"name": "lookup", "arguments": json.dumps(args)}}],
+            },
+        ]
+    )
     text = _render(messages, None).split("<|assistant|>")[-1]
     assert text.startswith("\n<think></think>\n<tool_call>lookup\n")  # no "None" content
     r = parse_assistant(text)
@@ -291,16 +360,24 @@ def test_normalize_messages():
     messages = [
         {"role": "system", "content": "sys"},
         {"role": "user", "content": None},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}},
-            {"id": "b", "type": "function", "function": {"name": "g", "arguments": {"y": [2]}}},
-            {"id": "c", "type": "function", "function": {"name": "h", "arguments": "{not json"}},
-            {"id": "d", "type": "function", "function": {"name": "i", "arguments": "[1, 2]"}},
-            {"id": "e", "type": "function", "function": {"name": "j", "arguments": ""}},
-            {"id": "f", "type": "function", "function": {"name": "k", "arguments": None}},
-            {"name": "flat", "arguments": "{\"z\": \"é\"}"},
-        ]},
-        {"role": "tool", "tool_call_id": "a", "content": "{\"x\": 1}"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+                {"id": "b", "type": "function", "function": {"name": "g", "arguments": {"y": [2]}}},
+                {
+                    "id": "c",
+                    "type": "function",
+                    "function": {"name": "h", "arguments": "{not json"},
+                },
+                {"id": "d", "type": "function", "function": {"name": "i", "arguments": "[1, 2]"}},
+                {"id": "e", "type": "function", "function": {"name": "j", "arguments": ""}},
+                {"id": "f", "type": "function", "function": {"name": "k", "arguments": None}},
+                {"name": "flat", "arguments": '{"z": "é"}'},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "a", "content": '{"x": 1}'},
     ]
     before = copy.deepcopy(messages)
     out = normalize_messages(messages)
@@ -308,8 +385,15 @@ def test_normalize_messages():
     assert out[0] == messages[0] and out[0] is not messages[0]
     assert out[1]["content"] == "" and out[2]["content"] == ""
     got = [c.get("function", c)["arguments"] for c in out[2]["tool_calls"]]
-    assert got == [{"x": 1}, {"y": [2]}, {"raw_arguments": "{not json"},
-                   {"raw_arguments": "[1, 2]"}, {}, {}, {"z": "é"}]
+    assert got == [
+        {"x": 1},
+        {"y": [2]},
+        {"raw_arguments": "{not json"},
+        {"raw_arguments": "[1, 2]"},
+        {},
+        {},
+        {"z": "é"},
+    ]
     assert out[3] == messages[3]  # tool message content is not parsed
     assert [c.get("id") for c in out[2]["tool_calls"]] == ["a", "b", "c", "d", "e", "f", None]
     assert "<arg_value>{not json</arg_value>" in _render(out, None)
