@@ -9,6 +9,7 @@ parser) runs for real.
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import json
 import os
@@ -455,7 +456,8 @@ def test_interactive_history_and_toggles(loaded, monkeypatch, capsys):
         return stream_chat(*args, **kwargs, sampler=scripted(tok, next(replies), "<|user|>"))
 
     monkeypatch.setattr("builtins.input", fake_input)
-    monkeypatch.setattr("mlx_glm4moe.chat.stream_chat", scripted_turn)
+    # The module, not the `chat` function the package exports under the same name.
+    monkeypatch.setattr(importlib.import_module("mlx_glm4moe.chat"), "stream_chat", scripted_turn)
     pc = PromptCache(model)
     interactive(model, tok, tools=TOOLS, prompt_cache=pc)
     out, err = capsys.readouterr()
