@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .generate import encode, stream_generate
@@ -63,13 +63,13 @@ class PromptCache:
             raise ValueError("fetch() needs at least one token")
         query = np.asarray(tokens)
         with self._lock:
-            best, best_len = None, 0
-            for key, (seq, _) in self._entries.items():
-                n = _common_prefix(seq, query)
-                if n > best_len:
-                    best, best_len = key, n
-            n = min(best_len, len(tokens) - 1)
-            if best is None or n == 0:
+            best, n = None, 0
+            for key, (seq, stored) in self._entries.items():
+                common = min(_common_prefix(seq, query), len(tokens) - 1)
+                # trim_prompt_cache silently does nothing on caches that cannot be trimmed.
+                if common > n and (common == len(seq) or can_trim_prompt_cache(stored)):
+                    best, n = key, common
+            if best is None:
                 return self.model.make_cache(), list(tokens), 0
             self._entries.move_to_end(best)
             seq, stored = self._entries[best]
@@ -82,7 +82,7 @@ class PromptCache:
         length is ignored; cache entries past `len(tokens)` are trimmed). The caller must not
         use `cache` afterwards."""
         length = min(len(tokens), _offset(cache))
-        if length == 0:
+        if length == 0 or (length < _offset(cache) and not can_trim_prompt_cache(cache)):
             return
         trim_prompt_cache(cache, _offset(cache) - length)
         seq = np.asarray(tokens[:length])

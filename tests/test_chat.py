@@ -136,7 +136,7 @@ def test_stream_chat_events_add_up_to_the_message(loaded):
 
 def test_call_ids_differ_between_requests_by_default(loaded):
     model, tok = loaded
-    a, b = (chat(model, tok, USER, TOOLS, sampler=scripted(tok, REPLY)) for _ in range(2))
+    a, b = (chat(model, tok, USER, sampler=scripted(tok, REPLY)) for _ in range(2))
     assert a["tool_calls"][0]["function"] == b["tool_calls"][0]["function"]
     assert a["tool_calls"][0]["id"] != b["tool_calls"][0]["id"]
 
@@ -496,7 +496,7 @@ class Terminal:
         self.seen = ""  # read but not yet consumed by expect()
         self.transcript = ""
 
-    def expect(self, text: str, timeout: float = 60) -> str:
+    def expect(self, text: str, timeout: float = 120) -> str:
         """Read until `text` appears; return everything read up to it (and consume it)."""
         deadline = time.monotonic() + timeout
         while text not in self.seen:
@@ -504,7 +504,7 @@ class Terminal:
         before, _, self.seen = self.seen.partition(text)
         return before
 
-    def expect_output(self, timeout: float = 60) -> None:
+    def expect_output(self, timeout: float = 120) -> None:
         """Read until something other than whitespace arrives."""
         deadline = time.monotonic() + timeout
         while not self.seen.strip():
@@ -548,19 +548,20 @@ class Terminal:
 def test_chat_session_on_a_terminal(loaded, air_checkpoint):
     model, tok = loaded
     max_tokens = 150
-    # The CLI decodes greedily; pick a first message whose thinking-off reply does not stop on
-    # its own, so a Ctrl-C sent as soon as it starts printing lands mid-reply.
-    for first in ["Tell me about Paris.", "Numbers: 1 2 3", "café", "Hi", "Why?"]:
-        msgs = [{"role": "user", "content": first}]
-        reply = chat(model, tok, msgs, enable_thinking=False, max_tokens=max_tokens)
-        if reply["finish_reason"] == "length":
-            break
-    else:
-        pytest.fail("no message gives a long enough reply on this fixture")
-
     term = Terminal(["--model", str(air_checkpoint), "--chat", "--max-tokens", str(max_tokens)])
     try:
-        term.expect(">>> ")
+        # (While the CLI starts.) It decodes greedily: pick a first message whose thinking-off
+        # reply does not stop on its own, so a Ctrl-C sent as soon as it starts printing lands
+        # mid-reply.
+        for first in ["Tell me about Paris.", "Numbers: 1 2 3", "café", "Hi", "Why?"]:
+            msgs = [{"role": "user", "content": first}]
+            reply = chat(model, tok, msgs, enable_thinking=False, max_tokens=max_tokens)
+            if reply["finish_reason"] == "length":
+                break
+        else:
+            pytest.fail("no message gives a long enough reply on this fixture")
+
+        term.expect(">>> ", timeout=300)  # the start-up imports are slow on a busy machine
         term.send("/nothink\n")
         term.expect("Thinking off.")
         term.expect(">>> ")
