@@ -1,0 +1,398 @@
+"""Chat: messages → chat template → generation → parsed assistant message, with prompt reuse.
+
+`chat` / `stream_chat` are the Python API (and what the server builds on); `PromptCache` keeps
+KV caches across turns and requests; `ReplyPrinter` and `interactive` are the command line's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+import sys
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .generate import encode, stream_generate
+from .model import Model
+from .parsers import StreamParser, normalize_messages
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class PromptCache:
+    """An LRU of token sequences → KV caches, for reuse across turns and requests.
+
+    `fetch(tokens)` hands out a private copy of the cache sharing the longest common prefix
+    with `tokens`, trimmed to that prefix, and the tokens still to feed. `store(tokens, cache)`
+    takes ownership of a cache after generation. Holds at most `max_entries` caches and
+    `max_bytes` bytes of cache state (least recently used go first). Thread-safe.
+    """
+
+    def __init__(self, model: Model, max_bytes: int = 8 << 30, max_entries: int = 8) -> None:
+        self.model = model
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._entries: OrderedDict[int, tuple[np.ndarray, list]] = OrderedDict()
+        self._next_key = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of cache state held."""
+        return sum(_nbytes(cache) for _, cache in self._entries.values())
+
+    def fetch(self, tokens: list[int]) -> tuple[list, list[int], int]:
+        """(cache, remaining_tokens, cached_count): feed `remaining_tokens` to `cache`.
+
+        At least one token always remains (generation needs a new token to produce logits), so
+        a fully cached prompt gives back its last token.
+        """
+        if not tokens:
+            raise ValueError("fetch() needs at least one token")
+        query = np.asarray(tokens)
+        with self._lock:
+            best, n = None, 0
+            for key, (seq, stored) in self._entries.items():
+                common = min(_common_prefix(seq, query), len(tokens) - 1)
+                # trim_prompt_cache silently does nothing on caches that cannot be trimmed.
+                if common > n and (common == len(seq) or can_trim_prompt_cache(stored)):
+                    best, n = key, common
+            if best is None:
+                return self.model.make_cache(), list(tokens), 0
+            self._entries.move_to_end(best)
+            seq, stored = self._entries[best]
+            cache = copy.deepcopy(stored)
+        trim_prompt_cache(cache, len(seq) - n)
+        return cache, list(tokens[n:]), n
+
+    def store(self, tokens: list[int], cache: list) -> None:
+        """Keep `cache`, which holds `tokens` (or a prefix of them: anything past the cache's
+        length is ignored; cache entries past `len(tokens)` are trimmed). The caller must not
+        use `cache` afterwards."""
+        length = min(len(tokens), _offset(cache))
+        if length == 0 or (length < _offset(cache) and not can_trim_prompt_cache(cache)):
+            return
+        trim_prompt_cache(cache, _offset(cache) - length)
+        seq = np.asarray(tokens[:length])
+        with self._lock:
+            for key, (old, _) in list(self._entries.items()):
+                n = _common_prefix(old, seq)
+                if n == len(seq):  # already covered by a longer (or equal) entry
+                    self._entries.move_to_end(key)
+                    return
+                if n == len(old):  # the new entry covers the old one
+                    del self._entries[key]
+            self._entries[self._next_key] = (seq, cache)
+            self._next_key += 1
+            sizes = {k: _nbytes(c) for k, (_, c) in self._entries.items()}
+            total = sum(sizes.values())
+            while self._entries and (
+                total > self.max_bytes or len(self._entries) > self.max_entries
+            ):
+                key, _ = self._entries.popitem(last=False)
+                total -= sizes[key]
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+def _offset(cache: list) -> int:
+    return min(c.offset for c in cache) if cache else 0
+
+
+def _nbytes(cache: list) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def encode_messages(
+    tokenizer: TokenizerWrapper,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    enable_thinking: bool = True,
+) -> list[int]:
+    """Prompt token ids for `messages` (OpenAI shape) through the model's chat template,
+    ending with the assistant generation prompt."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}] needs a 'role' among {', '.join(ROLES)}")
+    if tools is not None and not (
+        isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+    ):
+        raise ValueError("tools must be a list of OpenAI tool objects")
+    try:
+        prompt = tokenizer.apply_chat_template(
+            normalize_messages(messages),
+            tools=tools or None,
+            add_generation_prompt=True,
+            tokenize=False,
+            enable_thinking=enable_thinking,
+        )
+    except Exception as e:  # jinja errors on malformed messages; say which call failed
+        raise ValueError(f"The chat template could not render these messages: {e}") from e
+    return encode(tokenizer, prompt)
+
+
+def stream_chat(
+    model: Model,
+    tokenizer: TokenizerWrapper,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    enable_thinking: bool = True,
+    *,
+    prompt_cache: PromptCache | None = None,
+    id_salt: str | None = None,
+    **sampling: Any,
+) -> Iterator[dict]:
+    """Generate the next assistant message, yielding the parser's events as they complete:
+    `{"type": "reasoning" | "content", "delta": str}`, `{"type": "tool_call", "tool_call": {...}}`,
+    then one `{"type": "done", "message", "finish_reason", "usage", "malformed", "stats"}`.
+
+    `message` is `{"role": "assistant", "content", "reasoning_content", "tool_calls"}`, ready to
+    append to `messages`. `finish_reason` is "stop", "tool_calls", "length" or "cancelled";
+    `usage` is `{prompt_tokens, completion_tokens, cached_tokens}`. `tools` (OpenAI list) is
+    offered to the model and types the call arguments. `prompt_cache` reuses and keeps KV caches.
+    `id_salt` makes tool-call ids unique per request (random when None). `**sampling` goes to
+    `stream_generate` (max_tokens, temp, top_p, top_k, min_p, seed, sampler, cancel, ...).
+    Closing the generator early stops generation (the cache is still kept).
+    """
+    tokens = encode_messages(tokenizer, messages, tools, enable_thinking)
+    if prompt_cache is not None:
+        cache, rest, cached = prompt_cache.fetch(tokens)
+    else:
+        cache, rest, cached = model.make_cache(), tokens, 0
+    parser = StreamParser(
+        tools, thinking=enable_thinking, id_salt=uuid.uuid4().hex if id_salt is None else id_salt
+    )
+    generated: list[int] = []
+
+    def keep_cache() -> None:
+        if prompt_cache is not None:
+            prompt_cache.store(tokens + generated, cache)
+
+    r = None
+    try:
+        for r in stream_generate(model, tokenizer, rest, prompt_cache=cache, **sampling):
+            generated.append(r.token)
+            yield from parser.feed(r.text)
+    except GeneratorExit:
+        keep_cache()  # stopped between tokens, so the cache is consistent
+        raise
+    keep_cache()
+    yield from parser.close()
+
+    result = parser.result()
+    finish = r.finish_reason if r is not None and r.finish_reason else "length"
+    if finish == "stop" and result["tool_calls"]:
+        finish = "tool_calls"
+    yield {
+        "type": "done",
+        "message": {
+            "role": "assistant",
+            "content": result["content"],
+            "reasoning_content": result["reasoning_content"],
+            "tool_calls": result["tool_calls"],
+        },
+        "finish_reason": finish,
+        "usage": {
+            "prompt_tokens": len(tokens),
+            "completion_tokens": len(generated),
+            "cached_tokens": cached,
+        },
+        "malformed": result["malformed"],
+        "stats": {
+            "prompt_tps": r.prompt_tps if r else 0.0,
+            "generation_tps": r.generation_tps if r else 0.0,
+            "peak_memory": r.peak_memory if r else 0.0,
+        },
+    }
+
+
+def chat(
+    model: Model,
+    tokenizer: TokenizerWrapper,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    enable_thinking: bool = True,
+    **kwargs: Any,
+) -> dict:
+    """The next assistant message: `{"role", "content", "reasoning_content", "tool_calls",
+    "finish_reason", "usage", "malformed"}`. Arguments as for `stream_chat`."""
+    for event in stream_chat(model, tokenizer, messages, tools, enable_thinking, **kwargs):
+        if event["type"] == "done":
+            return {
+                **event["message"],
+                "finish_reason": event["finish_reason"],
+                "usage": event["usage"],
+                "malformed": event["malformed"],
+            }
+    raise AssertionError("stream_chat ended without a done event")
+
+
+# -- command line -------------------------------------------------------------------------------
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def load_tools(path: str | Path) -> list[dict]:
+    """An OpenAI tools list from a JSON file (a list, or an object with a "tools" list)."""
+    try:
+        tools = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"Cannot read the tools file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"The tools file {path} is not valid JSON: {e}") from None
+    if isinstance(tools, dict) and "tools" in tools:
+        tools = tools["tools"]
+    if not isinstance(tools, list):
+        raise ValueError(f"The tools file {path} must hold a list of OpenAI tools")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(
+                f'Tool {i} in {path} needs {{"type": "function", "function": {{"name": ...}}}}'
+            )
+    return tools
+
+
+class ReplyPrinter:
+    """Writes `stream_chat` events as they come: reasoning dimmed on a terminal (after
+    "Thinking: " otherwise), content as is, each tool call as one line of JSON."""
+
+    def __init__(self, out: TextIO | None = None, dim: bool | None = None) -> None:
+        self.out = out or sys.stdout
+        self.dim = self.out.isatty() if dim is None else dim
+        self._section: str | None = None
+        self._line_start = True
+
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "reasoning":
+            if self._section != "reasoning":
+                self._newline()
+                if not self.dim:
+                    self._write("Thinking: ")
+            self._write(f"{DIM}{event['delta']}{RESET}" if self.dim else event["delta"])
+        elif kind == "content":
+            if self._section == "reasoning":
+                self._write("\n\n")
+            self._write(event["delta"])
+        elif kind == "tool_call":
+            fn = event["tool_call"]["function"]
+            self._newline()
+            call = {"name": fn["name"], "arguments": json.loads(fn["arguments"])}
+            self._write(f"Tool call: {json.dumps(call, ensure_ascii=False)}\n")
+        else:
+            return
+        self._section = kind
+
+    def finish(self) -> None:
+        """End the reply on a fresh line."""
+        self._newline()
+        self._section = None
+
+    def _newline(self) -> None:
+        if not self._line_start:
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self._line_start = text.endswith("\n")
+
+
+def print_reply(events: Iterator[dict], out: TextIO | None = None) -> dict:
+    """Print a `stream_chat` reply as it is generated; return its done event."""
+    printer = ReplyPrinter(out)
+    done: dict = {}
+    for event in events:
+        if event["type"] == "done":
+            done = event
+        printer(event)
+    printer.finish()
+    return done
+
+
+def interactive(
+    model: Model,
+    tokenizer: TokenizerWrapper,
+    *,
+    system: str | None = None,
+    tools: list[dict] | None = None,
+    enable_thinking: bool = True,
+    prompt_cache: PromptCache | None = None,
+    **sampling: Any,
+) -> None:
+    """A multi-turn chat on the terminal. History is kept (the template drops earlier
+    reasoning); `/think` and `/nothink` toggle thinking; Ctrl-C stops a reply; Ctrl-D exits.
+    The KV cache of the conversation is reused from turn to turn."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    cache = PromptCache(model) if prompt_cache is None else prompt_cache
+    messages = [{"role": "system", "content": system}] if system else []
+    cancel = threading.Event()
+    _note("/think, /nothink: thinking on/off. Ctrl-C stops a reply, Ctrl-D quits.")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        if line.strip() in ("/think", "/nothink"):
+            enable_thinking = line.strip() == "/think"
+            _note(f"Thinking {'on' if enable_thinking else 'off'}.")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        cancel.clear()
+        previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+        try:
+            done = print_reply(
+                stream_chat(
+                    model,
+                    tokenizer,
+                    messages,
+                    tools,
+                    enable_thinking,
+                    prompt_cache=cache,
+                    cancel=cancel,
+                    **sampling,
+                )
+            )
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        messages.append(done["message"])
+        u = done["usage"]
+        _note(
+            ("[reply stopped] " if done["finish_reason"] == "cancelled" else "")
+            + f"{u['prompt_tokens']} prompt tokens ({u['cached_tokens']} cached), "
+            f"{u['completion_tokens']} generated, {done['stats']['generation_tps']:.1f} tokens/s"
+        )
+
+
+def _note(text: str) -> None:
+    """A status line on stderr, dimmed on a terminal."""
+    print(f"{DIM}{text}{RESET}" if sys.stderr.isatty() else text, file=sys.stderr, flush=True)
