@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -202,9 +203,8 @@ class Job:
     tools: list[dict] | None
     enable_thinking: bool
     max_tokens: int
-    prompt_tokens: int
     stop: list[str]
-    forbid_tool_calls: bool
+    tool_choice: str | None  # "none", "required", a function name, or None for auto
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -284,6 +284,28 @@ def forbid_token(sampler: Sampler, token_id: int) -> Sampler:
     return sample
 
 
+class ForceAfter:
+    """A sampler that draws from `sampler`, except that right after the token `trigger` (from
+    the first token when None) it emits the tokens `forced`."""
+
+    def __init__(self, sampler: Sampler, forced: list[int], trigger: int | None) -> None:
+        self.sampler, self.forced, self.trigger = sampler, forced, trigger
+        self.pending = list(forced) if trigger is None else None
+        self.last: mx.array | None = None
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        # Reading the last token waits for it, which pauses the pipelined decode, but only
+        # until the forced tokens are out.
+        if self.pending is None and self.last is not None and self.last.item() == self.trigger:
+            self.pending = list(self.forced)
+        if self.pending:
+            return mx.array(self.pending.pop(0), dtype=mx.uint32)
+        y = self.sampler(logprobs)
+        if self.pending is None:
+            self.last = y
+        return y
+
+
 SamplerFactory = Callable[[ChatRequest], "Sampler | None"]
 
 
@@ -309,6 +331,7 @@ class Engine:
         self.sampler_factory = sampler_factory
         self.generation_kwargs = generation_kwargs or {}
         self.tool_call_token = tokenizer.convert_tokens_to_ids("<tool_call>")
+        self.think_end_token = tokenizer.convert_tokens_to_ids("</think>")
         # Weights loaded lazily belong to this thread's MLX stream; the worker thread has its
         # own, so they are read here.
         mx.eval(model.parameters())
@@ -369,9 +392,8 @@ class Engine:
             tools=tools,
             enable_thinking=thinking,
             max_tokens=requested or min(self.max_tokens, room),
-            prompt_tokens=n_prompt,
             stop=stop,
-            forbid_tool_calls=choice == "none",
+            tool_choice=choice.function.name if isinstance(choice, NamedToolChoice) else choice,
             loop=loop,
         )
 
@@ -384,9 +406,18 @@ class Engine:
             r.min_p if r.min_p is not None else self.sampling["min_p"],
             top_k=r.top_k if r.top_k is not None else self.sampling["top_k"],
         )
-        if job.forbid_tool_calls:
-            sampler = forbid_token(sampler, self.tool_call_token)
-        return sampler
+        choice = job.tool_choice
+        if choice == "none":
+            return forbid_token(sampler, self.tool_call_token)
+        if choice is None or choice == "auto":
+            return sampler
+        # "required" or a named function: the call is opened for the model once its reasoning
+        # is over (it writes the arguments itself).
+        forced = [self.tool_call_token]
+        if choice != "required":
+            forced += self.tokenizer.encode(choice + "\n", add_special_tokens=False)
+        trigger = self.think_end_token if job.enable_thinking else None
+        return ForceAfter(sampler, forced, trigger)
 
     def _run(self, job: Job) -> Iterator[dict]:
         """The worker side of one request: parser events with stop strings applied, then a
@@ -502,7 +533,8 @@ async def _complete(request: Request, job: Job, head: dict) -> JSONResponse:
                 return APIError(500, event["message"], type="server_error").response()
     finally:
         watcher.cancel()
-    assert done is not None
+    if done is None:  # cancelled before it started: nobody is listening any more
+        return APIError(500, "The request was cancelled.", type="server_error").response()
     text = "".join(content)
     message = {
         "role": "assistant",
@@ -533,6 +565,7 @@ def create_app(
     max_tokens: int = 512,
     sampling: dict[str, Any] | None = None,
     prompt_cache_bytes: int = 4 << 30,
+    prompt_cache_size: int = 8,
     sampler_factory: SamplerFactory | None = None,
     generation_kwargs: dict[str, Any] | None = None,
 ) -> FastAPI:
@@ -544,7 +577,8 @@ def create_app(
         api_key: when set, `/v1/*` requires ``Authorization: Bearer <api_key>``.
         max_tokens: the completion length when a request gives none (capped by the context).
         sampling: default temp, top_p, top_k, min_p for requests that give none.
-        prompt_cache_bytes: the prompt cache's byte cap; 0 turns it off.
+        prompt_cache_bytes, prompt_cache_size: the prompt cache's caps (bytes, entries);
+            0 bytes turns it off.
         sampler_factory: builds a request's sampler (None = the usual one from its fields):
             a seam for scripted output in tests and for custom sampling.
         generation_kwargs: passed on to every generation (e.g. options of `stream_generate`).
@@ -554,15 +588,21 @@ def create_app(
         tokenizer,
         max_tokens=max_tokens,
         sampling=sampling,
-        prompt_cache=PromptCache(model, max_bytes=prompt_cache_bytes)
+        prompt_cache=PromptCache(model, prompt_cache_bytes, prompt_cache_size)
         if prompt_cache_bytes > 0
         else None,
         sampler_factory=sampler_factory,
         generation_kwargs=generation_kwargs,
     )
-    app = FastAPI(title="mlx-glm4moe", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
-    app.router.add_event_handler("shutdown", engine.worker.close)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(engine.worker.close)
+
+    app = FastAPI(
+        title="mlx-glm4moe", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
     created = int(time.time())
 
     def check_api_key(request: Request) -> None:
@@ -647,14 +687,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--prompt-cache-gb", type=float, default=4.0, help="Prompt cache size cap; 0 = off."
     )
+    p.add_argument("--prompt-cache-size", type=int, default=8, help="Most prompts the cache keeps.")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
     if a.temp < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or not 0 <= a.min_p <= 1:
         p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
-    if a.prompt_cache_gb < 0:
-        p.error("--prompt-cache-gb must be >= 0")
+    if a.prompt_cache_gb < 0 or a.prompt_cache_size < 1:
+        p.error("need --prompt-cache-gb >= 0 and --prompt-cache-size >= 1")
 
     try:
         model, tokenizer = load(a.model)
@@ -668,6 +709,7 @@ def main(argv: list[str] | None = None) -> None:
         max_tokens=a.max_tokens,
         sampling={"temp": a.temp, "top_p": a.top_p, "top_k": a.top_k, "min_p": a.min_p},
         prompt_cache_bytes=int(a.prompt_cache_gb * (1 << 30)),
+        prompt_cache_size=a.prompt_cache_size,
     )
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
 

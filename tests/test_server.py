@@ -43,6 +43,12 @@ SCRIPTS = {
         "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"
     ),
     "say hello world": "\n<think></think>\nHello world. Goodbye world.",
+    # Scripts that leave the opening of the call (and the name) to a forced tool_choice.
+    "name it yourself": (
+        "\n<think>Let me see.</think>get_weather\n"
+        "<arg_key>city</arg_key>\n<arg_value>Rome</arg_value>\n</tool_call>"
+    ),
+    "arguments only": "<arg_key>city</arg_key>\n<arg_value>Rome</arg_value>\n</tool_call>",
 }
 FOREVER = "count forever"  # a script that never ends (for disconnects)
 BROKEN = "break the sampler"  # the sampler factory raises
@@ -216,6 +222,36 @@ def test_tool_choice_none_forbids_calls(client):
     assert r.choices[0].message.tool_calls is None
     assert r.choices[0].finish_reason == "stop"
     assert "get_weather" in r.choices[0].message.content  # the rest of the script, as text
+
+
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "tool_choice", "thinking"),
+    [
+        ("name it yourself", "required", True),
+        ("arguments only", NAMED, False),
+    ],
+)
+def test_tool_choice_forces_a_call(client, prompt, tool_choice, thinking):
+    def ask(choice):
+        return client.chat.completions.create(
+            model="tiny",
+            messages=user(prompt),
+            tools=[WEATHER_TOOL],
+            tool_choice=choice,
+            extra_body={"chat_template_kwargs": {"enable_thinking": thinking}},
+        ).choices[0]
+
+    forced = ask(tool_choice)
+    assert forced.finish_reason == "tool_calls"
+    [call] = forced.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "get_weather",
+        {"city": "Rome"},
+    )
+    assert ask("auto").message.tool_calls is None  # the script alone opens no call
 
 
 def test_thinking_off(client):
