@@ -195,12 +195,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-think", action="store_true", help="Turn thinking off.")
+    p.add_argument("--tools", help="JSON file with an OpenAI tools list to offer the model.")
+    p.add_argument("--chat", action="store_true", help="Interactive multi-turn chat.")
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
     if a.temp < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or not 0 <= a.min_p <= 1:
         p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
 
+    from .chat import interactive, load_tools, print_reply, stream_chat
+
+    try:
+        tools = load_tools(a.tools) if a.tools else None
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if a.model is None:
         print(
             "[Using the small bundled demo model (random weights): its output is noise. "
@@ -211,33 +219,37 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load(a.model)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         sys.exit(f"error: {e}")
-    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
-        {"role": "user", "content": a.prompt}
-    ]
-    prompt = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False, enable_thinking=not a.no_think
-    )
-    r = None
-    for r in stream_generate(
-        model,
-        tokenizer,
-        prompt,
-        a.max_tokens,
+    sampling = dict(
+        max_tokens=a.max_tokens,
         temp=a.temp,
         top_p=a.top_p,
         top_k=a.top_k,
         min_p=a.min_p,
         seed=a.seed,
-    ):
-        print(r.text, end="", flush=True)
-    print(flush=True)
-    if r is not None:
-        print(
-            f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s\n"
-            f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s\n"
-            f"Peak memory: {r.peak_memory:.3f} GB",
-            file=sys.stderr,
+    )
+    if a.chat:
+        interactive(
+            model,
+            tokenizer,
+            system=a.system,
+            tools=tools,
+            enable_thinking=not a.no_think,
+            **sampling,
         )
+        return
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+        {"role": "user", "content": a.prompt}
+    ]
+    done = print_reply(
+        stream_chat(model, tokenizer, messages, tools, enable_thinking=not a.no_think, **sampling)
+    )
+    u, stats = done["usage"], done["stats"]
+    print(
+        f"Prompt: {u['prompt_tokens']} tokens, {stats['prompt_tps']:.1f} tokens/s\n"
+        f"Generation: {u['completion_tokens']} tokens, {stats['generation_tps']:.1f} tokens/s\n"
+        f"Peak memory: {stats['peak_memory']:.3f} GB",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":
