@@ -420,8 +420,8 @@ class Engine:
         return ForceAfter(sampler, forced, trigger)
 
     def _run(self, job: Job) -> Iterator[dict]:
-        """The worker side of one request: parser events with stop strings applied, then a
-        final ``{"type": "done", "finish_reason", "usage"}``."""
+        """The worker side of one request: `stream_chat`'s events, with stop strings applied
+        to the content."""
         stop = StopText(job.stop)
         stopped = False
         events = stream_chat(
@@ -443,7 +443,7 @@ class Engine:
                 if not stopped and stop.held:
                     yield {"type": "content", "delta": stop.flush()}
                 finish = "stop" if stopped else event["finish_reason"]
-                yield {"type": "done", "finish_reason": finish, "usage": event["usage"]}
+                yield {**event, "finish_reason": finish}
             elif stopped:
                 continue  # the tail generated before the cancel took effect
             elif kind == "content" and job.stop:
@@ -511,35 +511,28 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
 
 
 async def _complete(request: Request, job: Job, head: dict) -> JSONResponse:
+    """The whole answer in one body. Content comes from the (stop-trimmed) deltas, the
+    reasoning and tool calls from the final message."""
     watcher = asyncio.create_task(_watch_disconnect(request, job.cancel))
     content: list[str] = []
-    reasoning: list[str] | None = None
-    calls: list[dict] = []
     done: dict | None = None
     try:
         async for event in _events(job):
-            kind = event["type"]
-            if kind == "reasoning":
-                reasoning = (reasoning or []) + [event["delta"]]
-            elif kind == "content":
+            if event["type"] == "content":
                 content.append(event["delta"])
-            elif kind == "tool_call":
-                call = dict(event["tool_call"])
-                call.pop("index", None)
-                calls.append(call)
-            elif kind == "done":
+            elif event["type"] == "done":
                 done = event
-            elif kind == "error":
+            elif event["type"] == "error":
                 return APIError(500, event["message"], type="server_error").response()
     finally:
         watcher.cancel()
     if done is None:  # cancelled before it started: nobody is listening any more
         return APIError(500, "The request was cancelled.", type="server_error").response()
-    text = "".join(content)
+    text, calls = "".join(content), done["message"]["tool_calls"]
     message = {
         "role": "assistant",
         "content": text if text or not calls else None,
-        "reasoning_content": None if reasoning is None else "".join(reasoning),
+        "reasoning_content": done["message"]["reasoning_content"],
         "tool_calls": calls or None,
     }
     choice = {
