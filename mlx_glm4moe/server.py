@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -617,7 +618,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
+        # Starlette re-raises it after this answer, for uvicorn to log; the process stays up.
         return APIError(500, "Internal server error.", type="server_error").response()
 
     @app.get("/health")
@@ -690,6 +691,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.prompt_cache_gb < 0 or a.prompt_cache_size < 1:
         p.error("need --prompt-cache-gb >= 0 and --prompt-cache-size >= 1")
 
+    if a.api_key is None and a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {a.host} without --api-key", file=sys.stderr)
     try:
         model, tokenizer = load(a.model)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
