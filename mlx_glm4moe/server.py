@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -646,6 +647,8 @@ def create_app(
                 _stream(job, head),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
+                # Also when the client left before the stream began (then _stream never ran).
+                background=BackgroundTask(job.cancel.set),
             )
         return await _complete(request, job, head)
 
