@@ -489,9 +489,12 @@ class Terminal:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "dumb"}
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: becomes the CLI
-            os.chdir(ROOT)
-            os.execve(sys.executable, [sys.executable, "-m", "mlx_glm4moe.generate", *args], env)
-        self.seen = ""
+            try:
+                os.execve(sys.executable, [sys.executable, str(ROOT / "generate.py"), *args], env)
+            finally:
+                os._exit(127)
+        self.seen = ""  # read but not yet consumed by expect()
+        self.transcript = ""
 
     def expect(self, text: str, timeout: float = 60) -> str:
         """Read until `text` appears; return everything read up to it (and consume it)."""
@@ -512,9 +515,11 @@ class Terminal:
         if not ready:
             raise AssertionError(f"timed out waiting for {waiting_for!r}; got:\n{self.seen}")
         try:
-            self.seen += os.read(self.fd, 4096).decode(errors="replace")
+            data = os.read(self.fd, 4096).decode(errors="replace")
         except OSError:  # the child closed the terminal
             raise AssertionError(f"exited before {waiting_for!r}; got:\n{self.seen}") from None
+        self.seen += data
+        self.transcript += data
 
     def send(self, data: str) -> None:
         os.write(self.fd, data.encode())
@@ -522,15 +527,15 @@ class Terminal:
     def wait(self, timeout: float = 30) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.read(self.fd, 4096)  # drain, so the child never blocks on output
-            except OSError:
-                pass
+            if select.select([self.fd], [], [], 0.05)[0]:
+                try:
+                    self.transcript += os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:  # the terminal closed: the child is exiting
+                    time.sleep(0.05)
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 self.pid = 0
                 return os.waitstatus_to_exitcode(status)
-            time.sleep(0.05)
         raise AssertionError("the chat did not exit")
 
     def kill(self) -> None:
@@ -579,5 +584,6 @@ def test_chat_session_on_a_terminal(loaded, air_checkpoint):
         term.expect(">>> ")
         term.send("\x04")  # Ctrl-D
         assert term.wait() == 0
+        assert "Traceback" not in term.transcript and "Warning" not in term.transcript
     finally:
         term.kill()
