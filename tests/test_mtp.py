@@ -208,7 +208,7 @@ def test_cli(air_f32, capsys):
         main(["--model", str(air_f32), "--num-draft", "0"])
 
 
-def tiny_model(vocab=6):
+def tiny_model(vocab=5):
     """A one-layer model on a tiny vocabulary, with sharp, different main and draft
     distributions."""
     args = ModelArgs.from_dict(
@@ -243,7 +243,9 @@ def chi2_threshold(df, z=3.7):
 
 def test_rejection_sampling_keeps_the_distribution():
     """Many 3-token continuations with two drafts per step: the joint distribution of tokens 2
-    and 3 (drafted, resampled or bonus) matches the main model's, computed exactly."""
+    and 3 (drafted, resampled or bonus) matches the main model's, computed exactly. (Drawing
+    rejected positions from p instead of the residual gives chi2 ~190 against a threshold of
+    ~37 at n = 800; keeping every draft, ~60000.)"""
     model, temp, prompt = tiny_model(), 1.0, [1, 4, 2]
     V = model.args.vocab_size
 
@@ -258,7 +260,7 @@ def test_rejection_sampling_keeps_the_distribution():
             exact[b] += p1[a] * p2[b] * probs(prompt + [a, b])
 
     mx.random.seed(0)
-    n, counts, stats = 1500, np.zeros((V, V)), MTPStats(2)
+    n, counts, stats = 500, np.zeros((V, V)), MTPStats(2)
     for _ in range(n):
         steps = mtp_generate_step(
             prompt,
