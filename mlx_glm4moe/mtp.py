@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-draft", type=int, default=1)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--prompt", "-p", default="The quick brown fox")
-    p.add_argument("--repeats", type=int, default=3, help="Runs of each; the best counts.")
+    p.add_argument("--repeats", type=int, default=7, help="Paired runs (the median counts).")
     a = p.parse_args(argv)
     if a.num_draft < 1 or a.gen_tokens < 2 or a.repeats < 1:
         p.error("need --num-draft >= 1, --gen-tokens >= 2, --repeats >= 1")
@@ -395,23 +396,30 @@ def main(argv: list[str] | None = None) -> None:
         prompt = tokenizer.encode(a.prompt)
         _decode_run(model, tokenizer, prompt, 8)  # warm up both paths
         _decode_run(model, tokenizer, prompt, 8, mtp=True, num_draft=a.num_draft)
-        best = {}
-        for _ in range(a.repeats):
-            for mtp in (False, True):
-                tokens, r = _decode_run(
-                    model, tokenizer, prompt, a.gen_tokens, mtp=mtp, num_draft=a.num_draft
+        runs: dict[bool, list] = {False: [], True: []}
+        ratios = []
+        for i in range(a.repeats):
+            # Alternate the order so that drifting machine load hits both alike.
+            for mtp in (False, True) if i % 2 == 0 else (True, False):
+                runs[mtp].append(
+                    _decode_run(
+                        model, tokenizer, prompt, a.gen_tokens, mtp=mtp, num_draft=a.num_draft
+                    )
                 )
-                if mtp not in best or r.generation_tps > best[mtp][1].generation_tps:
-                    best[mtp] = (tokens, r)
-    (plain, rp), (spec, rm) = best[False], best[True]
-    stats = rm.mtp_stats
+            ratios.append(runs[True][-1][1].generation_tps / runs[False][-1][1].generation_tps)
+    (plain, _), (spec, last) = runs[False][-1], runs[True][-1]
+    stats = last.mtp_stats
+    tps = {m: statistics.median(r.generation_tps for _, r in runs[m]) for m in runs}
     per_pos = " ".join(f"{x:.3f}" for x in stats["acceptance_per_position"])
     print(f"model: {a.model or f'synthetic, agreement {a.synthetic}'}, {len(model.layers)} layers")
     print(f"tokens: {len(spec)} (MTP), {len(plain)} (plain); identical: {spec == plain}")
     print(f"acceptance per draft position: {per_pos}; overall {stats['acceptance']:.3f}")
     print(f"tokens per main-model pass: {stats['tokens_per_pass']:.3f}")
-    print(f"decode tokens/s: plain {rp.generation_tps:.1f}, MTP {rm.generation_tps:.1f}")
-    print(f"speed ratio MTP/plain: {rm.generation_tps / rp.generation_tps:.3f}")
+    print(f"decode tokens/s (median of {a.repeats}): plain {tps[False]:.1f}, MTP {tps[True]:.1f}")
+    print(
+        f"speed ratio MTP/plain: median {statistics.median(ratios):.3f} "
+        f"(range {min(ratios):.3f}-{max(ratios):.3f} over {a.repeats} paired runs)"
+    )
 
 
 if __name__ == "__main__":
