@@ -29,7 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, trim_prompt_cache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 
 from .model import Model
 
@@ -192,7 +192,7 @@ def mtp_generate_step(
         raise ValueError("num_draft must be at least 1")
     if not prompt:
         raise ValueError("The prompt is empty")
-    sampling = sampling or MatchSampling(lambda x: mx.argmax(x, axis=-1))
+    sampling = sampling or MatchSampling(greedy_sampler)
     stats = stats if stats is not None else MTPStats(num_draft)
     cache = prompt_cache if prompt_cache is not None else make_cache(model)
     main, mcache = split_cache(model, cache)
@@ -287,7 +287,7 @@ def sampling_for(
     if sampler is not None:
         return MatchSampling(sampler)
     if temp == 0:
-        return MatchSampling(lambda x: mx.argmax(x, axis=-1))
+        return MatchSampling(greedy_sampler)
     return RejectionSampling(temp, top_p, top_k, min_p)
 
 
