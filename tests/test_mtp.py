@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.models.cache import KVCache, trim_prompt_cache
 
 from mlx_glm4moe.convert import convert
 from mlx_glm4moe.generate import encode, main, stream_generate
@@ -278,3 +278,29 @@ def test_rejection_sampling_keeps_the_distribution():
     assert chi2 < chi2_threshold(keep.sum() - 1)
     # Both the accepting and the rejecting branch ran.
     assert 0.1 < stats.acceptance < 0.9
+
+
+def test_mtp_cache_pairs_each_token_with_the_previous_hidden_state(random_models):
+    """After chunked prefill and blocks of accepted and rejected drafts, the MTP layer's KV
+    cache equals one built in a single pass over the final sequence: entry p from (t_{p+1},
+    h_p)."""
+    model, tokenizer = random_models["f32"]
+
+    def sampler(logprobs):  # three tokens only, so that drafts are often accepted
+        return mx.argmax(logprobs, axis=-1) % 3 + 10
+
+    cache = make_cache(model)
+    prompt = "The quick brown fox jumps"
+    kwargs = dict(mtp=True, num_draft=2, sampler=sampler, prefill_step_size=3)
+    _, rs = run(model, tokenizer, prompt, 30, cache, **kwargs)
+    _, rs = run(model, tokenizer, " over", 20, cache, **kwargs)
+    assert 0 < rs[-1].mtp_stats["acceptance"] < 1
+    mcache = cache[-1]
+    seq = mx.array(mcache.tokens)[None]
+    _, h = model(seq, return_hidden=True)
+    ref = KVCache()
+    model.mtp.predict(seq[:, 1:], h[:, :-1], ref)
+    m = mcache.offset
+    assert m >= seq.shape[1] - 4
+    for got, want in ((mcache.keys, ref.keys), (mcache.values, ref.values)):
+        assert mx.allclose(got[..., :m, :], want[..., :m, :], atol=1e-4).item()
