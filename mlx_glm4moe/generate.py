@@ -27,8 +27,9 @@ class GenerationResponse:
     """One step of `stream_generate`: mlx-lm's fields.
 
     text: the new text segment; token: the token id; logprobs: the log-probabilities it was drawn
-    from; prompt_tps / generation_tps: tokens per second; peak_memory: GB;
-    finish_reason: None while generating, then "stop", "length" or "cancelled".
+    from; from_draft: it was an accepted MTP draft; prompt_tps / generation_tps: tokens per
+    second; peak_memory: GB; finish_reason: None while generating, then "stop", "length" or
+    "cancelled".
     """
 
     text: str
