@@ -80,14 +80,13 @@ class MTPStats:
     """Running counts of one MTP generation."""
 
     num_draft: int
-    drafted: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
+    drafted: list[int] = field(init=False)  # per draft position
+    accepted: list[int] = field(init=False)
     tokens: int = 0
     main_passes: int = 0
 
     def __post_init__(self):
-        self.drafted = self.drafted or [0] * self.num_draft
-        self.accepted = self.accepted or [0] * self.num_draft
+        self.drafted, self.accepted = [0] * self.num_draft, [0] * self.num_draft
 
     def record(self, num_drafted: int, num_accepted: int) -> None:
         for i in range(num_drafted):
