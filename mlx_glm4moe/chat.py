@@ -23,6 +23,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .generate import encode, stream_generate
 from .model import Model
+from .mtp import make_cache
 from .parsers import StreamParser, normalize_messages
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -34,11 +35,15 @@ class PromptCache:
     `fetch(tokens)` hands out a private copy of the cache sharing the longest common prefix
     with `tokens`, trimmed to that prefix, and the tokens still to feed. `store(tokens, cache)`
     takes ownership of a cache after generation. Holds at most `max_entries` caches and
-    `max_bytes` bytes of cache state (least recently used go first). Thread-safe.
+    `max_bytes` bytes of cache state (least recently used go first). Thread-safe. With `mtp`,
+    its caches carry the MTP layer's part, for `stream_generate(..., mtp=True)`.
     """
 
-    def __init__(self, model: Model, max_bytes: int = 8 << 30, max_entries: int = 8) -> None:
+    def __init__(
+        self, model: Model, max_bytes: int = 8 << 30, max_entries: int = 8, mtp: bool = False
+    ) -> None:
         self.model = model
+        self.mtp = mtp
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self._entries: OrderedDict[int, tuple[np.ndarray, list]] = OrderedDict()
@@ -70,7 +75,7 @@ class PromptCache:
                 if common > n and (common == len(seq) or can_trim_prompt_cache(stored)):
                     best, n = key, common
             if best is None:
-                return self.model.make_cache(), list(tokens), 0
+                return make_cache(self.model, self.mtp), list(tokens), 0
             self._entries.move_to_end(best)
             seq, stored = self._entries[best]
             cache = copy.deepcopy(stored)
@@ -176,7 +181,7 @@ def stream_chat(
     if prompt_cache is not None:
         cache, rest, cached = prompt_cache.fetch(tokens)
     else:
-        cache, rest, cached = model.make_cache(), tokens, 0
+        cache, rest, cached = make_cache(model, sampling.get("mtp", False)), tokens, 0
     parser = StreamParser(
         tools, thinking=enable_thinking, id_salt=uuid.uuid4().hex if id_salt is None else id_salt
     )
@@ -220,6 +225,7 @@ def stream_chat(
             "prompt_tps": r.prompt_tps if r else 0.0,
             "generation_tps": r.generation_tps if r else 0.0,
             "peak_memory": r.peak_memory if r else 0.0,
+            "mtp": r.mtp_stats if r else None,
         },
     }
 
@@ -347,7 +353,9 @@ def interactive(
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    cache = PromptCache(model) if prompt_cache is None else prompt_cache
+    if prompt_cache is None:
+        prompt_cache = PromptCache(model, mtp=sampling.get("mtp", False))
+    cache = prompt_cache
     messages = [{"role": "system", "content": system}] if system else []
     cancel = threading.Event()
     _note("/think, /nothink: thinking on/off. Ctrl-C stops a reply, Ctrl-D quits.")

@@ -17,6 +17,9 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .model import Model
 
 Sampler = Callable[[mx.array], mx.array]
+# The command line's MTP default for checkpoints that have the layer (see the MTP section of the
+# README for the measurements behind it).
+MTP_BY_DEFAULT = True
 
 
 @dataclass
@@ -24,8 +27,9 @@ class GenerationResponse:
     """One step of `stream_generate`: mlx-lm's fields.
 
     text: the new text segment; token: the token id; logprobs: the log-probabilities it was drawn
-    from; prompt_tps / generation_tps: tokens per second; peak_memory: GB;
-    finish_reason: None while generating, then "stop", "length" or "cancelled".
+    from; from_draft: it was an accepted MTP draft; prompt_tps / generation_tps: tokens per
+    second; peak_memory: GB; finish_reason: None while generating, then "stop", "length" or
+    "cancelled".
     """
 
     text: str
@@ -38,6 +42,9 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float
     finish_reason: str | None = None
+    # With MTP: accepted / drafted so far; on the last response, `MTPStats.as_dict()`.
+    mtp_acceptance: float | None = None
+    mtp_stats: dict | None = None
 
 
 def generate_step(
@@ -102,18 +109,38 @@ def stream_generate(
     prompt_cache: list | None = None,
     cancel: threading.Event | None = None,
     prefill_step_size: int = 2048,
+    mtp: bool = False,
+    num_draft: int = 1,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text or token ids), yielding a `GenerationResponse` per token.
 
     Stops on every id of the tokenizer's `eos_token_ids` (GLM has three), after `max_tokens`, or
     when `cancel` (a `threading.Event`, settable from another thread) is set. Closing the
     generator also stops it. `prompt_cache` (from `model.make_cache()`) is updated in place.
+
+    `mtp` drafts `num_draft` tokens per step with the checkpoint's MTP layer and verifies them
+    in one pass (see `mtp.py`): the same tokens when greedy, the same distribution when
+    sampling. Its prompt cache comes from `mtp.make_cache(model)`.
     """
     if seed is not None:
         mx.random.seed(seed)
     tokens = encode(tokenizer, prompt)
     if not tokens:
         raise ValueError("The prompt is empty")
+    if mtp:
+        from .mtp import MTPStats, mtp_generate_step, sampling_for
+
+        stats = MTPStats(num_draft)
+        steps = mtp_generate_step(
+            tokens,
+            model,
+            max_tokens=max_tokens,
+            num_draft=num_draft,
+            sampling=sampling_for(sampler, temp, top_p, top_k, min_p),
+            prompt_cache=prompt_cache,
+            prefill_step_size=prefill_step_size,
+            stats=stats,
+        )
     sampler = sampler or make_sampler(temp, top_p, min_p, top_k=top_k)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
@@ -122,15 +149,21 @@ def stream_generate(
 
     tic = perf_counter()
     prompt_tps = 0.0
-    steps = generate_step(
-        mx.array(tokens),
-        model,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        prompt_cache=prompt_cache,
-        prefill_step_size=prefill_step_size,
-    )
-    for n, (token, logprobs) in enumerate(steps):
+    if not mtp:
+        if prompt_cache is not None and len(prompt_cache) != len(model.layers):
+            raise ValueError(
+                "The prompt cache does not fit the model (one with an MTP part needs mtp=True)"
+            )
+        plain = generate_step(
+            mx.array(tokens),
+            model,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            prompt_cache=prompt_cache,
+            prefill_step_size=prefill_step_size,
+        )
+        steps = ((token, logprobs, False) for token, logprobs in plain)
+    for n, (token, logprobs, from_draft) in enumerate(steps):
         if n == 0:
             prompt_tps = len(tokens) / (perf_counter() - tic)
             tic = perf_counter()
@@ -150,13 +183,15 @@ def stream_generate(
             text=detokenizer.last_segment,
             token=token,
             logprobs=logprobs,
-            from_draft=False,
+            from_draft=from_draft,
             prompt_tokens=len(tokens),
             prompt_tps=prompt_tps,
             generation_tokens=n + 1,
             generation_tps=(n + 1) / elapsed if elapsed > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
+            mtp_acceptance=stats.acceptance if mtp else None,
+            mtp_stats=stats.as_dict() if mtp and finish else None,
         )
         if finish:
             return
@@ -197,9 +232,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-think", action="store_true", help="Turn thinking off.")
     p.add_argument("--tools", help="JSON file with an OpenAI tools list to offer the model.")
     p.add_argument("--chat", action="store_true", help="Interactive multi-turn chat.")
+    p.add_argument(
+        "--mtp",
+        action=argparse.BooleanOptionalAction,
+        help="Speculative decoding with the checkpoint's MTP layer (default: "
+        + ("on when it has one)." if MTP_BY_DEFAULT else "off)."),
+    )
+    p.add_argument(
+        "--num-draft", "--num-draft-tokens", type=int, default=1, help="Tokens drafted per step."
+    )
     a = p.parse_args(argv)
-    if a.max_tokens < 1:
-        p.error("--max-tokens must be at least 1")
+    if a.max_tokens < 1 or a.num_draft < 1:
+        p.error("--max-tokens and --num-draft must be at least 1")
     if a.temp < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or not 0 <= a.min_p <= 1:
         p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
 
@@ -219,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load(a.model)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if a.mtp and model.mtp is None:
+        sys.exit("error: --mtp: this checkpoint has no MTP layer")
+    mtp = a.mtp if a.mtp is not None else MTP_BY_DEFAULT and model.mtp is not None
     sampling = dict(
         max_tokens=a.max_tokens,
         temp=a.temp,
@@ -226,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         top_k=a.top_k,
         min_p=a.min_p,
         seed=a.seed,
+        mtp=mtp,
+        num_draft=a.num_draft,
     )
     if a.chat:
         interactive(
@@ -250,6 +299,13 @@ def main(argv: list[str] | None = None) -> None:
         f"Peak memory: {stats['peak_memory']:.3f} GB",
         file=sys.stderr,
     )
+    if stats["mtp"]:
+        rates = ", ".join(f"{x:.0%}" for x in stats["mtp"]["acceptance_per_position"])
+        print(
+            f"MTP: acceptance {rates} per draft position, "
+            f"{stats['mtp']['tokens_per_pass']:.2f} tokens per forward pass",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

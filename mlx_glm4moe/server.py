@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import PromptCache, encode_messages, stream_chat
-from .generate import Sampler
+from .generate import MTP_BY_DEFAULT, Sampler
 from .model import Model
 
 log = logging.getLogger("mlx_glm4moe.server")
@@ -583,7 +583,12 @@ def create_app(
         tokenizer,
         max_tokens=max_tokens,
         sampling=sampling,
-        prompt_cache=PromptCache(model, prompt_cache_bytes, prompt_cache_size)
+        prompt_cache=PromptCache(
+            model,
+            prompt_cache_bytes,
+            prompt_cache_size,
+            mtp=(generation_kwargs or {}).get("mtp", False),
+        )
         if prompt_cache_bytes > 0
         else None,
         sampler_factory=sampler_factory,
@@ -685,12 +690,20 @@ def main(argv: list[str] | None = None) -> None:
         "--prompt-cache-gb", type=float, default=4.0, help="Prompt cache size cap; 0 = off."
     )
     p.add_argument("--prompt-cache-size", type=int, default=8, help="Most prompts the cache keeps.")
+    p.add_argument(
+        "--mtp",
+        action=argparse.BooleanOptionalAction,
+        help="MTP speculative decoding (default: on when the checkpoint has the layer).",
+    )
+    p.add_argument("--num-draft", type=int, default=1, help="Tokens drafted per MTP step.")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
     if a.temp < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or not 0 <= a.min_p <= 1:
         p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
+    if a.num_draft < 1:
+        p.error("--num-draft must be at least 1")
     if a.prompt_cache_gb < 0 or a.prompt_cache_size < 1:
         p.error("need --prompt-cache-gb >= 0 and --prompt-cache-size >= 1")
 
@@ -700,6 +713,9 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load(a.model)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    if a.mtp and model.mtp is None:
+        raise SystemExit("error: --mtp: this checkpoint has no MTP layer")
+    mtp = a.mtp if a.mtp is not None else MTP_BY_DEFAULT and model.mtp is not None
     app = create_app(
         model,
         tokenizer,
@@ -709,6 +725,7 @@ def main(argv: list[str] | None = None) -> None:
         sampling={"temp": a.temp, "top_p": a.top_p, "top_k": a.top_k, "min_p": a.min_p},
         prompt_cache_bytes=int(a.prompt_cache_gb * (1 << 30)),
         prompt_cache_size=a.prompt_cache_size,
+        generation_kwargs={"mtp": mtp, "num_draft": a.num_draft},
     )
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
 

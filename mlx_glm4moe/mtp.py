@@ -1,0 +1,433 @@
+"""Speculative decoding with the checkpoint's own multi-token-prediction (nextn) layer.
+
+The MTP layer at position i reads the main model's final normed hidden state h_i and token
+t_{i+1}, and predicts t_{i+2}. Each step drafts `num_draft` tokens with it (chaining its own
+hidden state after the first), checks them all in one forward pass of the main model, keeps the
+longest prefix the main model agrees with and trims both KV caches back to what was kept.
+
+Cache alignment: entry p of the MTP layer's KV cache pairs (t_{p+1}, h_p), at RoPE position p,
+so it holds one entry fewer than the main cache. A verify pass yields the main hidden states of
+every kept position; the next draft call runs the MTP layer on all of them at once (the pairs of
+the accepted tokens, then the pair whose output is the new draft), so the catch-up costs no extra
+call. Entries made by chained drafts used the MTP layer's own hidden state, not the main model's,
+and are always trimmed.
+
+Run `python -m mlx_glm4moe.mtp --synthetic 0.8` for the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+
+from .model import Model
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+class MTPCache(KVCache):
+    """The MTP layer's KV cache; it sits after the main layers' caches in a prompt cache.
+
+    It also keeps the token ids of the sequence in the main cache: the MTP layer's next entry
+    needs the main hidden state of the last cached token, which no cache stores, so a generation
+    that starts from a cached prefix re-feeds the main model the tokens from the MTP cache's end
+    (at least one). `trim` (and so mlx-lm's `trim_prompt_cache`) keeps the two in step.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.tokens: list[int] = []
+
+    def trim(self, n: int) -> int:
+        del self.tokens[max(len(self.tokens) - n, 0) :]
+        return super().trim(n)
+
+
+def make_cache(model: Model, mtp: bool = True) -> list[KVCache]:
+    """A prompt cache for `stream_generate`: the main layers' KV caches, then, with `mtp` and a
+    checkpoint that has the layer, an `MTPCache` (as mlx-lm keeps a draft model's caches after
+    the main model's). Use a cache with an MTP part only with `mtp=True`."""
+    cache = model.make_cache()
+    if mtp and model.mtp is not None:
+        cache.append(MTPCache())
+    return cache
+
+
+def split_cache(model: Model, cache: list) -> tuple[list[KVCache], MTPCache | None]:
+    """(main layers' caches, the MTP cache or None)."""
+    n = len(model.layers)
+    if len(cache) == n + 1 and isinstance(cache[n], MTPCache):
+        return cache[:n], cache[n]
+    if len(cache) != n:
+        raise ValueError(f"The prompt cache has {len(cache)} entries; this model needs {n}")
+    return cache, None
+
+
+@dataclass
+class MTPStats:
+    """Running counts of one MTP generation."""
+
+    num_draft: int
+    drafted: list[int] = field(init=False)  # per draft position
+    accepted: list[int] = field(init=False)
+    tokens: int = 0
+    main_passes: int = 0
+
+    def __post_init__(self):
+        self.drafted, self.accepted = [0] * self.num_draft, [0] * self.num_draft
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:
+        for i in range(num_drafted):
+            self.drafted[i] += 1
+            self.accepted[i] += i < num_accepted
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted / drafted, over all draft positions."""
+        return sum(self.accepted) / max(sum(self.drafted), 1)
+
+    def as_dict(self) -> dict:
+        return {
+            "num_draft": self.num_draft,
+            "acceptance": self.acceptance,
+            # Position i counts as accepted only when positions before it were too.
+            "acceptance_per_position": [
+                a / max(d, 1) for a, d in zip(self.accepted, self.drafted, strict=True)
+            ],
+            "drafted": list(self.drafted),
+            "accepted": list(self.accepted),
+            "tokens_per_pass": self.tokens / max(self.main_passes, 1),
+        }
+
+
+class MatchSampling:
+    """Drafts and main-model tokens drawn independently with the same sampler; a draft is kept
+    while it equals the main model's own draw. Every emitted token is the main model's draw, so
+    the output is plain decoding's for any sampler, and exactly its tokens when greedy."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+
+    def draw(self, logprobs: mx.array) -> tuple[mx.array, None]:
+        return self.sampler(logprobs), None
+
+    def verify(self, logprobs: mx.array, drafts: mx.array, q: None) -> tuple[mx.array, mx.array]:
+        """(accepted flag per draft, the token to emit after each possible accepted prefix)."""
+        y = self.sampler(logprobs)
+        return drafts == y[:-1], y
+
+
+class RejectionSampling:
+    """Speculative (rejection) sampling, Leviathan et al. 2023: a draft x drawn from q is kept
+    with probability min(1, p(x)/q(x)), else a token is drawn from norm(max(p - q, 0)); the
+    output distribution is p's. p and q are mlx-lm `make_sampler`'s distributions for the same
+    settings (its filters, then the temperature)."""
+
+    def __init__(self, temp: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0):
+        self.temp, self.top_p, self.top_k, self.min_p = temp, top_p, top_k, min_p
+
+    def logits(self, logprobs: mx.array) -> mx.array:
+        if 0 < self.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        if self.min_p != 0.0:
+            logprobs = apply_min_p(logprobs, self.min_p)
+        if self.top_k > 0:
+            logprobs = apply_top_k(logprobs, self.top_k)
+        return logprobs * (1 / self.temp)
+
+    def draw(self, logprobs: mx.array) -> tuple[mx.array, mx.array]:
+        z = self.logits(logprobs)
+        return mx.random.categorical(z), mx.softmax(z, axis=-1)
+
+    def verify(
+        self, logprobs: mx.array, drafts: mx.array, q: mx.array
+    ) -> tuple[mx.array, mx.array]:
+        k = drafts.size
+        p = mx.softmax(self.logits(logprobs), axis=-1)
+        p_x = mx.take_along_axis(p[:k], drafts[:, None], axis=-1)[:, 0]
+        q_x = mx.take_along_axis(q, drafts[:, None], axis=-1)[:, 0]
+        accepted = mx.random.uniform(shape=(k,)) * q_x < p_x
+        # Row i: the residual if draft i is rejected; the last row: p itself, after all drafts.
+        residual = mx.concatenate([mx.maximum(p[:k] - q, 0), p[k:]])
+        return accepted, mx.random.categorical(mx.log(residual))
+
+
+def _logprobs(logits: mx.array) -> mx.array:
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def mtp_generate_step(
+    prompt: list[int],
+    model: Model,
+    *,
+    max_tokens: int = 256,
+    num_draft: int = 1,
+    sampling: MatchSampling | RejectionSampling | None = None,
+    prompt_cache: list | None = None,
+    prefill_step_size: int = 2048,
+    stats: MTPStats | None = None,
+) -> Iterator[tuple[int, mx.array, bool]]:
+    """Yield (token, logprobs, from_draft) for each generated token, never more than
+    `max_tokens`. `sampling` defaults to greedy; `stats` (updated in place) collects the counts.
+
+    `prompt_cache` (from `make_cache(model)`) may hold a prefix; it is updated in place. When the
+    generator stops, early or not, the main cache holds what plain decoding's would: the prompt
+    and every token yielded, except a last one that reached `max_tokens`.
+    """
+    if model.mtp is None:
+        raise ValueError("This checkpoint has no MTP layer (its weights are absent)")
+    if num_draft < 1:
+        raise ValueError("num_draft must be at least 1")
+    if not prompt:
+        raise ValueError("The prompt is empty")
+    sampling = sampling or MatchSampling(greedy_sampler)
+    stats = stats if stats is not None else MTPStats(num_draft)
+    cache = prompt_cache if prompt_cache is not None else make_cache(model)
+    main, mcache = split_cache(model, cache)
+    if mcache is None:
+        raise ValueError("MTP decoding needs a prompt cache from mtp.make_cache(model)")
+    cached = main[0].offset
+    if len(mcache.tokens) != cached or mcache.offset > max(cached - 1, 0):
+        raise ValueError(
+            "The prompt cache's MTP part is out of step with its main part (was it used "
+            "without mtp?); make a new one with mtp.make_cache(model)"
+        )
+    mtp = model.mtp
+    seq = mcache.tokens  # the tokens in the main cache, kept in step with it
+    seq.extend(prompt)
+    # Re-feed what the MTP layer has not paired yet (see MTPCache).
+    pos = mcache.offset
+    trim_prompt_cache(main, cached - pos)
+
+    # Prefill all but the last token in chunks; pair p of the MTP layer needs seq[p + 1], which
+    # the chunk never reaches past.
+    while len(seq) - pos > 1:
+        n = min(prefill_step_size, len(seq) - pos - 1)
+        _, h = model(mx.array(seq[pos : pos + n])[None], cache=main, return_hidden=True)
+        mtp.predict(mx.array(seq[pos + 1 : pos + n + 1])[None], h, mcache)
+        mx.eval([c.state for c in cache])
+        pos += n
+        mx.clear_cache()
+    base = len(seq)
+    logits, pending_h = model(mx.array(seq[-1:])[None], cache=main, return_hidden=True)
+    stats.main_passes += 1
+    logprobs = _logprobs(logits[0, -1])
+    y = sampling.draw(logprobs)[0]
+    pending: list[int] = []  # accepted drafts whose MTP pairs are still to run
+    valid = mcache.offset  # MTP entries below this pair main-model hidden states
+    emitted = 0
+    try:
+        while emitted < max_tokens:
+            token = y.item()
+            k = min(num_draft, max_tokens - emitted - 1)
+            if k > 0:
+                # Catch up on the accepted positions and draft from the new token in one call.
+                d_logits, g = mtp.predict(mx.array(pending + [token])[None], pending_h, mcache)
+                valid = mcache.offset
+                drafts, qs = [], []
+                for i in range(k):
+                    if i:
+                        d_logits, g = mtp.predict(drafts[-1].reshape(1, 1), g[:, -1:], mcache)
+                    d, q = sampling.draw(_logprobs(d_logits[0, -1]))
+                    drafts.append(d)
+                    qs.append(q)
+                drafts = mx.stack(drafts)
+                inputs = mx.concatenate([mx.array([token]), drafts])[None]
+                logits, h = model(inputs, cache=main, return_hidden=True)
+                stats.main_passes += 1
+                block_logprobs = _logprobs(logits[0])
+                accepted, next_tokens = sampling.verify(
+                    block_logprobs, drafts, None if qs[0] is None else mx.stack(qs)
+                )
+                mx.async_eval(accepted, next_tokens, drafts, block_logprobs, h)
+            seq.append(token)
+            emitted += 1
+            stats.tokens += 1
+            yield token, logprobs, False
+            if k <= 0:
+                break
+            accepted = accepted.tolist()
+            a = 0
+            while a < k and accepted[a]:
+                a += 1
+            stats.record(k, a)
+            for d, lp in zip(drafts[:a].tolist(), block_logprobs[:a], strict=True):
+                seq.append(d)
+                emitted += 1
+                stats.tokens += 1
+                yield d, lp, True
+            trim_prompt_cache(main, k - a)
+            KVCache.trim(mcache, mcache.offset - valid)  # the KV entries only, not the tokens
+            pending, pending_h = drafts[:a].tolist(), h[:, : a + 1]
+            y, logprobs = next_tokens[a], block_logprobs[a]
+    finally:
+        # Leave the caches as plain decoding would (see the docstring).
+        keep = base + emitted - (emitted == max_tokens)
+        trim_prompt_cache(main, main[0].offset - keep)
+        KVCache.trim(mcache, mcache.offset - min(valid, max(keep - 1, 0)))
+        del seq[keep:]
+
+
+def sampling_for(
+    sampler: Sampler | None, temp: float, top_p: float, top_k: int, min_p: float
+) -> MatchSampling | RejectionSampling:
+    """Greedy or a custom sampler: drafts kept when they match; otherwise rejection sampling."""
+    if sampler is not None:
+        return MatchSampling(sampler)
+    if temp == 0:
+        return MatchSampling(greedy_sampler)
+    return RejectionSampling(temp, top_p, top_k, min_p)
+
+
+def make_agreeing_checkpoint(
+    out: str | Path, agreement: float = 1.0, preset: str = "air", seed: int = 0, **overrides
+) -> Path:
+    """A tiny HF checkpoint whose MTP layer agrees with the main model on a known share of
+    tokens (for tests and the benchmark, until a trained model exists).
+
+    Every attention output and MLP down projection is zero, so each layer passes its input
+    through and the next token is a function of the current one: `lm_head` makes greedy decoding
+    walk one cycle through all the tokenizer's non-stop tokens. The MTP layer's decoder is zeroed
+    too, `eh_proj` passes the embedding half on, and its embedding, norm and head copy the main
+    model's, so it predicts the token after next exactly. For `round((1 - agreement) * n)` of
+    the cycle's n tokens its embedding row is the next token's, so a draft made from one of them
+    is wrong. The cycle and the wrong tokens are in the config, under "mtp_fixture". `overrides`
+    go to the config (e.g. num_hidden_layers).
+    """
+    from tokenizers import Tokenizer
+
+    from .synthetic import make_checkpoint, random_weights, save_sharded
+
+    if not 0 <= agreement <= 1:
+        raise ValueError("agreement must be between 0 and 1")
+    out = make_checkpoint(out, preset, seed, **overrides)
+    config = json.loads((out / "config.json").read_text())
+    w = random_weights(config, seed)
+    for name in w:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w[name] = np.zeros_like(w[name])
+    n_tokens = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
+    rng = np.random.default_rng(seed)
+    cycle = [int(t) for t in rng.permutation(n_tokens) if t not in config["eos_token_id"]]
+    wrong = sorted(int(t) for t in rng.choice(cycle, round((1 - agreement) * len(cycle)), False))
+
+    embed = w["model.embed_tokens.weight"]
+    u = embed / np.sqrt((embed**2).mean(-1, keepdims=True) + config["rms_norm_eps"])
+    u = u * w["model.norm.weight"]
+    successor = dict(zip(cycle, cycle[1:] + cycle[:1], strict=True))
+    head = np.zeros_like(w["lm_head.weight"])
+    for prev, nxt in successor.items():
+        head[nxt] = u[prev] / np.linalg.norm(u[prev])
+    w["lm_head.weight"] = head
+    mtp_embed = embed.copy()
+    mtp_embed[wrong] = embed[[successor[t] for t in wrong]]
+
+    H, p = config["hidden_size"], f"model.layers.{config['num_hidden_layers']}"
+    w[f"{p}.embed_tokens.weight"] = mtp_embed
+    w[f"{p}.enorm.weight"] = np.ones(H, np.float32)
+    w[f"{p}.eh_proj.weight"] = np.eye(H, 2 * H, dtype=np.float32)
+    w[f"{p}.shared_head.norm.weight"] = w["model.norm.weight"]
+    w[f"{p}.shared_head.head.weight"] = head
+    save_sharded(w, out)
+    config["mtp_fixture"] = {"cycle": cycle, "wrong": wrong}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def _decode_run(model, tokenizer, prompt: list[int], n: int, **kwargs) -> tuple[list[int], float]:
+    """(tokens, CPU seconds) of one generation. CPU time, summed over MLX's threads, measures the
+    work done and shrugs off other processes on a shared machine, which wall time does not."""
+    from .generate import stream_generate
+
+    tic = time.process_time()
+    tokens = [r.token for r in stream_generate(model, tokenizer, prompt, n, **kwargs)]
+    return tokens, time.process_time() - tic
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Benchmark: decode work with and without MTP in one run, with acceptance statistics."""
+    from .convert import convert
+    from .generate import stream_generate
+    from .loading import load
+
+    p = argparse.ArgumentParser(description="Measure MTP speculative decoding against plain.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="Model folder or Hugging Face repo.")
+    src.add_argument(
+        "--synthetic",
+        type=float,
+        metavar="AGREEMENT",
+        help="Build a tiny model whose MTP layer is right on this share of tokens (0 to 1).",
+    )
+    p.add_argument("-q", "--quantize", action="store_true", help="4-bit synthetic model.")
+    p.add_argument("--preset", default="air", help="Synthetic model shape: air or glm45.")
+    p.add_argument("--layers", type=int, help="Synthetic model's main layer count.")
+    p.add_argument("--num-draft", type=int, default=1)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--prompt", "-p", default="The quick brown fox")
+    p.add_argument("--repeats", type=int, default=7, help="Paired runs (the median counts).")
+    a = p.parse_args(argv)
+    if a.num_draft < 1 or a.gen_tokens < 2 or a.repeats < 1:
+        p.error("need --num-draft >= 1, --gen-tokens >= 2, --repeats >= 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = a.model
+        if a.synthetic is not None:
+            if not 0 <= a.synthetic <= 1 or a.preset not in ("air", "glm45"):
+                p.error("--synthetic takes a share between 0 and 1; --preset air or glm45")
+            layers = {"num_hidden_layers": a.layers} if a.layers else {}
+            path = make_agreeing_checkpoint(Path(tmp) / "hf", a.synthetic, a.preset, **layers)
+            path = convert(str(path), str(Path(tmp) / "mlx"), quantize=a.quantize)
+        try:
+            model, tokenizer = load(path, lazy=False)
+        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        if model.mtp is None:
+            sys.exit("error: this checkpoint has no MTP layer")
+        prompt = tokenizer.encode(a.prompt)
+        kwargs = {"num_draft": a.num_draft}
+        for mtp in (False, True):  # warm up
+            _decode_run(model, tokenizer, prompt, 8, mtp=mtp, **kwargs)
+        runs: dict[bool, list] = {False: [], True: []}
+        for i in range(a.repeats):
+            # Alternate the order so that drifting machine load hits both alike.
+            for mtp in (False, True) if i % 2 == 0 else (True, False):
+                tic = time.perf_counter()
+                tokens, cpu = _decode_run(model, tokenizer, prompt, a.gen_tokens, mtp=mtp, **kwargs)
+                runs[mtp].append((tokens, cpu, time.perf_counter() - tic))
+        stats = None
+        for r in stream_generate(model, tokenizer, prompt, a.gen_tokens, mtp=True, **kwargs):
+            stats = r.mtp_stats
+    (plain, *_), (spec, *_) = runs[False][-1], runs[True][-1]
+
+    def median_ratio(i: int) -> tuple[float, float, float]:
+        ratios = [p[i] / m[i] for p, m in zip(runs[False], runs[True], strict=True)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+
+    per_pos = " ".join(f"{x:.3f}" for x in stats["acceptance_per_position"])
+    print(f"model: {a.model or f'synthetic, agreement {a.synthetic}'}, {len(model.layers)} layers")
+    print(f"tokens: {len(spec)} (MTP), {len(plain)} (plain); identical: {spec == plain}")
+    print(f"acceptance per draft position: {per_pos}; overall {stats['acceptance']:.3f}")
+    print(f"tokens per main-model pass: {stats['tokens_per_pass']:.3f}")
+    for name, i in (("CPU time", 1), ("wall time", 2)):
+        tps = {m: statistics.median(len(r[0]) / r[i] for r in runs[m]) for m in runs}
+        med, lo, hi = median_ratio(i)
+        print(
+            f"tokens/s by {name}: plain {tps[False]:.1f}, MTP {tps[True]:.1f}; speed ratio "
+            f"MTP/plain median {med:.3f} (range {lo:.3f}-{hi:.3f}, {a.repeats} paired runs)"
+        )
+
+
+if __name__ == "__main__":
+    main()
