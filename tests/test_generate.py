@@ -130,7 +130,7 @@ def test_cli_model_and_flags(air_q4):
     "args,message",
     [
         (["--model", "/nonexistent/model"], "No model folder at /nonexistent/model"),
-        (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+        (["--max-tokens", "0"], "--max-tokens and --num-draft must be at least 1"),
         (["--top-p", "1.5"], "0 < --top-p <= 1"),
     ],
 )
