@@ -182,7 +182,8 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .loading import load
+    from . import streaming
+    from .loading import load, read_config, resolve
 
     p = argparse.ArgumentParser(description="Generate text with a GLM-4.5 (glm4_moe) model.")
     p.add_argument("--model", help="Model folder or Hugging Face repo (default: bundled demo).")
@@ -195,6 +196,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-think", action="store_true", help="Turn thinking off.")
+    experts = p.add_mutually_exclusive_group()
+    experts.add_argument(
+        "--expert-slots",
+        type=int,
+        help="Keep the routed experts on disk, at most N per MoE layer in memory.",
+    )
+    experts.add_argument(
+        "--expert-cache-gb", type=float, help="As --expert-slots, with as many as fit in G GB."
+    )
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
@@ -208,7 +218,11 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
     try:
-        model, tokenizer = load(a.model)
+        slots = a.expert_slots
+        if a.expert_cache_gb is not None:
+            path = resolve(a.model)
+            slots = streaming.slots_for_budget(path, read_config(path), a.expert_cache_gb)
+        model, tokenizer = load(a.model, expert_slots=slots)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         sys.exit(f"error: {e}")
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
@@ -229,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         min_p=a.min_p,
         seed=a.seed,
     ):
+        if r.generation_tokens == 1:
+            after_prefill = streaming.stats(model)
         print(r.text, end="", flush=True)
     print(flush=True)
     if r is not None:
@@ -238,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
             f"Peak memory: {r.peak_memory:.3f} GB",
             file=sys.stderr,
         )
+        if slots is not None:
+            decode = streaming.stats(model) - after_prefill
+            print(streaming.summary(decode, r.generation_tokens - 1), file=sys.stderr)
 
 
 if __name__ == "__main__":
