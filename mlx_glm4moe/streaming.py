@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from time import perf_counter
+from time import perf_counter, process_time
 from typing import Any
 
 import mlx.core as mx
@@ -239,9 +239,11 @@ class StreamingSwitchGLU(nn.Module):
         return y.reshape(*shape, -1)
 
 
-def _expert_tensors(path: Path, prefix: str, n_experts: int) -> dict[str, dict[str, ExpertTensor]]:
-    files = weight_files(path)
-    headers: dict[Path, tuple[int, dict]] = {}
+def _expert_tensors(
+    files: dict[str, Path], headers: dict[Path, tuple], prefix: str, n_experts: int
+) -> dict[str, dict[str, ExpertTensor]]:
+    """The stacked expert tensors of one layer, located in their files (`headers` caches the
+    files' tensor tables)."""
     out: dict[str, dict[str, ExpertTensor]] = {}
     for proj in PROJECTIONS:
         out[proj] = {}
@@ -272,12 +274,13 @@ def routed_experts(
     n, k = config["n_routed_experts"], config["num_experts_per_tok"]
     if slots < k:
         raise ValueError(f"expert_slots must be at least num_experts_per_tok ({k}), got {slots}")
-    for name in [n for n in weights if ".switch_mlp." in n]:
+    for name in [name for name in weights if ".switch_mlp." in name]:
         del weights[name]
     mode = (config.get("quantization") or {}).get("mode", "affine")
+    files, headers = weight_files(path), {}
 
     def make(prefix: str) -> StreamingSwitchGLU:
-        tensors = _expert_tensors(path, prefix, n)
+        tensors = _expert_tensors(files, headers, prefix, n)
         return StreamingSwitchGLU(
             tensors,
             n,
@@ -292,11 +295,15 @@ def routed_experts(
 
 def expert_bytes(path: Path, config: dict[str, Any]) -> tuple[int, int]:
     """(bytes of one expert as stored, number of MoE layers with streamed experts)."""
-    first = config["first_k_dense_replace"]
-    layers = config["num_hidden_layers"] + min(config.get("num_nextn_predict_layers", 0), 1)
-    prefix = f"model.layers.{layers - 1}.mlp.switch_mlp"
-    tensors = _expert_tensors(path, prefix, config["n_routed_experts"])
-    return sum(t.row_bytes for p in tensors.values() for t in p.values()), layers - first
+    files = weight_files(path)
+    prefixes = sorted({n.rsplit(".", 2)[0] for n in files if ".switch_mlp." in n})
+    if not prefixes:
+        raise ValueError(
+            f"No stacked experts in {path}: expert streaming needs a checkpoint "
+            "converted by convert.py"
+        )
+    tensors = _expert_tensors(files, {}, prefixes[0], config["n_routed_experts"])
+    return sum(t.row_bytes for p in tensors.values() for t in p.values()), len(prefixes)
 
 
 def slots_for_budget(path: Path, config: dict[str, Any], gb: float) -> int:
@@ -402,42 +409,52 @@ def peak_rss_bytes() -> int:
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 
 
-def measure(model_path: str, slots: int | None, max_tokens: int = 32) -> dict[str, float]:
-    """One benchmark row, in this process: greedy generation from a fixed prompt with `slots`
-    expert slots per layer (None: all resident, no streaming). Decode figures exclude prefill."""
+def measure(
+    model_path: str, slots: int | None, max_tokens: int = 32, temp: float = 1.0
+) -> dict[str, float]:
+    """One benchmark row, in this process: generation from a fixed prompt (sampled at `temp`,
+    seed 0) with `slots` expert slots per layer (None: all resident, no streaming). Hit rate and
+    bytes per token are for the decode steps after the first token."""
+    import transformers  # noqa: F401 (part of the baseline, not of the model's memory)
+
     from .generate import stream_generate
     from .loading import load
 
     base = peak_rss_bytes()
     model, tokenizer = load(model_path, expert_slots=slots)
-    responses = stream_generate(model, tokenizer, PROMPT, max_tokens)
+    responses = stream_generate(model, tokenizer, PROMPT, max_tokens, temp=temp, seed=0)
     r = next(responses)
-    start = stats(model)  # after prefill and the first token
+    start, cpu = stats(model), process_time()
     for r in responses:  # noqa: B007 (the last response has the totals)
         pass
+    cpu = process_time() - cpu
     decode = stats(model) - start
-    n = r.generation_tokens - 1
     return {
         "slots": slots or 0,
         "prompt_tokens": r.prompt_tokens,
         "prompt_tps": r.prompt_tps,
         "tokens": r.generation_tokens,
         "tps": r.generation_tps,
+        # Tokens per CPU-second (all threads): steadier than tokens/s on a shared machine.
+        "tokens_per_cpu_s": (r.generation_tokens - 1) / cpu if cpu > 0 else 0.0,
         "hit_rate": decode.hit_rate if slots else 1.0,
-        "mb_per_token": decode.bytes_read / max(n, 1) / 1e6,
-        "resident_gb": stats(model).resident_bytes / 1e9,
+        "mb_per_token": decode.bytes_read / max(r.generation_tokens - 1, 1) / 1e6,
+        "resident_gb": decode.resident_bytes / 1e9,
         "peak_rss_gb": peak_rss_bytes() / 1e9,
-        "peak_rss_growth_gb": (peak_rss_bytes() - base) / 1e9,
+        "peak_growth_gb": (peak_rss_bytes() - base) / 1e9,
     }
 
 
-def benchmark(model_path: str, slots: list[int | None], max_tokens: int = 32) -> list[dict]:
+def benchmark(
+    model_path: str, slots: list[int | None], max_tokens: int = 32, temp: float = 1.0
+) -> list[dict]:
     """`measure` for each cache size, each in a fresh process so that peak memory is its own."""
     rows = []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     for s in slots:
         cmd = [sys.executable, "-m", "mlx_glm4moe.streaming", "--model", model_path, "--row"]
-        cmd += ["--max-tokens", str(max_tokens)] + (["--slots", str(s)] if s else [])
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+        cmd += ["--max-tokens", str(max_tokens), "--temp", str(temp)]
+        cmd += ["--slots", str(s)] if s else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if out.returncode:
             raise RuntimeError(f"benchmark row {s} failed:\n{out.stderr[-2000:]}")
@@ -457,27 +474,39 @@ def main(argv: list[str] | None = None) -> None:
         help="Expert slots per layer (default: all resident, then 100%%, 50%%, 25%%, minimum).",
     )
     p.add_argument("--max-tokens", "-m", type=int, default=32)
+    p.add_argument("--temp", type=float, default=1.0, help="Sampling temperature (seed 0).")
     p.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.row:
         slots = a.slots[0] if a.slots else None
-        print(json.dumps(measure(a.model, slots, a.max_tokens)))
+        print(json.dumps(measure(a.model, slots, a.max_tokens, a.temp)))
         return
     config = read_config(resolve(a.model))
     E, k = config["n_routed_experts"], config["num_experts_per_tok"]
+    if a.max_tokens < 1 or any(s < k for s in a.slots or []):
+        p.error(f"need --max-tokens >= 1 and every --slots >= num_experts_per_tok ({k})")
     slots = a.slots or [None, E, E // 2, E // 4, k]
-    rows = benchmark(a.model, slots, a.max_tokens)
+    rows = benchmark(a.model, slots, a.max_tokens, a.temp)
     size, layers = expert_bytes(resolve(a.model), config)
     print(f"{a.model}: {E} experts x {layers} MoE layers, {size / 1e6:.2f} MB each, top-{k}")
-    print("| cache | hit rate | MB read/token | tokens/s | resident weights GB | peak RSS GB |")
-    print("|---|---|---|---|---|---|")
+    print(f"{rows[0]['prompt_tokens']}-token prompt, {rows[0]['tokens']} tokens at temp {a.temp}")
+    print(
+        "| expert slots | hit rate | MB read/token | decode tok/s | tok/CPU-s | prefill tok/s "
+        "| resident weights GB | peak RSS GB (growth) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         name = f"{r['slots']} ({r['slots'] / E:.0%})" if r["slots"] else "all resident"
         print(
             f"| {name} | {r['hit_rate']:.1%} | {r['mb_per_token']:.2f} | {r['tps']:.2f} "
-            f"| {r['resident_gb']:.3f} | {r['peak_rss_gb']:.3f} |"
+            f"| {r['tokens_per_cpu_s']:.2f} | {r['prompt_tps']:.1f} | {r['resident_gb']:.3f} "
+            f"| {r['peak_rss_gb']:.3f} ({r['peak_growth_gb']:.3f}) |"
         )
 
 
 if __name__ == "__main__":
-    main()
+    # Run the package's copy of this module: the classes that load() uses live there, not in
+    # __main__, and stats() looks for them by type.
+    from mlx_glm4moe.streaming import main as package_main
+
+    package_main()
