@@ -261,7 +261,7 @@ def _expert_tensors(
         if "weight" not in out[proj]:
             raise ValueError(
                 f"{prefix}.{proj}.weight not found: expert streaming needs a checkpoint converted "
-                "by convert.py (experts stacked per layer)"
+                "by convert.py or mlx_lm.convert (experts stacked per layer)"
             )
     return out
 
@@ -300,7 +300,7 @@ def expert_bytes(path: Path, config: dict[str, Any]) -> tuple[int, int]:
     if not prefixes:
         raise ValueError(
             f"No stacked experts in {path}: expert streaming needs a checkpoint "
-            "converted by convert.py"
+            "converted by convert.py or mlx_lm.convert"
         )
     tensors = _expert_tensors(files, {}, prefixes[0], config["n_routed_experts"])
     return sum(t.row_bytes for p in tensors.values() for t in p.values()), len(prefixes)
