@@ -217,7 +217,8 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .loading import load
+    from . import streaming
+    from .loading import load, read_config, resolve
 
     p = argparse.ArgumentParser(description="Generate text with a GLM-4.5 (glm4_moe) model.")
     p.add_argument("--model", help="Model folder or Hugging Face repo (default: bundled demo).")
@@ -241,6 +242,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--num-draft", "--num-draft-tokens", type=int, default=1, help="Tokens drafted per step."
     )
+    experts = p.add_mutually_exclusive_group()
+    experts.add_argument(
+        "--expert-slots",
+        type=int,
+        help="Keep the routed experts on disk, at most N per MoE layer in memory.",
+    )
+    experts.add_argument(
+        "--expert-cache-gb", type=float, help="As --expert-slots, with as many as fit in G GB."
+    )
     a = p.parse_args(argv)
     if a.max_tokens < 1 or a.num_draft < 1:
         p.error("--max-tokens and --num-draft must be at least 1")
@@ -260,7 +270,11 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
     try:
-        model, tokenizer = load(a.model)
+        slots = a.expert_slots
+        if a.expert_cache_gb is not None:
+            path = resolve(a.model)
+            slots = streaming.slots_for_budget(path, read_config(path), a.expert_cache_gb)
+        model, tokenizer = load(a.model, expert_slots=slots)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         sys.exit(f"error: {e}")
     if a.mtp and model.mtp is None:
@@ -306,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{stats['mtp']['tokens_per_pass']:.2f} tokens per forward pass",
             file=sys.stderr,
         )
+    if slots is not None:  # prompt reads included
+        print(streaming.summary(streaming.stats(model), u["completion_tokens"]), file=sys.stderr)
 
 
 if __name__ == "__main__":

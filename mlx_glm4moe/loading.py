@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import infer_quant_config, load_tokenizer
 
-from .model import Model, ModelArgs
+from .model import Model, ModelArgs, MoE
+from .streaming import routed_experts, wire_resident
 from .weights import load_lazy, sanitize, weight_files
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -63,9 +65,14 @@ def fp8_block(config: dict[str, Any]) -> list[int] | None:
     return (config.get("quantization_config") or {}).get("weight_block_size")
 
 
-def build_model(config: dict[str, Any], weights: dict[str, mx.array]) -> Model:
+def build_model(
+    config: dict[str, Any],
+    weights: dict[str, mx.array],
+    switch_mlp: Callable[[str], nn.Module] | None = None,
+) -> Model:
     """Instantiate the model for `weights` (already in our names) and load them, quantizing the
-    modules whose weights come with scales."""
+    modules whose weights come with scales. `switch_mlp(path)`, when given, supplies each MoE
+    layer's routed experts instead of `weights` (expert streaming)."""
     args = ModelArgs.from_dict(config)
     mtp_prefix = f"model.layers.{args.num_hidden_layers}."
     if not any(k.startswith(mtp_prefix) for k in weights):
@@ -79,6 +86,10 @@ def build_model(config: dict[str, Any], weights: dict[str, mx.array]) -> Model:
         return {**infer_quant_config(path, module, weights), "mode": mode}
 
     nn.quantize(model, class_predicate=quantized)
+    if switch_mlp is not None:
+        for path, module in model.named_modules():
+            if isinstance(module, MoE):
+                module.switch_mlp = switch_mlp(f"{path}.switch_mlp")
     if mx.default_device() == mx.cpu:
         # gather_mm on the CPU backend supports float32 only.
         for path, module in model.named_modules():
@@ -93,7 +104,7 @@ def build_model(config: dict[str, Any], weights: dict[str, mx.array]) -> Model:
 
 
 def load(
-    path_or_repo: str | Path | None = None, lazy: bool = True
+    path_or_repo: str | Path | None = None, lazy: bool = True, expert_slots: int | None = None
 ) -> tuple[Model, TokenizerWrapper]:
     """Load a model and its tokenizer.
 
@@ -101,6 +112,9 @@ def load(
         path_or_repo: a local folder or a Hugging Face repo id, converted by `convert.py` or a
             raw HF checkpoint (bf16 or FP8). None loads the small bundled default model.
         lazy: leave weights on disk until first used (the default); False reads them all now.
+        expert_slots: keep the routed experts on disk and at most this many per MoE layer in
+            memory (at least `num_experts_per_tok`); None keeps them all resident. Needs a
+            checkpoint converted by `convert.py`. See `mlx_glm4moe.streaming`.
 
     Returns:
         (model, tokenizer): `model(mx.array(ids))` gives logits; the tokenizer is mlx-lm's
@@ -111,8 +125,10 @@ def load(
     ModelArgs.from_dict(config)  # fail on a wrong model type before touching weights
     weights = load_lazy(weight_files(path))
     weights = sanitize(weights, config["n_routed_experts"], fp8_block(config))
-    model = build_model(config, weights)
+    experts = None if expert_slots is None else routed_experts(path, config, weights, expert_slots)
+    model = build_model(config, weights, experts)
     if not lazy:
         mx.eval(model.parameters())
+    wire_resident(model)
     tokenizer = load_tokenizer(path, eos_token_ids=eos_ids(config))
     return model, tokenizer

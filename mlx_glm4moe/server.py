@@ -696,6 +696,9 @@ def main(argv: list[str] | None = None) -> None:
         help="MTP speculative decoding (default: on when the checkpoint has the layer).",
     )
     p.add_argument("--num-draft", type=int, default=1, help="Tokens drafted per MTP step.")
+    p.add_argument(
+        "--expert-slots", type=int, help="Stream routed experts from disk, N per layer in memory."
+    )
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     if a.max_tokens < 1:
@@ -710,7 +713,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.api_key is None and a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {a.host} without --api-key", file=sys.stderr)
     try:
-        model, tokenizer = load(a.model)
+        model, tokenizer = load(a.model, expert_slots=a.expert_slots)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if a.mtp and model.mtp is None:

@@ -1,0 +1,512 @@
+"""Expert streaming: run a model larger than memory by keeping the routed experts on disk.
+
+Everything but the routed experts stays resident. Each MoE layer (the MTP layer included) gets a
+`StreamingSwitchGLU` in place of mlx-lm's `SwitchGLU`: a bounded set of expert slots holding the
+experts in use, refilled straight from the safetensors files by byte offset (a converted
+checkpoint stores each projection as one `[E, out, in]` tensor, so an expert is one contiguous
+byte range per tensor). `gather_(q)mm` then runs on the slots with the routing indices remapped
+to slot numbers. Also here: wiring the resident weights on Metal, and the streaming benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from time import perf_counter, process_time
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.utils import maybe_set_recommended_wired_limit
+
+from .weights import weight_files
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PARTS = ("weight", "scales", "biases")
+# safetensors dtype → (numpy type of the same width to read it as, MLX dtype it holds).
+DTYPES = {
+    "F32": (np.float32, mx.float32),
+    "F16": (np.float16, mx.float16),
+    "BF16": (np.uint16, mx.bfloat16),
+    "U32": (np.uint32, mx.uint32),
+    "U8": (np.uint8, mx.uint8),
+}
+# Score decay per call: frequency counts that fade, so a burst of use does not pin an expert.
+DECAY = 0.9
+
+
+class ExpertReadError(OSError):
+    """Expert bytes that are not on disk where the checkpoint header says they are."""
+
+
+def read_header(f: Path) -> tuple[int, dict[str, dict]]:
+    """A safetensors file's tensor table: (offset of the data section, {name: {dtype, shape,
+    data_offsets}}). The format is an 8-byte little-endian header length, then JSON."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise ValueError(f"{f} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f} has a corrupt safetensors header: {e}") from None
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One stacked expert tensor `[E, ...]` on disk: expert e is bytes
+    `offset + e * row_bytes` to `offset + (e + 1) * row_bytes`."""
+
+    file: Path
+    offset: int
+    row_bytes: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def locate(cls, name: str, file: Path, start: int, entry: dict, n_experts: int) -> ExpertTensor:
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        # mx.load has checked the ranges against the shapes when the model was opened.
+        if dtype not in DTYPES:
+            raise ValueError(f"{name}: cannot stream experts of dtype {dtype}")
+        if not shape or shape[0] != n_experts:
+            raise ValueError(f"{name}: expected {n_experts} stacked experts, shape is {shape}")
+        row = int(np.prod(shape[1:])) * np.dtype(DTYPES[dtype][0]).itemsize
+        if start + end > file.stat().st_size:
+            raise ValueError(
+                f"{file} is truncated: {name} ends at byte {start + end} but the file has "
+                f"{file.stat().st_size}. Download or convert the checkpoint again."
+            )
+        return cls(file, start + begin, row, shape[1:], dtype)
+
+    def read(self, experts: np.ndarray) -> mx.array:
+        """The rows of `experts` (sorted), each run of consecutive experts in one read."""
+        np_type, mx_type = DTYPES[self.dtype]
+        buf = np.empty(len(experts) * self.row_bytes, np.uint8)
+        runs = np.split(np.arange(len(experts)), np.flatnonzero(np.diff(experts) != 1) + 1)
+        with open(self.file, "rb", buffering=0) as fh:
+            for run in runs:
+                first = int(experts[run[0]])
+                view = memoryview(buf)[run[0] * self.row_bytes : (run[-1] + 1) * self.row_bytes]
+                fh.seek(self.offset + first * self.row_bytes)
+                got = fh.readinto(view)
+                if got != len(view):
+                    raise ExpertReadError(
+                        f"{self.file}: expected {len(view)} bytes of experts "
+                        f"{first}..{experts[run[-1]]} at offset {fh.tell() - got}, got {got}. "
+                        "The file is truncated or changed since loading."
+                    )
+        rows = mx.array(buf.view(np_type).reshape(len(experts), *self.shape))
+        return rows.view(mx_type) if np_type is np.uint16 else rows
+
+
+def _quant_params(tensors: dict[str, ExpertTensor], in_dims: int, mode: str) -> dict | None:
+    """bits and group size of a quantized projection, from its packed shapes."""
+    if "scales" not in tensors:
+        return None
+    packed, groups = tensors["weight"].shape[-1], tensors["scales"].shape[-1]
+    return {"bits": packed * 32 // in_dims, "group_size": in_dims // groups, "mode": mode}
+
+
+class StreamingSwitchGLU(nn.Module):
+    """mlx-lm's `SwitchGLU` over a bounded cache of expert slots, filled from disk on demand.
+
+    Called as `switch_mlp(x, indices)` like `SwitchGLU`. The slot arrays are private (not
+    parameters): they are a cache, not weights to load or save.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, dict[str, ExpertTensor]],
+        num_experts: int,
+        slots: int,
+        hidden_size: int,
+        intermediate_size: int,
+        mode: str = "affine",
+    ):
+        super().__init__()
+        self._tensors = tensors
+        self._slots = slots
+        glu = SwitchGLU(hidden_size, intermediate_size, slots)
+        for proj in PROJECTIONS:
+            parts = tensors[proj]
+            in_dims = intermediate_size if proj == "down_proj" else hidden_size
+            q = _quant_params(parts, in_dims, mode)
+            if q is not None:
+                setattr(glu, proj, getattr(glu, proj).to_quantized(**q))
+            module = getattr(glu, proj)
+            for part, t in parts.items():
+                dtype = self._slot_dtype(t, q)
+                module[part] = mx.zeros((slots, *t.shape), dtype)
+        mx.eval(glu.parameters())
+        self._glu = glu
+        self._slot_of = np.full(num_experts, -1)  # expert → slot
+        self._expert_in = np.full(slots, -1)  # slot → expert
+        self._score = np.zeros(num_experts)
+        self._last_used = np.zeros(num_experts)
+        self._calls = 0
+        self._stats = {"hits": 0, "misses": 0, "bytes_read": 0, "read_s": 0.0, "tokens": 0}
+
+    @staticmethod
+    def _slot_dtype(t: ExpertTensor, quant: dict | None) -> mx.Dtype:
+        dtype = DTYPES[t.dtype][1]
+        # gather_mm on the CPU backend supports float32 only (as in loading.build_model).
+        if quant is None and mx.default_device() == mx.cpu:
+            return mx.float32
+        return dtype
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(a.nbytes for _, a in nn.utils.tree_flatten(self._glu.parameters()))
+
+    def _evict_for(self, needed: np.ndarray, count: int) -> np.ndarray:
+        """`count` slots to refill: free ones first, then those whose experts score lowest
+        (decayed use counts, least recently used on ties), never one that `needed` uses."""
+        holders = self._expert_in
+        free = np.flatnonzero(holders < 0)
+        taken = np.flatnonzero((holders >= 0) & ~np.isin(holders, needed))
+        e = holders[taken]
+        victims = taken[np.lexsort((self._last_used[e], self._score[e]))]
+        return np.concatenate([free, victims])[:count]
+
+    def _ensure(self, needed: np.ndarray) -> None:
+        """Make every expert of `needed` (sorted, at most `slots`) resident, reading each missing
+        one once."""
+        missing = needed[self._slot_of[needed] < 0]
+        self._stats["hits"] += len(needed) - len(missing)
+        self._stats["misses"] += len(missing)
+        if not len(missing):
+            return
+        slots = self._evict_for(needed, len(missing))
+        self._slot_of[self._expert_in[slots][self._expert_in[slots] >= 0]] = -1
+        self._slot_of[missing], self._expert_in[slots] = slots, missing
+        tic = perf_counter()
+        where = mx.array(slots)
+        for proj, parts in self._tensors.items():
+            module = getattr(self._glu, proj)
+            for part, t in parts.items():
+                module[part][where] = t.read(missing).astype(module[part].dtype)
+                self._stats["bytes_read"] += len(missing) * t.row_bytes
+        mx.eval(self._glu.parameters())
+        self._stats["read_s"] += perf_counter() - tic
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        inds = np.array(indices)  # the routing decides what to read: this waits for it
+        flat = inds.reshape(-1)
+        counts = np.bincount(flat, minlength=len(self._score))
+        self._calls += 1
+        self._score = self._score * DECAY + counts
+        self._last_used[counts > 0] = self._calls
+        self._stats["tokens"] += flat.size // inds.shape[-1]
+        needed = np.flatnonzero(counts)
+        if len(needed) <= self._slots:
+            self._ensure(needed)
+            return self._glu(x, mx.array(self._slot_of[inds].astype(np.uint32)))
+        return self._grouped(x, flat, needed, inds.shape)
+
+    def _grouped(
+        self, x: mx.array, flat: np.ndarray, needed: np.ndarray, shape: tuple[int, ...]
+    ) -> mx.array:
+        """A chunk that routes to more experts than there are slots: take its (token, expert)
+        pairs in expert order, `slots` experts at a time, so each expert is still read once per
+        layer and memory stays within the slots."""
+        k = shape[-1]
+        order = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[order], needed[:: self._slots])
+        x = x.reshape(-1, x.shape[-1])
+        outs = []
+        for i, (a, b) in enumerate(zip(bounds, [*bounds[1:], len(order)], strict=True)):
+            self._ensure(needed[i * self._slots : (i + 1) * self._slots])
+            pairs = order[a:b]
+            slots = self._slot_of[flat[pairs]].astype(np.uint32)
+            y = self._glu(x[mx.array(pairs // k)], mx.array(slots)[:, None])
+            mx.eval(y)  # before the next group's experts overwrite these slots
+            outs.append(y[:, 0])
+        y = mx.concatenate(outs)[mx.array(np.argsort(order))]
+        return y.reshape(*shape, -1)
+
+
+def _expert_tensors(
+    files: dict[str, Path], headers: dict[Path, tuple], prefix: str, n_experts: int
+) -> dict[str, dict[str, ExpertTensor]]:
+    """The stacked expert tensors of one layer, located in their files (`headers` caches the
+    files' tensor tables)."""
+    out: dict[str, dict[str, ExpertTensor]] = {}
+    for proj in PROJECTIONS:
+        out[proj] = {}
+        for part in PARTS:
+            name = f"{prefix}.{proj}.{part}"
+            if name not in files:
+                continue
+            f = files[name]
+            if f not in headers:
+                headers[f] = read_header(f)
+            start, header = headers[f]
+            if name not in header:
+                raise ValueError(f"{name} is listed in the index but not in {f}")
+            out[proj][part] = ExpertTensor.locate(name, f, start, header[name], n_experts)
+        if "weight" not in out[proj]:
+            raise ValueError(
+                f"{prefix}.{proj}.weight not found: expert streaming needs a checkpoint converted "
+                "by convert.py or mlx_lm.convert (experts stacked per layer)"
+            )
+    return out
+
+
+def routed_experts(
+    path: Path, config: dict[str, Any], weights: dict[str, mx.array], slots: int
+) -> Callable[[str], StreamingSwitchGLU]:
+    """For `loading.build_model`: removes the routed experts from `weights` (so they are never
+    read whole) and returns the factory of each MoE layer's streaming `switch_mlp`."""
+    n, k = config["n_routed_experts"], config["num_experts_per_tok"]
+    if slots < k:
+        raise ValueError(f"expert_slots must be at least num_experts_per_tok ({k}), got {slots}")
+    for name in [name for name in weights if ".switch_mlp." in name]:
+        del weights[name]
+    mode = (config.get("quantization") or {}).get("mode", "affine")
+    files, headers = weight_files(path), {}
+
+    def make(prefix: str) -> StreamingSwitchGLU:
+        tensors = _expert_tensors(files, headers, prefix, n)
+        return StreamingSwitchGLU(
+            tensors,
+            n,
+            min(slots, n),
+            config["hidden_size"],
+            config["moe_intermediate_size"],
+            mode,
+        )
+
+    return make
+
+
+def expert_bytes(path: Path, config: dict[str, Any]) -> tuple[int, int]:
+    """(bytes of one expert as stored, number of MoE layers with streamed experts)."""
+    files = weight_files(path)
+    prefixes = sorted({n.rsplit(".", 2)[0] for n in files if ".switch_mlp." in n})
+    if not prefixes:
+        raise ValueError(
+            f"No stacked experts in {path}: expert streaming needs a checkpoint "
+            "converted by convert.py or mlx_lm.convert"
+        )
+    tensors = _expert_tensors(files, {}, prefixes[0], config["n_routed_experts"])
+    return sum(t.row_bytes for p in tensors.values() for t in p.values()), len(prefixes)
+
+
+def slots_for_budget(path: Path, config: dict[str, Any], gb: float) -> int:
+    """The number of expert slots per layer that fit in `gb` gigabytes."""
+    size, layers = expert_bytes(path, config)
+    slots = min(int(gb * 1e9 // (size * layers)), config["n_routed_experts"])
+    k = config["num_experts_per_tok"]
+    if slots < k:
+        need = k * size * layers / 1e9
+        raise ValueError(
+            f"--expert-cache-gb {gb} is too small: the minimum ({k} slots) needs {need:.3g} GB"
+        )
+    return slots
+
+
+@dataclass
+class StreamStats:
+    """Expert-streaming figures, summed over the MoE layers (the MTP layer included).
+
+    hits / misses: expert lookups found in / read into the slots; bytes_read: expert bytes read
+    from the safetensors files; read_s: seconds spent reading; tokens: tokens through the first
+    MoE layer; resident_bytes: non-expert weights plus all slots; slots: per layer.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    read_s: float = 0.0
+    tokens: int = 0
+    resident_bytes: int = 0
+    slots: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.hits + self.misses, 1)
+
+    def __sub__(self, other: StreamStats) -> StreamStats:
+        d = {k: v - getattr(other, k) for k, v in asdict(self).items()}
+        return StreamStats(**{**d, "resident_bytes": self.resident_bytes, "slots": self.slots})
+
+
+def _streamers(model: nn.Module) -> list[StreamingSwitchGLU]:
+    return [m for _, m in model.named_modules() if isinstance(m, StreamingSwitchGLU)]
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the weights held in memory: parameters plus expert slots."""
+    params = sum(a.nbytes for _, a in nn.utils.tree_flatten(model.parameters()))
+    return params + sum(s.slot_bytes for s in _streamers(model))
+
+
+def stats(model: nn.Module) -> StreamStats:
+    """The model's streaming figures so far (all zero but `resident_bytes` when not streaming)."""
+    streamers = _streamers(model)
+    s = StreamStats(resident_bytes=resident_bytes(model))
+    for m in streamers:
+        for key, value in m._stats.items():
+            if key != "tokens":
+                setattr(s, key, getattr(s, key) + value)
+    if streamers:
+        s.tokens = max(m._stats["tokens"] for m in streamers)  # the MTP layer may see none
+        s.slots = streamers[0]._slots
+    return s
+
+
+def summary(delta: StreamStats, tokens: int) -> str:
+    """One line for the command line: hit rate and bytes read per token over `tokens`."""
+    return (
+        f"Expert streaming: {delta.slots} slots/layer, hit rate {delta.hit_rate:.1%}, "
+        f"{delta.bytes_read / max(tokens, 1) / 1e6:.2f} MB read/token, "
+        f"resident weights {delta.resident_bytes / 1e9:.3g} GB"
+    )
+
+
+def wire_resident(model: nn.Module) -> None:
+    """On Metal, wire memory up to the recommended working set (as mlx-lm's `wired_limit`), and
+    warn when the resident weights do not fit in it. A no-op on other backends."""
+    if not mx.metal.is_available():
+        return
+    size = resident_bytes(model)
+    limit = mx.device_info()["max_recommended_working_set_size"]
+    if size > 0.9 * limit:
+        warnings.warn(
+            f"The model's resident weights ({size / 1e9:.1f} GB) exceed 90% of this machine's "
+            f"recommended working set ({limit / 1e9:.1f} GB): it will page and run slowly. "
+            "Keep the routed experts on disk instead: load(path, expert_slots=N) or "
+            "generate.py --expert-slots N / --expert-cache-gb G.",
+            stacklevel=3,
+        )
+    maybe_set_recommended_wired_limit()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux from VmHWM: ru_maxrss there carries the
+    parent's peak across fork and exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+
+
+def measure(
+    model_path: str, slots: int | None, max_tokens: int = 32, temp: float = 1.0
+) -> dict[str, float]:
+    """One benchmark row, in this process: generation from a fixed prompt (sampled at `temp`,
+    seed 0) with `slots` expert slots per layer (None: all resident, no streaming). Hit rate and
+    bytes per token are for the decode steps after the first token."""
+    import transformers  # noqa: F401 (part of the baseline, not of the model's memory)
+
+    from .generate import stream_generate
+    from .loading import load
+
+    base = peak_rss_bytes()
+    model, tokenizer = load(model_path, expert_slots=slots)
+    responses = stream_generate(model, tokenizer, PROMPT, max_tokens, temp=temp, seed=0)
+    r = next(responses)
+    start, cpu = stats(model), process_time()
+    for r in responses:  # noqa: B007 (the last response has the totals)
+        pass
+    cpu = process_time() - cpu
+    decode = stats(model) - start
+    return {
+        "slots": slots or 0,
+        "prompt_tokens": r.prompt_tokens,
+        "prompt_tps": r.prompt_tps,
+        "tokens": r.generation_tokens,
+        "tps": r.generation_tps,
+        # Tokens per CPU-second (all threads): steadier than tokens/s on a shared machine.
+        "tokens_per_cpu_s": (r.generation_tokens - 1) / cpu if cpu > 0 else 0.0,
+        "hit_rate": decode.hit_rate if slots else 1.0,
+        "mb_per_token": decode.bytes_read / max(r.generation_tokens - 1, 1) / 1e6,
+        "resident_gb": decode.resident_bytes / 1e9,
+        "peak_rss_gb": peak_rss_bytes() / 1e9,
+        "peak_growth_gb": (peak_rss_bytes() - base) / 1e9,
+    }
+
+
+def benchmark(
+    model_path: str, slots: list[int | None], max_tokens: int = 32, temp: float = 1.0
+) -> list[dict]:
+    """`measure` for each cache size, each in a fresh process so that peak memory is its own."""
+    rows = []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for s in slots:
+        cmd = [sys.executable, "-m", "mlx_glm4moe.streaming", "--model", model_path, "--row"]
+        cmd += ["--max-tokens", str(max_tokens), "--temp", str(temp)]
+        cmd += ["--slots", str(s)] if s else []
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        if out.returncode:
+            raise RuntimeError(f"benchmark row {s} failed:\n{out.stderr[-2000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .loading import read_config, resolve
+
+    p = argparse.ArgumentParser(description="Benchmark expert streaming against cache size.")
+    p.add_argument("--model", required=True, help="A converted model folder.")
+    p.add_argument(
+        "--slots",
+        type=int,
+        nargs="*",
+        help="Expert slots per layer (default: all resident, then 100%%, 50%%, 25%%, minimum).",
+    )
+    p.add_argument("--max-tokens", "-m", type=int, default=32)
+    p.add_argument("--temp", type=float, default=1.0, help="Sampling temperature (seed 0).")
+    p.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.row:
+        slots = a.slots[0] if a.slots else None
+        print(json.dumps(measure(a.model, slots, a.max_tokens, a.temp)))
+        return
+    config = read_config(resolve(a.model))
+    E, k = config["n_routed_experts"], config["num_experts_per_tok"]
+    if a.max_tokens < 1 or any(s < k for s in a.slots or []):
+        p.error(f"need --max-tokens >= 1 and every --slots >= num_experts_per_tok ({k})")
+    slots = a.slots or [None, E, E // 2, E // 4, k]
+    rows = benchmark(a.model, slots, a.max_tokens, a.temp)
+    size, layers = expert_bytes(resolve(a.model), config)
+    print(f"{a.model}: {E} experts x {layers} MoE layers, {size / 1e6:.2f} MB each, top-{k}")
+    print(f"{rows[0]['prompt_tokens']}-token prompt, {rows[0]['tokens']} tokens at temp {a.temp}")
+    print(
+        "| expert slots | hit rate | MB read/token | decode tok/s | tok/CPU-s | prefill tok/s "
+        "| resident weights GB | peak RSS GB (growth) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        name = f"{r['slots']} ({r['slots'] / E:.0%})" if r["slots"] else "all resident"
+        print(
+            f"| {name} | {r['hit_rate']:.1%} | {r['mb_per_token']:.2f} | {r['tps']:.2f} "
+            f"| {r['tokens_per_cpu_s']:.2f} | {r['prompt_tps']:.1f} | {r['resident_gb']:.3f} "
+            f"| {r['peak_rss_gb']:.3f} ({r['peak_growth_gb']:.3f}) |"
+        )
+
+
+if __name__ == "__main__":
+    # Run the package's copy of this module: the classes that load() uses live there, not in
+    # __main__, and stats() looks for them by type.
+    from mlx_glm4moe.streaming import main as package_main
+
+    package_main()
