@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .model import MLP, Attention, MoE, Model
+from .model import MLP, Attention, Model, MoE
 
 Group = mx.distributed.Group
 MODES = ("tensor", "pipeline")
@@ -231,7 +231,14 @@ def pipeline(model: Model, group: Group) -> None:
         return
     if n < size:
         raise ValueError(f"{n} layers cannot be split over {size} pipeline ranks")
-    start, stop = _my_range(n, group)
+    # The MTP layer counts as one of the last rank's layers, so that each rank holds as many.
+    has_mtp = model.mtp is not None
+    sizes = _balanced(n + has_mtp, size)
+    sizes[-1] -= has_mtp
+    if sizes[-1] == 0:
+        sizes = _balanced(n, size)
+    start = sum(sizes[:rank])
+    stop = start + sizes[rank]
     layers = model.model.layers
     for i in range(n):
         if not start <= i < stop:

@@ -14,6 +14,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import distributed
 from .model import Model
 
 Sampler = Callable[[mx.array], mx.array]
@@ -195,13 +196,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-think", action="store_true", help="Turn thinking off.")
+    p.add_argument(
+        "--parallel",
+        choices=distributed.MODES,
+        default="tensor",
+        help="How to split the model when started by mlx.launch over several ranks.",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        help="Seconds a rank waits on the others before exiting with an error (mlx.launch).",
+    )
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
     if a.temp < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or not 0 <= a.min_p <= 1:
         p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
 
-    if a.model is None:
+    group = mx.distributed.init()
+    show = group.rank() == 0  # rank 0 prints; the others compute the same tokens
+    if a.model is None and show:
         print(
             "[Using the small bundled demo model (random weights): its output is noise. "
             "Pass --model for a real one.]",
@@ -209,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     try:
         model, tokenizer = load(a.model)
+        if group.size() > 1:
+            distributed.setup(model, group, a.parallel)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         sys.exit(f"error: {e}")
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
@@ -217,19 +234,30 @@ def main(argv: list[str] | None = None) -> None:
     prompt = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False, enable_thinking=not a.no_think
     )
+    sampler = make_sampler(a.temp, a.top_p, a.min_p, top_k=a.top_k)
+    watchdog = None
     r = None
-    for r in stream_generate(
-        model,
-        tokenizer,
-        prompt,
-        a.max_tokens,
-        temp=a.temp,
-        top_p=a.top_p,
-        top_k=a.top_k,
-        min_p=a.min_p,
-        seed=a.seed,
-    ):
-        print(r.text, end="", flush=True)
+    try:
+        if group.size() > 1:
+            watchdog = distributed.Watchdog(a.dist_timeout, group.rank())
+            distributed.barrier(group)
+            sampler = distributed.agreeing_sampler(sampler, group)
+        for r in stream_generate(
+            model, tokenizer, prompt, a.max_tokens, sampler=sampler, seed=a.seed
+        ):
+            if watchdog:
+                watchdog.beat()
+            if show:
+                print(r.text, end="", flush=True)
+    except RuntimeError as e:
+        if group.size() == 1:
+            raise
+        # The ring backend raises this way when a peer's connection drops (a rank died).
+        sys.exit(f"error: rank {group.rank()} lost the other ranks: {e}")
+    if watchdog:
+        watchdog.stop()
+    if not show:
+        return
     print(flush=True)
     if r is not None:
         print(
