@@ -77,9 +77,10 @@ def _split_ffn(gate: nn.Module, up: nn.Module, down: nn.Module, group: Group, wh
     unit = getattr(down, "group_size", 1)
     width = down["scales"].shape[-1] * unit if "scales" in down else down["weight"].shape[-1]
     if width // unit < group.size():
+        groups = f" ({width // unit} quantization group(s) of {unit})" if unit > 1 else ""
         raise ValueError(
-            f"{what}: an intermediate size of {width} (in quantization groups of {unit}) cannot "
-            f"be split over {group.size()} ranks; use --parallel pipeline or fewer ranks"
+            f"{what}: an intermediate size of {width}{groups} cannot be split over "
+            f"{group.size()} ranks; use --parallel pipeline or fewer ranks"
         )
     start, stop = (unit * i for i in _my_range(width // unit, group))
     _keep(gate, start, stop, "out")
@@ -113,7 +114,14 @@ def _shard_attention(attn: Attention, group: Group) -> None:
 
 
 def shard(model: Model, group: Group) -> None:
-    """Tensor parallelism over `group`, in place (see `Model.shard`)."""
+    """Tensor parallelism over `group`, in place (see `Model.shard`).
+
+    Experts are split by intermediate dimension, not by expert: every rank then reads 1/N of each
+    chosen expert and all ranks work on every token, where expert parallelism leaves each rank
+    the tokens that happen to pick its experts and, with static shapes, computes the others
+    anyway. Cuts fall on quantization-group boundaries and may be uneven (GLM-4.5-Air's
+    10944-wide dense MLP is 171 groups of 64: 86 + 85), where equal splits would fail. A
+    `ValueError` leaves the model part-split: load it again."""
     if group.size() == 1:
         return
     for i, layer in enumerate(model.model.layers):  # the MTP layer is sharded like the others
@@ -125,8 +133,12 @@ def shard(model: Model, group: Group) -> None:
             continue
         assert isinstance(mlp, MoE)
         experts, shared = mlp.switch_mlp, mlp.shared_experts
-        _split_ffn(experts.gate_proj, experts.up_proj, experts.down_proj, group, f"layer {i}")
-        _split_ffn(shared.gate_proj, shared.up_proj, shared.down_proj, group, f"layer {i}")
+        _split_ffn(
+            experts.gate_proj, experts.up_proj, experts.down_proj, group, f"layer {i} experts"
+        )
+        _split_ffn(
+            shared.gate_proj, shared.up_proj, shared.down_proj, group, f"layer {i} shared expert"
+        )
         # One all_sum for the routed and the shared experts together, in MoE.__call__.
         mlp.sharding_group = group
 
