@@ -211,7 +211,8 @@ class FromLastStage(nn.Module):
 
 
 class PipelinedMTP(nn.Module):
-    """The MTP layer, held by the last rank; every rank's `predict` returns its result."""
+    """The MTP layer, held by the last rank; every rank's `predict` returns its result (through
+    a collective, so every rank must evaluate the same outputs, as for the main model)."""
 
     def __init__(self, mtp: nn.Module | None, group: Group, vocab_size: int):
         super().__init__()
