@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from .weights import QuantPredicate, is_router, uniform_quant
 
-HIGH_BITS = 6
+# 5, not 6: with 6 the mixed 4-bit recipe is 14% larger than uniform 4-bit on the demo model,
+# where the non-expert weights are a third of the bytes; with 5 it is 7% larger.
+HIGH_BITS = 5
 
 
 def is_routed_expert(name: str) -> bool:
