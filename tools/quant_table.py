@@ -77,8 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         model, _ = load(path)
         r = evaluate(model, tokenizer, reference, num_samples=a.num_samples, draft_tokens=0)
         main_b, total_b = sizes(path)
-        print(f"| {label} | {main_b / 1e6:.3f} | {total_b / 1e6:.3f} | {r.kl:.5f} | "
-              f"{r.perplexity:.3f} |", flush=True)
+        print(
+            f"| {label} | {main_b / 1e6:.3f} | {total_b / 1e6:.3f} | {r.kl:.5f} | "
+            f"{r.perplexity:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
