@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if a.model is None:
         print(
-            "[Using the bundled demo model: a 4M-parameter GLM-4.5-shaped MoE trained for "
-            "20 minutes on Python's docs and synthetic chats; expect simple answers. "
+            "[Using the bundled demo model: a 4M-parameter GLM-4.5-shaped MoE trained for about "
+            "20 minutes on one CPU core (Python docs, synthetic chats); expect simple answers. "
             "Pass --model for a real one.]",
             file=sys.stderr,
         )
