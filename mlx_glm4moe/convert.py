@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .loading import fp8_block, read_config, resolve
 from .model import ModelArgs
+from .recipes import RECIPES, recipe
 from .weights import (
     INDEX_FILE,
     QuantPredicate,
@@ -117,8 +118,12 @@ def _quant_config(params: dict[str, dict], default: dict) -> dict:
     return config
 
 
-def model_card(src: str, dst_name: str, config: dict, quant: dict | None) -> str:
+def model_card(
+    src: str, dst_name: str, config: dict, quant: dict | None, quant_recipe: str | None = None
+) -> str:
     q = f"{quant['bits']}-bit (group {quant['group_size']}, {quant['mode']})" if quant else "none"
+    if quant_recipe:
+        q = f"recipe `{quant_recipe}` (per-module bits in config.json)"
     mtp = "kept" if config.get("num_nextn_predict_layers") else "absent in the source"
     return f"""---
 base_model: {src}
@@ -162,11 +167,14 @@ def convert(
     upload_repo: str | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    quant_recipe: str | None = None,
 ) -> Path:
     """Convert `hf_path` (folder or hub repo) to an MLX checkpoint at `mlx_path`.
 
     Reads one layer's tensors at a time, so peak memory is about one layer plus one output shard.
     An existing `mlx_path` is only replaced with `force`, and only once the new one is complete.
+    `quant_recipe` (a name in `recipes.RECIPES`) quantizes with per-module bits instead of the
+    uniform `q_bits`.
     """
     dst = Path(mlx_path).expanduser()
     if dst.exists() and not force:
@@ -175,6 +183,10 @@ def convert(
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
     if quantize and (q_bits not in Q_BITS or q_group_size not in Q_GROUP_SIZES):
         raise ValueError(f"--q-bits must be in {Q_BITS} and --q-group-size in {Q_GROUP_SIZES}")
+
+    quant = uniform_quant(q_bits, q_group_size) if quantize else None
+    if quant_recipe is not None:
+        quantize, quant = True, recipe(quant_recipe)
 
     src = resolve(hf_path)
     config = read_config(src)
@@ -185,7 +197,6 @@ def convert(
     if dtype not in DTYPES:
         dtype = "bfloat16"
     default_q = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
-    quant = uniform_quant(q_bits, q_group_size) if quantize else None
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
@@ -215,7 +226,11 @@ def convert(
                 shutil.copy2(f, tmp / f.name)
         src_name = hf_path if not Path(hf_path).expanduser().exists() else src.name
         card = model_card(
-            src_name, upload_repo or dst.name, config, default_q if quantize else None
+            src_name,
+            upload_repo or dst.name,
+            config,
+            default_q if quantize else None,
+            quant_recipe,
         )
         (tmp / "README.md").write_text(card)
         if dst.exists():
@@ -246,6 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize (4-bit by default).")
     p.add_argument("--q-bits", type=int, default=4, choices=Q_BITS)
     p.add_argument("--q-group-size", type=int, default=64, choices=Q_GROUP_SIZES)
+    p.add_argument(
+        "--quant-recipe",
+        choices=list(RECIPES),
+        help="Quantize with per-module bits (see mlx_glm4moe.recipes); overrides --q-bits.",
+    )
     p.add_argument("--dtype", choices=DTYPES, help="Weights dtype (default: the source's).")
     p.add_argument("--upload-repo", help="Hugging Face repo to upload the result to.")
     p.add_argument("--force", action="store_true", help="Replace an existing --mlx-path.")
@@ -260,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             a.dtype,
             a.upload_repo,
             a.force,
+            quant_recipe=a.quant_recipe,
         )
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         sys.exit(f"error: {e}")
