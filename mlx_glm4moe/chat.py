@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import signal
 import sys
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -353,52 +355,81 @@ def interactive(
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    if prompt_cache is None:
-        prompt_cache = PromptCache(model, mtp=sampling.get("mtp", False))
-    cache = prompt_cache
-    messages = [{"role": "system", "content": system}] if system else []
-    cancel = threading.Event()
-    _note("/think, /nothink: thinking on/off. Ctrl-C stops a reply, Ctrl-D quits.")
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return
-        except KeyboardInterrupt:
-            print()
-            continue
-        if line.strip() in ("/think", "/nothink"):
-            enable_thinking = line.strip() == "/think"
-            _note(f"Thinking {'on' if enable_thinking else 'off'}.")
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        cancel.clear()
-        previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
-        try:
-            done = print_reply(
-                stream_chat(
-                    model,
-                    tokenizer,
-                    messages,
-                    tools,
-                    enable_thinking,
-                    prompt_cache=cache,
-                    cancel=cancel,
-                    **sampling,
+    with _ctrl_c_reaches_main_thread():
+        if prompt_cache is None:
+            prompt_cache = PromptCache(model, mtp=sampling.get("mtp", False))
+        cache = prompt_cache
+        messages = [{"role": "system", "content": system}] if system else []
+        cancel = threading.Event()
+        _note("/think, /nothink: thinking on/off. Ctrl-C stops a reply, Ctrl-D quits.")
+        while True:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                print()
+                return
+            except KeyboardInterrupt:
+                print()
+                continue
+            if line.strip() in ("/think", "/nothink"):
+                enable_thinking = line.strip() == "/think"
+                _note(f"Thinking {'on' if enable_thinking else 'off'}.")
+                continue
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            cancel.clear()
+            previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+            try:
+                done = print_reply(
+                    stream_chat(
+                        model,
+                        tokenizer,
+                        messages,
+                        tools,
+                        enable_thinking,
+                        prompt_cache=cache,
+                        cancel=cancel,
+                        **sampling,
+                    )
                 )
+            finally:
+                signal.signal(signal.SIGINT, previous)
+            messages.append(done["message"])
+            u = done["usage"]
+            _note(
+                ("[reply stopped] " if done["finish_reason"] == "cancelled" else "")
+                + f"{u['prompt_tokens']} prompt tokens ({u['cached_tokens']} cached), "
+                f"{u['completion_tokens']} generated, "
+                f"{done['stats']['generation_tps']:.1f} tokens/s"
             )
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        messages.append(done["message"])
-        u = done["usage"]
-        _note(
-            ("[reply stopped] " if done["finish_reason"] == "cancelled" else "")
-            + f"{u['prompt_tokens']} prompt tokens ({u['cached_tokens']} cached), "
-            f"{u['completion_tokens']} generated, {done['stats']['generation_tps']:.1f} tokens/s"
-        )
+
+
+@contextmanager
+def _ctrl_c_reaches_main_thread() -> Iterator[None]:
+    """The terminal's SIGINT may land on a native thread (MLX's streams, the tokenizer's pool)
+    while the main thread waits in input(), which then never wakes to raise KeyboardInterrupt.
+    Every signal writes its number to the wakeup fd; for SIGINT, a watcher pokes the main thread
+    with SIGUSR1 (a no-op handler), whose interruption makes input() run the pending handler."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    old_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    old_usr1 = signal.signal(signal.SIGUSR1, lambda *_: None)
+    main = threading.main_thread().ident
+
+    def watch() -> None:
+        while byte := os.read(read, 1):  # b"" once the write end is closed
+            if byte[0] == signal.SIGINT:
+                signal.pthread_kill(main, signal.SIGUSR1)
+        os.close(read)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGUSR1, old_usr1)
+        os.close(write)
 
 
 def _note(text: str) -> None:

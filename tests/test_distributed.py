@@ -200,8 +200,13 @@ def test_two_ranks_match_one_process(models, air_q4, tmp_path, capsys):
 def test_dying_rank_is_a_clear_error(models, tmp_path):
     script = tmp_path / "dying.py"
     script.write_text(DYING_SCRIPT)
-    run = launch(script, ["--model", models["air-q4"], "--max-tokens", "50"], timeout=150)
-    assert "error: rank 0 lost the other ranks" in run.stderr, run.stderr[-3000:]
+    args = ["--model", models["air-q4"], "--max-tokens", "50", "--dist-timeout", "30"]
+    run = launch(script, args, timeout=150)
+    # The ring backend usually raises at once; when the peer dies while a result is awaited, MLX
+    # can wait forever instead, and the watchdog ends the rank after --dist-timeout.
+    lost = "error: rank 0 lost the other ranks" in run.stderr
+    silent = "error: rank 0: no progress for 30 s" in run.stderr
+    assert lost or silent, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
 
 
