@@ -61,6 +61,7 @@ def generate_step(
 
     def quantize_cache() -> None:
         maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
+
     # Prefill all but the last token in chunks; only the cache is evaluated, so the logits of the
     # prefix are never computed.
     while prompt.size > 1:
