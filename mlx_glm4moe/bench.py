@@ -194,17 +194,18 @@ def benchmark(
     if kv_bits is not None:
         kwargs.update(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=0)
 
+    for name in names:  # warm up (compiled functions, allocator) on a short prompt
+        run_once(name, loaded[name][0], prompt[:64], 4, 0.0, **kwargs)
     runs: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(repeats + 1):  # run 0 warms up (compilation, allocator) and is dropped
+    for r in range(1, repeats + 1):
         for name in names if r % 2 else names[::-1]:
             model, resident, _ = loaded[name]
             res = run_once(name, model, prompt, gen_tokens, resident, **kwargs)
-            if r:
-                runs[name].append(res)
-                log(
-                    f"[{r}/{repeats}] {name:6s} prefill {res['prefill_tps']:8.1f} tok/s  "
-                    f"decode {res['decode_tps']:7.2f} tok/s"
-                )
+            runs[name].append(res)
+            log(
+                f"[{r}/{repeats}] {name:6s} prefill {res['prefill_tps']:8.1f} tok/s  "
+                f"decode {res['decode_tps']:7.2f} tok/s"
+            )
 
     bandwidth = copy_bandwidth()
     per_token = decode_bytes(loaded["ours"][0])

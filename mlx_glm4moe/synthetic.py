@@ -82,9 +82,9 @@ PRESETS: dict[str, dict] = {
     ),
     # GLM-4.5-Air's proportions scaled down 8x in width for the benchmark (Air: hidden 4096,
     # 96/8 heads of 128, dense 10944, 128 experts top-8 of 1408, vocab 151552, 46 layers): 12:1
-    # query to KV heads, heads * head_dim = 3 * hidden, expert width ~ hidden / 3, one dense
-    # layer, the head ~5% of the active weights. 6 layers (+ MTP): ~110M parameters, ~60 MB at
-    # 4-bit, ~16% active per token.
+    # query to KV heads, heads * head_dim = 3 * hidden, dense ~2.7 * hidden, expert width
+    # ~hidden / 3, one dense layer, 64 experts top-8 + 1 shared. 6 layers: 113M parameters
+    # (+25M MTP layer), 28M active per token (the head 7.5% of those); ~64 MB at 4-bit.
     "bench": dict(
         vocab_size=4096,
         hidden_size=512,

@@ -159,3 +159,16 @@ def test_bench_preset_keeps_air_proportions():
     assert b["num_attention_heads"] * b["head_dim"] == 3 * b["hidden_size"]  # Air: 12288 / 4096
     assert b["first_k_dense_replace"] == 1 and b["num_experts_per_tok"] == 8
     assert b["use_qk_norm"] is False
+
+
+def test_synthetic_bench_checkpoint_runs(tmp_path):
+    out = tmp_path / "report.json"
+    main(["--synthetic", "--compare", "none", "--prompt-tokens", "8", "--gen-tokens", "2"]
+         + ["--repeats", "1", "--json", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["ours"] and "ratios" not in report
+    # 4-bit weights with bf16 scales: about 0.5625 bytes per weight.
+    b, p = report["decode_bytes_per_token"], PRESETS["bench"]
+    H, Im, k = p["hidden_size"], p["moe_intermediate_size"], p["num_experts_per_tok"]
+    moe_layers = p["num_hidden_layers"] - p["first_k_dense_replace"]
+    assert b["routed_experts"] == moe_layers * k * 3 * H * Im * 9 // 16
