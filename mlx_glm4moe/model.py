@@ -108,9 +108,12 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        # Attention and the KV cache stay in the weights' precision when the activations run
+        # wider (float32 on the CPU): half the cache memory, same speed.
+        dtype = (self.o_proj.scales if "scales" in self.o_proj else self.o_proj.weight).dtype
+        q = self.q_proj(x).astype(dtype).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).astype(dtype).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).astype(dtype).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
@@ -119,7 +122,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1).astype(x.dtype))
 
 
 class MLP(nn.Module):
