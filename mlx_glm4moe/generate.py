@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from time import perf_counter
 
 import mlx.core as mx
+from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -56,22 +57,32 @@ def generate_step(
     sampler: Sampler | None = None,
     prompt_cache: list | None = None,
     prefill_step_size: int = 2048,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 5000,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) for each generated token. `prompt_cache` (updated in place) may
-    already hold a prefix, in which case `prompt` is only the new part."""
+    already hold a prefix, in which case `prompt` is only the new part. With `kv_bits`, the KV
+    cache is quantized (mlx-lm's QuantizedKVCache) once it holds `quantized_kv_start` tokens."""
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+
+    def quantize_cache() -> None:
+        maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
+
     # Prefill all but the last token in chunks; only the cache is evaluated, so the logits of the
     # prefix are never computed.
     while prompt.size > 1:
         n = min(prefill_step_size, prompt.size - 1)
         model(prompt[None, :n], cache=cache)
+        quantize_cache()
         mx.eval([c.state for c in cache])
         prompt = prompt[n:]
         mx.clear_cache()
 
     def step(y: mx.array) -> tuple[mx.array, mx.array]:
         logits = model(y[None], cache=cache)[0, -1]
+        quantize_cache()
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         return sampler(logprobs), logprobs
 

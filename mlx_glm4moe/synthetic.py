@@ -80,6 +80,28 @@ PRESETS: dict[str, dict] = {
         routed_scaling_factor=1.0,
         use_qk_norm=False,
     ),
+    # GLM-4.5-Air's proportions scaled down 8x in width for the benchmark (Air: hidden 4096,
+    # 96/8 heads of 128, dense 10944, 128 experts top-8 of 1408, vocab 151552, 46 layers): 12:1
+    # query to KV heads, heads * head_dim = 3 * hidden, dense ~2.7 * hidden, expert width
+    # ~hidden / 3, one dense layer, 64 experts top-8 + 1 shared. 6 layers: 113M parameters
+    # (+25M MTP layer), 28M active per token (the head 7.5% of those); ~64 MB at 4-bit.
+    "bench": dict(
+        vocab_size=4096,
+        hidden_size=512,
+        num_hidden_layers=6,
+        first_k_dense_replace=1,
+        num_attention_heads=24,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=1408,
+        moe_intermediate_size=192,
+        n_routed_experts=64,
+        num_experts_per_tok=8,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        use_qk_norm=False,
+    ),
 }
 
 _CORPUS = """\

@@ -1,0 +1,174 @@
+"""The benchmark's report and accounting, the memory bound of chunked prefill, and that the speed
+work keeps outputs exact. Nothing here times anything."""
+
+import json
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step as mlx_lm_generate_step
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from mlx_glm4moe import load
+from mlx_glm4moe.bench import METRICS, PARTS, decode_bytes, main
+from mlx_glm4moe.generate import generate_step
+from mlx_glm4moe.model import SortedSwitchGLU
+from mlx_glm4moe.synthetic import PRESETS
+
+
+def greedy(logprobs):
+    return mx.argmax(logprobs, axis=-1)
+
+
+def prompt(n, seed=0):
+    return mx.array(np.random.default_rng(seed).integers(0, 380, n), dtype=mx.uint32)
+
+
+def test_bench_end_to_end_writes_the_report(air_q4, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    main(
+        ["--model", str(air_q4), "--prompt-tokens", "80", "--gen-tokens", "4", "--repeats", "2"]
+        + ["--compare", "mlx-lm", "--prefill-step-size", "32", "--json", str(out)]
+    )
+    report = json.loads(out.read_text())
+    assert report["prompt_tokens"] == 80 and report["repeats"] == 2
+    assert set(report["results"]) == {"ours", "mlx-lm"}
+    for r in report["results"].values():
+        for m in METRICS:
+            assert len(r[m]["runs"]) == 2
+            assert 0 < r[m]["min"] <= r[m]["median"] <= r[m]["max"]
+        assert r["load_s"] > 0 and r["weights_gb"] > 0
+        assert 0 < r["roofline_fraction"]
+    assert set(report["ratios"]) == set(METRICS) | {"load_s"}
+    assert set(report["decode_bytes_per_token"]) == set(PARTS) | {"total"}
+    assert report["copy_bandwidth_gbs"] > 0
+    assert isinstance(report["same_tokens"], bool)
+    table = capsys.readouterr().out
+    assert "| decode tokens/s |" in table and "ours / mlx-lm" in table
+
+
+def test_bench_rejects_a_folder_without_a_model(tmp_path):
+    with pytest.raises(SystemExit, match="not a model folder"):
+        main(["--model", str(tmp_path), "--compare", "none"])
+
+
+def test_decode_bytes_match_a_hand_count(air_f32, air_q4):
+    c = json.loads((air_f32 / "config.json").read_text())
+    H, V, D, I, Im = (
+        c["hidden_size"],
+        c["vocab_size"],
+        c["head_dim"],
+        c["intermediate_size"],
+        c["moe_intermediate_size"],
+    )
+    nq, nkv, E, k = (
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["n_routed_experts"],
+        c["num_experts_per_tok"],
+    )
+    n_layers, n_dense = c["num_hidden_layers"], c["first_k_dense_replace"]
+    n_moe = n_layers - n_dense
+    f = 4  # float32 bytes
+    q, kv = nq * D, nkv * D
+    expected = {
+        "embedding": f * H,  # one row
+        "attention": n_layers * f * (H * q + q + 2 * (H * kv + kv) + q * H),  # q/k/v biases
+        "dense_mlp": n_dense * f * 3 * H * I,
+        "router": n_moe * f * (E * H + E),
+        "shared_experts": n_moe * f * 3 * H * Im,
+        "routed_experts": n_moe * f * 3 * H * Im * k,  # k of the E experts
+        "norms": f * (2 * H * n_layers + H),
+        "head": f * V * H,
+    }
+    expected["total"] = sum(expected.values())
+    model, _ = load(air_f32)
+    assert decode_bytes(model) == expected
+    # mlx-lm's model of the same folder has the same arrays under the same names.
+    assert decode_bytes(mlx_lm.load(str(air_f32))[0]) == expected
+
+    # 4-bit experts: packed weights (half a byte each) plus a float32 scale and bias per 64.
+    model, _ = load(air_q4)
+    per_expert = 3 * (H * Im // 2 + 2 * f * H * Im // 64)
+    assert decode_bytes(model)["routed_experts"] == n_moe * k * per_expert
+
+
+def test_chunked_prefill_memory_is_bounded_by_chunk_and_cache(air_f32):
+    """With small chunks, what prefill allocates beyond the KV cache stays flat as the prompt
+    grows 4x (the cache itself briefly exists twice while it grows); one big chunk does not
+    (its attention scores alone are heads x 2048^2 floats, 64 MiB here)."""
+    model, _ = load(air_f32, lazy=False)
+
+    def prefill_peak(n, chunk):
+        cache = model.make_cache()
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        list(generate_step(prompt(n), model, max_tokens=1, prompt_cache=cache,
+                           prefill_step_size=chunk))  # fmt: skip
+        return mx.get_peak_memory() - base, sum(c.nbytes for c in cache)
+
+    MB = 1 << 20
+    extra = []
+    for n in (512, 2048):
+        peak, kv = prefill_peak(n, 64)
+        extra.append(peak - 2 * kv)
+    assert max(extra) < 1 * MB
+    assert abs(extra[1] - extra[0]) < 0.5 * MB
+    peak, kv = prefill_peak(2048, 2048)
+    assert peak - 2 * kv > 32 * MB
+
+
+def test_greedy_tokens_equal_mlx_lm_on_fp32_weights(air_f32):
+    """Float32 weights leave no rounding to differ: our model with the speed changes (sorted
+    expert dispatch in prefill, unsorted in decode) picks the same tokens as mlx-lm's."""
+    ours, _ = load(air_f32)
+    theirs, _ = mlx_lm.load(str(air_f32))
+    p = prompt(40)  # 40 tokens x top-2 = 80 (token, expert) pairs: the sorted path
+    a = [t for t, _ in generate_step(p, ours, max_tokens=12, sampler=greedy)]
+    b = [int(t) for t, _ in mlx_lm_generate_step(p, theirs, max_tokens=12, sampler=greedy)]
+    assert a == b
+
+
+def test_quantized_kv_cache_matches_mlx_lm(air_f32):
+    ours, _ = load(air_f32)
+    theirs, _ = mlx_lm.load(str(air_f32))
+    kw = dict(max_tokens=8, sampler=greedy, kv_bits=8, kv_group_size=32, quantized_kv_start=0)
+    a = [t for t, _ in generate_step(prompt(24), ours, **kw)]
+    b = [int(t) for t, _ in mlx_lm_generate_step(prompt(24), theirs, **kw)]
+    assert a == b
+
+
+@pytest.mark.parametrize("tokens", [3, 50])
+def test_sorted_switch_glu_equals_mlx_lm_switch_glu(air_q4, tokens):
+    model, _ = load(air_q4)
+    moe = model.layers[1].mlp
+    assert isinstance(moe.switch_mlp, SortedSwitchGLU)
+    x = mx.random.normal((2, tokens, model.args.hidden_size), key=mx.random.key(1))
+    inds, _ = moe.gate(x)
+    ours = moe.switch_mlp(x, inds)
+    theirs = SwitchGLU.__call__(moe.switch_mlp, x, inds)
+    assert ours.shape == theirs.shape == (2, tokens, model.args.num_experts_per_tok, x.shape[-1])
+    assert mx.array_equal(ours, theirs).item()
+
+
+def test_bench_preset_keeps_air_proportions():
+    b = PRESETS["bench"]
+    assert b["num_attention_heads"] // b["num_key_value_heads"] == 12  # Air: 96 / 8
+    assert b["num_attention_heads"] * b["head_dim"] == 3 * b["hidden_size"]  # Air: 12288 / 4096
+    assert b["first_k_dense_replace"] == 1 and b["num_experts_per_tok"] == 8
+    assert b["use_qk_norm"] is False
+
+
+def test_synthetic_bench_checkpoint_runs(tmp_path):
+    out = tmp_path / "report.json"
+    main(["--synthetic", "--compare", "none", "--prompt-tokens", "8", "--gen-tokens", "2"]
+         + ["--repeats", "1", "--json", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["ours"] and "ratios" not in report
+    # 4-bit weights with bf16 scales: about 0.5625 bytes per weight.
+    b, p = report["decode_bytes_per_token"], PRESETS["bench"]
+    H, Im, k = p["hidden_size"], p["moe_intermediate_size"], p["num_experts_per_tok"]
+    moe_layers = p["num_hidden_layers"] - p["first_k_dense_replace"]
+    assert b["routed_experts"] == moe_layers * k * 3 * H * Im * 9 // 16
