@@ -110,7 +110,7 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         # Attention and the KV cache stay in the weights' precision when the activations run
         # wider (float32 on the CPU): the cache takes half the memory that float32 would.
-        dtype = (self.o_proj.scales if "scales" in self.o_proj else self.o_proj.weight).dtype
+        dtype = (self.k_proj.scales if "scales" in self.k_proj else self.k_proj.weight).dtype
         q = self.q_proj(x).astype(dtype).reshape(B, L, self.n_heads, -1)
         k = self.k_proj(x).astype(dtype).reshape(B, L, self.n_kv_heads, -1)
         v = self.v_proj(x).astype(dtype).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
