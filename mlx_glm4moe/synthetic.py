@@ -45,19 +45,23 @@ TAG_TOKENS = [
 ]
 STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
 
+# The tiny presets share their sizes and differ in the switches that matter.
+_TINY = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=128,
+    moe_intermediate_size=64,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+)
 PRESETS: dict[str, dict] = {
     # GLM-4.5's switches: QK-norm, several dense layers, grouped routing, scaling 2.5.
     "glm45": dict(
-        hidden_size=64,
+        _TINY,
         num_hidden_layers=4,
         first_k_dense_replace=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
         n_group=2,
         topk_group=1,
         routed_scaling_factor=2.5,
@@ -65,16 +69,9 @@ PRESETS: dict[str, dict] = {
     ),
     # GLM-4.5-Air's: no QK-norm, one dense layer, one group.
     "air": dict(
-        hidden_size=64,
+        _TINY,
         num_hidden_layers=3,
         first_k_dense_replace=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
         n_group=1,
         topk_group=1,
         routed_scaling_factor=1.0,
