@@ -144,7 +144,7 @@ pipeline_tag: text-generation
 
 ```bash
 pip install mlx-glm4moe
-python -m mlx_glm4moe.generate --model {dst_name} --prompt "Hello"
+glm4moe-generate --model {dst_name} --prompt "Hello"
 ```
 
 ```python
