@@ -139,6 +139,7 @@ def stream_generate(
     tokens = encode(tokenizer, prompt)
     if not tokens:
         raise ValueError("The prompt is empty")
+    stats = None
     if mtp:
         from .mtp import MTPStats, mtp_generate_step, sampling_for
 
@@ -153,15 +154,7 @@ def stream_generate(
             prefill_step_size=prefill_step_size,
             stats=stats,
         )
-    sampler = sampler or make_sampler(temp, top_p, min_p, top_k=top_k)
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    eos = tokenizer.eos_token_ids
-    mx.reset_peak_memory()
-
-    tic = perf_counter()
-    prompt_tps = 0.0
-    if not mtp:
+    else:
         if prompt_cache is not None and len(prompt_cache) != len(model.layers):
             raise ValueError(
                 "The prompt cache does not fit the model (one with an MTP part needs mtp=True)"
@@ -170,11 +163,18 @@ def stream_generate(
             mx.array(tokens),
             model,
             max_tokens=max_tokens,
-            sampler=sampler,
+            sampler=sampler or make_sampler(temp, top_p, min_p, top_k=top_k),
             prompt_cache=prompt_cache,
             prefill_step_size=prefill_step_size,
         )
         steps = ((token, logprobs, False) for token, logprobs in plain)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    eos = tokenizer.eos_token_ids
+    mx.reset_peak_memory()
+
+    tic = perf_counter()
+    prompt_tps = 0.0
     for n, (token, logprobs, from_draft) in enumerate(steps):
         if n == 0:
             prompt_tps = len(tokens) / (perf_counter() - tic)
@@ -202,8 +202,8 @@ def stream_generate(
             generation_tps=(n + 1) / elapsed if elapsed > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
-            mtp_acceptance=stats.acceptance if mtp else None,
-            mtp_stats=stats.as_dict() if mtp and finish else None,
+            mtp_acceptance=stats.acceptance if stats is not None else None,
+            mtp_stats=stats.as_dict() if stats is not None and finish else None,
         )
         if finish:
             return

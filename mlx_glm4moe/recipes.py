@@ -9,7 +9,7 @@ their bits there and squeeze the routed experts; the router is never quantized.
 
 from __future__ import annotations
 
-from .weights import QuantPredicate, is_router, uniform_quant
+from .weights import QuantPredicate, uniform_quant
 
 # 5, not 6: with 6 the mixed 4-bit recipe is 14% larger than uniform 4-bit on the demo model,
 # where the non-expert weights are a third of the bytes; with 5 it is 7% larger.
@@ -26,11 +26,9 @@ def mixed_quant(
     """Routed experts at `expert_bits`; attention, shared experts, dense MLPs, embeddings, heads
     (the MTP layer's too) at `high_bits`; the router unquantized."""
     experts = uniform_quant(expert_bits, group_size)
-    others = uniform_quant(high_bits, group_size)
+    others = uniform_quant(high_bits, group_size)  # which, like `experts`, skips the router
 
     def predicate(name: str, shape: tuple) -> dict | None:
-        if is_router(name):
-            return None
         return (experts if is_routed_expert(name) else others)(name, shape)
 
     return predicate
