@@ -1,7 +1,7 @@
 """Expert streaming: run a model larger than memory by keeping the routed experts on disk.
 
 Everything but the routed experts stays resident. Each MoE layer (the MTP layer included) gets a
-`StreamingSwitchGLU` in place of mlx-lm's `SwitchGLU`: a bounded set of expert slots holding the
+`StreamingSwitchGLU` in place of its `SortedSwitchGLU`: a bounded set of expert slots holding the
 experts in use, refilled straight from the safetensors files by byte offset (a converted
 checkpoint stores each projection as one `[E, out, in]` tensor, so an expert is one contiguous
 byte range per tensor). `gather_(q)mm` then runs on the slots with the routing indices remapped
@@ -29,6 +29,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
+from .model import SortedSwitchGLU, mix
 from .weights import weight_files
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -122,10 +123,11 @@ def _quant_params(tensors: dict[str, ExpertTensor], in_dims: int, mode: str) -> 
 
 
 class StreamingSwitchGLU(nn.Module):
-    """mlx-lm's `SwitchGLU` over a bounded cache of expert slots, filled from disk on demand.
+    """The model's `SortedSwitchGLU` over a bounded cache of expert slots, filled from disk on
+    demand.
 
-    Called as `switch_mlp(x, indices)` like `SwitchGLU`. The slot arrays are private (not
-    parameters): they are a cache, not weights to load or save.
+    Called as `switch_mlp(x, indices, weights)` like the model's `SortedSwitchGLU`. The slot
+    arrays are private (not parameters): they are a cache, not weights to load or save.
     """
 
     def __init__(
@@ -140,7 +142,7 @@ class StreamingSwitchGLU(nn.Module):
         super().__init__()
         self._tensors = tensors
         self._slots = slots
-        glu = SwitchGLU(hidden_size, intermediate_size, slots)
+        glu = SortedSwitchGLU(hidden_size, intermediate_size, slots)
         for proj in PROJECTIONS:
             parts = tensors[proj]
             in_dims = intermediate_size if proj == "down_proj" else hidden_size
@@ -203,7 +205,7 @@ class StreamingSwitchGLU(nn.Module):
         mx.eval(self._glu.parameters())
         self._stats["read_s"] += perf_counter() - tic
 
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         inds = np.array(indices)  # the routing decides what to read: this waits for it
         flat = inds.reshape(-1)
         counts = np.bincount(flat, minlength=len(self._score))
@@ -214,11 +216,11 @@ class StreamingSwitchGLU(nn.Module):
         needed = np.flatnonzero(counts)
         if len(needed) <= self._slots:
             self._ensure(needed)
-            return self._glu(x, mx.array(self._slot_of[inds].astype(np.uint32)))
-        return self._grouped(x, flat, needed, inds.shape)
+            return self._glu(x, indices, weights, remap=mx.array(self._slot_of.astype(np.uint32)))
+        return self._grouped(x, flat, needed, inds.shape, weights)
 
     def _grouped(
-        self, x: mx.array, flat: np.ndarray, needed: np.ndarray, shape: tuple[int, ...]
+        self, x: mx.array, flat: np.ndarray, needed: np.ndarray, shape: tuple, weights: mx.array
     ) -> mx.array:
         """A chunk that routes to more experts than there are slots: take its (token, expert)
         pairs in expert order, `slots` experts at a time, so each expert is still read once per
@@ -226,17 +228,24 @@ class StreamingSwitchGLU(nn.Module):
         k = shape[-1]
         order = np.argsort(flat, kind="stable")
         bounds = np.searchsorted(flat[order], needed[:: self._slots])
-        x = x.reshape(-1, x.shape[-1])
-        outs = []
+        x = x.reshape(-1, 1, x.shape[-1])
+        accumulate = x.dtype == mx.float32  # the model's arithmetic there, to the bit
+        out, outs = mx.zeros((x.shape[0], x.shape[-1]), x.dtype), []
         for i, (a, b) in enumerate(zip(bounds, [*bounds[1:], len(order)], strict=True)):
             self._ensure(needed[i * self._slots : (i + 1) * self._slots])
             pairs = order[a:b]
-            slots = self._slot_of[flat[pairs]].astype(np.uint32)
-            y = self._glu(x[mx.array(pairs // k)], mx.array(slots)[:, None])
-            mx.eval(y)  # before the next group's experts overwrite these slots
-            outs.append(y[:, 0])
+            tokens = mx.array(pairs // k)
+            slots = mx.array(self._slot_of[flat[pairs]].astype(np.uint32))
+            if accumulate:
+                w = weights.flatten()[mx.array(pairs)]
+                out = self._glu.accumulate(out, x, tokens, slots, w)
+            else:
+                outs.append(SwitchGLU.__call__(self._glu, x[tokens, 0], slots[:, None])[:, 0])
+            mx.eval(out, outs)  # before the next group's experts overwrite these slots
+        if accumulate:
+            return out.reshape(*shape[:-1], -1)
         y = mx.concatenate(outs)[mx.array(np.argsort(order))]
-        return y.reshape(*shape, -1)
+        return mix(y.reshape(*shape, -1), weights)
 
 
 def _expert_tensors(

@@ -13,7 +13,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_glm4moe import load
 from mlx_glm4moe.bench import METRICS, PARTS, decode_bytes, main
 from mlx_glm4moe.generate import generate_step
-from mlx_glm4moe.model import SortedSwitchGLU
+from mlx_glm4moe.model import SortedSwitchGLU, mix
 from mlx_glm4moe.synthetic import PRESETS
 
 
@@ -140,17 +140,24 @@ def test_quantized_kv_cache_matches_mlx_lm(air_f32):
     assert a == b
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("tokens", [3, 50])
-def test_sorted_switch_glu_equals_mlx_lm_switch_glu(air_q4, tokens):
+def test_sorted_switch_glu_equals_mlx_lm_switch_glu(air_q4, tokens, dtype):
+    """The experts' weighted sum equals mlx-lm's SwitchGLU followed by the same mix: to the bit
+    on half-precision activations (the same arithmetic), to float32 rounding on the CPU's
+    float32 activations (mixed before down_proj, added in place in expert order)."""
     model, _ = load(air_q4)
     moe = model.layers[1].mlp
     assert isinstance(moe.switch_mlp, SortedSwitchGLU)
-    x = mx.random.normal((2, tokens, model.args.hidden_size), key=mx.random.key(1))
-    inds, _ = moe.gate(x)
-    ours = moe.switch_mlp(x, inds)
-    theirs = SwitchGLU.__call__(moe.switch_mlp, x, inds)
-    assert ours.shape == theirs.shape == (2, tokens, model.args.num_experts_per_tok, x.shape[-1])
-    assert mx.array_equal(ours, theirs).item()
+    x = mx.random.normal((2, tokens, model.args.hidden_size), key=mx.random.key(1)).astype(dtype)
+    inds, weights = moe.gate(x)
+    ours = moe.switch_mlp(x, inds, weights)
+    theirs = mix(SwitchGLU.__call__(moe.switch_mlp, x, inds), weights)
+    assert ours.shape == theirs.shape == x.shape and ours.dtype == theirs.dtype
+    if dtype == mx.float32:
+        np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-5, atol=1e-5)
+    else:
+        assert mx.array_equal(ours, theirs).item()
 
 
 def test_bench_preset_keeps_air_proportions():
