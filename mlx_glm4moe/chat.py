@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -410,7 +411,9 @@ def _ctrl_c_reaches_main_thread() -> Iterator[None]:
     """The terminal's SIGINT may land on a native thread (MLX's streams, the tokenizer's pool)
     while the main thread waits in input(), which then never wakes to raise KeyboardInterrupt.
     Every signal writes its number to the wakeup fd; for SIGINT, a watcher pokes the main thread
-    with SIGUSR1 (a no-op handler), whose interruption makes input() run the pending handler."""
+    with SIGUSR1 (a no-op handler), whose interruption makes input() run the pending handler. It
+    pokes three times, 50 ms apart: a poke (or the SIGINT itself) that lands while the main
+    thread is between printing the prompt and blocking in read() interrupts nothing."""
     read, write = os.pipe()
     os.set_blocking(write, False)
     old_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
@@ -420,7 +423,9 @@ def _ctrl_c_reaches_main_thread() -> Iterator[None]:
     def watch() -> None:
         while byte := os.read(read, 1):  # b"" once the write end is closed
             if byte[0] == signal.SIGINT:
-                signal.pthread_kill(main, signal.SIGUSR1)
+                for _ in range(3):
+                    signal.pthread_kill(main, signal.SIGUSR1)
+                    time.sleep(0.05)
         os.close(read)
 
     threading.Thread(target=watch, daemon=True).start()
