@@ -226,21 +226,21 @@ class SortedSwitchGLU(SwitchGLU):
         self, x: mx.array, indices: mx.array, weights: mx.array, remap: mx.array | None = None
     ) -> mx.array:
         ids = indices if remap is None else remap[indices]
+        float32 = x.dtype == mx.float32
+        if not float32 and indices.size < SORT_PAIRS:
+            return mix(super().__call__(x, ids), weights)
         k = indices.shape[-1]
-        if x.dtype == mx.float32:
+        x = x.reshape(-1, 1, x.shape[-1])  # [tokens, 1, hidden]
+        if float32:
             # Float32 activations (the CPU): every chunk, one token or many, in expert-id
             # order, so a token's result depends neither on the rest of its chunk (prompt-cache
             # reuse and MTP verification match one pass, to the bit) nor on which rows hold
             # its experts.
             order = mx.argsort(indices.flatten())
-            x = x.reshape(-1, 1, x.shape[-1])
             out = mx.zeros((x.shape[0], x.shape[-1]), x.dtype)
             w = weights.flatten()[order]
             out = self.accumulate(out, x, order // k, ids.flatten()[order], w)
             return out.reshape(*indices.shape[:-1], -1)
-        if indices.size < SORT_PAIRS:
-            return mix(super().__call__(x, ids), weights)
-        x = mx.expand_dims(x, -2).flatten(0, -3)  # [tokens, 1, hidden]
         flat = ids.flatten()
         order = mx.argsort(flat)
         rows, tokens = flat[order], order // k
@@ -259,11 +259,10 @@ class SortedSwitchGLU(SwitchGLU):
         (On the CPU the scatter adds in order; GPU scatters add atomically, in no fixed order.)"""
         up = _gather_project(self.up_proj, x, tokens, rows)
         gate = _gather_project(self.gate_proj, x, tokens, rows)
-        h = weighted_swiglu(up, gate, weights.astype(out.dtype)[:, None, None])
+        h = weighted_swiglu(up, gate, weights[:, None, None])
         if bounded_prefill(x.shape[0]):
             mx.eval(h)
-        y = self.down_proj(h, rows, sorted_indices=True)[:, 0]
-        return out.at[tokens].add(y.astype(out.dtype))
+        return out.at[tokens].add(self.down_proj(h, rows, sorted_indices=True)[:, 0])
 
 
 def mix(y: mx.array, weights: mx.array) -> mx.array:
