@@ -21,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .convert import convert
+from .model import ACTIVATIONS
 from .synthetic import make_checkpoint
 
 METRICS = ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb")
@@ -106,14 +107,15 @@ def _decode_params(model) -> list:
     ]
 
 
-def load_timed(name: str, path: Path) -> tuple[object, float, float]:
-    """Load one implementation; returns (model, seconds, resident GB of its weights)."""
+def load_timed(name: str, path: Path, activations: str = "auto") -> tuple[object, float, float]:
+    """Load one implementation; returns (model, seconds, resident GB of its weights).
+    `activations` is ours (see `load`); mlx-lm's run in the weights' dtype ("native")."""
     before = mx.get_active_memory()
     tic = perf_counter()
     if name == "ours":
         from .loading import load
 
-        model, _ = load(path)
+        model, _ = load(path, activations=activations)
     else:
         import mlx_lm
 
@@ -178,13 +180,14 @@ def benchmark(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     seed: int = 0,
+    activations: str = "auto",
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """Run the benchmark; returns the report (what `--json` writes)."""
     names = ["ours", "mlx-lm"] if compare else ["ours"]
     loaded = {}
     for name in names:
-        model, seconds, resident = load_timed(name, path)
+        model, seconds, resident = load_timed(name, path, activations)
         log(f"loaded {name} in {seconds:.2f} s ({resident:.3f} GB)")
         loaded[name] = (model, resident, seconds)
     args = loaded["ours"][0].args
@@ -218,6 +221,7 @@ def benchmark(
         "repeats": repeats,
         "prefill_step_size": prefill_step_size,
         "kv_bits": kv_bits,
+        "activations": activations,
         "decode_bytes_per_token": per_token,
         "copy_bandwidth_gbs": bandwidth,
         "results": {},
@@ -300,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         "--kv-bits", type=int, choices=[2, 3, 4, 6, 8], help="Quantize the KV cache (both)."
     )
     p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
+    p.add_argument("--activations", choices=ACTIVATIONS, default="auto", help="Ours (see load).")
     p.add_argument("--json", help="Write the full report here.")
     a = p.parse_args(argv)
     if a.prompt_tokens < 2 or a.gen_tokens < 2 or a.repeats < 1 or a.prefill_step_size < 1:
@@ -328,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                 prefill_step_size=a.prefill_step_size,
                 kv_bits=a.kv_bits,
                 kv_group_size=a.kv_group_size,
+                activations=a.activations,
                 log=log,
             )
         except (FileNotFoundError, ValueError) as e:

@@ -16,7 +16,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import distributed
-from .model import Model
+from .model import ACTIVATIONS, Model
 
 Sampler = Callable[[mx.array], mx.array]
 # The command line's MTP default for checkpoints that have the layer (see the MTP section of the
@@ -265,6 +265,13 @@ def main(argv: list[str] | None = None) -> None:
         "--expert-cache-gb", type=float, help="As --expert-slots, with as many as fit in G GB."
     )
     p.add_argument(
+        "--activations",
+        choices=ACTIVATIONS,
+        default="auto",
+        help="Activation dtype: auto (float32 on the CPU, the weights' elsewhere), native (the "
+        "weights' everywhere: the GPU code path) or float32. For debugging.",
+    )
+    p.add_argument(
         "--parallel",
         choices=distributed.MODES,
         default="tensor",
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.expert_cache_gb is not None:
             path = resolve(a.model)
             slots = streaming.slots_for_budget(path, read_config(path), a.expert_cache_gb)
-        model, tokenizer = load(a.model, expert_slots=slots)
+        model, tokenizer = load(a.model, expert_slots=slots, activations=a.activations)
         if ranks > 1:
             distributed.setup(model, group, a.parallel)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:

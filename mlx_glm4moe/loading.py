@@ -13,7 +13,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import infer_quant_config, load_tokenizer
 
-from .model import Model, ModelArgs, MoE
+from .model import Model, ModelArgs, MoE, activation_dtype
 from .streaming import routed_experts, wire_resident
 from .weights import load_lazy, sanitize, weight_files
 
@@ -104,7 +104,10 @@ def build_model(
 
 
 def load(
-    path_or_repo: str | Path | None = None, lazy: bool = True, expert_slots: int | None = None
+    path_or_repo: str | Path | None = None,
+    lazy: bool = True,
+    expert_slots: int | None = None,
+    activations: str = "auto",
 ) -> tuple[Model, TokenizerWrapper]:
     """Load a model and its tokenizer.
 
@@ -115,11 +118,17 @@ def load(
         expert_slots: keep the routed experts on disk and at most this many per MoE layer in
             memory (at least `num_experts_per_tok`); None keeps them all resident. Needs a
             checkpoint converted by `convert.py`. See `mlx_glm4moe.streaming`.
+        activations: "auto" (float32 on the CPU, where MLX's quantized matmuls are fastest on
+            it; the weights' dtype elsewhere), "native" (the weights' dtype everywhere: what a
+            GPU runs, testable on the CPU) or "float32". On the CPU an unquantized model's
+            routed experts are held in float32 whatever this says (MLX's CPU `gather_mm` takes
+            nothing else); half-precision activations are widened inside it.
 
     Returns:
         (model, tokenizer): `model(mx.array(ids))` gives logits; the tokenizer is mlx-lm's
         wrapper, stopping on every id of the config's `eos_token_id` list.
     """
+    activation_dtype(activations)  # a bad value fails before anything is read
     path = resolve(path_or_repo)
     config = read_config(path)
     ModelArgs.from_dict(config)  # fail on a wrong model type before touching weights
@@ -127,6 +136,7 @@ def load(
     weights = sanitize(weights, config["n_routed_experts"], fp8_block(config))
     experts = None if expert_slots is None else routed_experts(path, config, weights, expert_slots)
     model = build_model(config, weights, experts)
+    model.model.activations = activations
     if not lazy:
         mx.eval(model.parameters())
     wire_resident(model)

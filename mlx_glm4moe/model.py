@@ -142,13 +142,33 @@ class MLP(nn.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def bounded_prefill(tokens: int) -> bool:
-    """Whether to evaluate a prompt chunk in stages. MLX's CPU backend allocates each queued
-    op's output when the op is queued, not when it runs, so a whole lazy layer's intermediates
-    are alive at once; evaluating attention, then the experts' activations, before the rest
-    cuts that prefill working memory by 40% (bench preset, 128 tokens). A sync costs nothing
-    there; decode steps (few tokens) stay lazy so the next step queues while this one runs."""
-    return tokens >= 8 and mx.default_device() == mx.cpu
+# How activations run: "auto" in float32 on the CPU and in the weights' dtype elsewhere;
+# "native" in the weights' dtype everywhere (a Mac's code path, testable on the CPU); "float32".
+ACTIVATIONS = ("auto", "native", "float32")
+
+
+def activation_dtype(activations: str) -> mx.Dtype | None:
+    """The dtype the activations are cast to after the embedding; None keeps the weights'. The
+    CPU backend's quantized matmuls are ~10x slower on half-precision inputs than on float32
+    ones, hence float32 there by default."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(
+            f"activations must be one of {', '.join(ACTIVATIONS)}, not {activations!r}"
+        )
+    if activations == "float32" or (activations == "auto" and mx.default_device() == mx.cpu):
+        return mx.float32
+    return None
+
+
+def bounded_prefill(tokens: int, dtype: mx.Dtype) -> bool:
+    """Whether to evaluate a prompt chunk in stages: float32 activations on the CPU backend only.
+    That backend allocates each queued op's output when the op is queued, not when it runs, so
+    a whole lazy layer's intermediates are alive at once; evaluating attention, then the
+    experts' activations, before the rest cuts that prefill working memory by 40% (bench preset,
+    128 tokens). A sync costs nothing there; decode steps (few tokens) stay lazy so the next step
+    queues while this one runs. Other activations (a GPU's, or `activations="native"` on the CPU)
+    run a layer as one lazy graph."""
+    return tokens >= 8 and dtype == mx.float32 and mx.default_device() == mx.cpu
 
 
 @mx.compile
@@ -260,7 +280,7 @@ class SortedSwitchGLU(SwitchGLU):
         up = _gather_project(self.up_proj, x, tokens, rows)
         gate = _gather_project(self.gate_proj, x, tokens, rows)
         h = weighted_swiglu(up, gate, weights[:, None, None])
-        if bounded_prefill(x.shape[0]):
+        if bounded_prefill(x.shape[0], x.dtype):
             mx.eval(h)
         return out.at[tokens].add(self.down_proj(h, rows, sorted_indices=True)[:, 0])
 
@@ -329,7 +349,7 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        if bounded_prefill(h.shape[1]):
+        if bounded_prefill(h.shape[1], h.dtype):
             mx.eval(h)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -376,13 +396,13 @@ class LanguageModel(nn.Module):
             MTPLayer(args) for _ in range(min(args.num_nextn_predict_layers, 1))
         ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.activations = "auto"  # see ACTIVATIONS; the weights stay as stored either way
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         h = self.embed_tokens(inputs)
-        if mx.default_device() == mx.cpu:
-            # The CPU backend's quantized matmuls are ~10x slower on half-precision inputs than
-            # on float32 ones, so activations run in float32 there; the weights stay as stored.
-            h = h.astype(mx.float32)
+        dtype = activation_dtype(self.activations)
+        if dtype is not None:
+            h = h.astype(dtype)
         layers = self.layers[: self.args.num_hidden_layers]
         cache = cache or [None] * len(layers)
         mask = create_attention_mask(h, cache[0])
