@@ -223,10 +223,6 @@ def _gather_project(layer: nn.Module, x: mx.array, rows: mx.array, experts: mx.a
     )
 
 
-# Fewer (token, expert) pairs than this (decode) are not worth sorting on the GPU.
-SORT_PAIRS = 64
-
-
 @partial(mx.compile, shapeless=True)
 def weighted_swiglu(up: mx.array, gate: mx.array, weights: mx.array) -> mx.array:
     return nn.silu(gate) * up * weights
@@ -234,9 +230,12 @@ def weighted_swiglu(up: mx.array, gate: mx.array, weights: mx.array) -> mx.array
 
 class SortedSwitchGLU(SwitchGLU):
     """mlx-lm's SwitchGLU (same weights), called as `switch_mlp(x, indices, weights)`: it returns
-    the routed experts' outputs already mixed by `weights`. Like SwitchGLU for many tokens, it
-    sorts the (token, expert) pairs by expert, but hands gather_(q)mm the token rows as
-    `lhs_indices` instead of copying each token once per chosen expert: less prefill memory.
+    the routed experts' outputs already mixed by `weights`.
+
+    Half-precision activations (a GPU's) run SwitchGLU itself: for many tokens it copies each
+    token row once per chosen expert, in expert order, and passes gather_(q)mm right-hand
+    indices only, which MLX needs to pick its batched sorted-experts kernels (gather_qmm_rhs /
+    gather_mm_rhs). Float32 activations (the CPU's) go through `accumulate` instead.
 
     `remap` (expert id -> row of the stacked weights) is for expert streaming, whose rows are
     slots holding some of the experts; results are bit-identical to holding them all.
@@ -246,37 +245,31 @@ class SortedSwitchGLU(SwitchGLU):
         self, x: mx.array, indices: mx.array, weights: mx.array, remap: mx.array | None = None
     ) -> mx.array:
         ids = indices if remap is None else remap[indices]
-        float32 = x.dtype == mx.float32
-        if not float32 and indices.size < SORT_PAIRS:
+        if x.dtype != mx.float32:
             return mix(super().__call__(x, ids), weights)
+        # Float32 activations (the CPU): every chunk, one token or many, in expert-id order, so
+        # a token's result depends neither on the rest of its chunk (prompt-cache reuse and MTP
+        # verification match one pass, to the bit) nor on which rows hold its experts.
         k = indices.shape[-1]
         x = x.reshape(-1, 1, x.shape[-1])  # [tokens, 1, hidden]
-        if float32:
-            # Float32 activations (the CPU): every chunk, one token or many, in expert-id
-            # order, so a token's result depends neither on the rest of its chunk (prompt-cache
-            # reuse and MTP verification match one pass, to the bit) nor on which rows hold
-            # its experts.
-            order = mx.argsort(indices.flatten())
-            out = mx.zeros((x.shape[0], x.shape[-1]), x.dtype)
-            w = weights.flatten()[order]
-            out = self.accumulate(out, x, order // k, ids.flatten()[order], w)
-            return out.reshape(*indices.shape[:-1], -1)
-        flat = ids.flatten()
-        order = mx.argsort(flat)
-        rows, tokens = flat[order], order // k
-        up = _gather_project(self.up_proj, x, tokens, rows)
-        h = self.activation(up, _gather_project(self.gate_proj, x, tokens, rows))
-        y = self.down_proj(h, rows, sorted_indices=True)[mx.argsort(order)]
-        return mix(mx.unflatten(y, 0, indices.shape).squeeze(-2), weights)
+        order = mx.argsort(indices.flatten())
+        out = mx.zeros((x.shape[0], x.shape[-1]), x.dtype)
+        w = weights.flatten()[order]
+        out = self.accumulate(out, x, order // k, ids.flatten()[order], w)
+        return out.reshape(*indices.shape[:-1], -1)
 
     def accumulate(
         self, out: mx.array, x: mx.array, tokens: mx.array, rows: mx.array, weights: mx.array
     ) -> mx.array:
         """`out[tokens] += weights * expert_rows(x[tokens])` over (token, expert) pairs in
-        expert order, in float32 (the CPU's activations). The weights go on the intermediate
-        activations, which are narrower than the output (down_proj is linear), and the outputs
-        are added into their tokens in place: no unsorted copy of every pair's output is made.
-        (On the CPU the scatter adds in order; GPU scatters add atomically, in no fixed order.)"""
+        expert order, in float32 (the CPU's activations). The token rows go to gather_(q)mm as
+        left-hand indices, so they are never copied once per expert: less prefill memory, and
+        on the CPU no slower. (On a GPU, left-hand indices rule out MLX's batched sorted-experts
+        kernels, so `activations="float32"` there is for debugging.) The weights go on the
+        intermediate activations, which are narrower than the output (down_proj is linear), and
+        the outputs are added into their tokens in place: no unsorted copy of every pair's
+        output is made. (On the CPU the scatter adds in order; GPU scatters add atomically, in
+        no fixed order.)"""
         up = _gather_project(self.up_proj, x, tokens, rows)
         gate = _gather_project(self.gate_proj, x, tokens, rows)
         h = weighted_swiglu(up, gate, weights[:, None, None])

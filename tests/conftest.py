@@ -30,3 +30,17 @@ def air_q4(air_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def air_f32(air_checkpoint, tmp_path_factory) -> Path:
     return convert(str(air_checkpoint), str(tmp_path_factory.mktemp("f32") / "out"))
+
+
+@pytest.fixture(scope="session")
+def air_bf16(air_checkpoint, tmp_path_factory) -> Path:
+    """The Air fixture in bfloat16, as the published weights are."""
+    out = tmp_path_factory.mktemp("bf16") / "out"
+    return convert(str(air_checkpoint), str(out), dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def air_bf16_q4(air_checkpoint, tmp_path_factory) -> Path:
+    """The Air fixture at 4 bits with bfloat16 scales: `activations="native"` runs bfloat16."""
+    out = tmp_path_factory.mktemp("bf16-q4") / "out"
+    return convert(str(air_checkpoint), str(out), quantize=True, dtype="bfloat16")

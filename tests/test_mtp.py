@@ -30,11 +30,11 @@ def random_models(air_f32, air_q4):
     return {"f32": load(air_f32), "q4": load(air_q4)}
 
 
-def _agreeing(tmp_path_factory, agreement, quantize=False):
+def _agreeing(tmp_path_factory, agreement, quantize=False, dtype=None, activations="auto"):
     hf = make_agreeing_checkpoint(tmp_path_factory.mktemp(f"agree{agreement}") / "hf", agreement)
-    path = convert(str(hf), str(hf.parent / "mlx"), quantize=quantize)
+    path = convert(str(hf), str(hf.parent / "mlx"), quantize=quantize, dtype=dtype)
     fixture = json.loads((hf / "config.json").read_text())["mtp_fixture"]
-    return (*load(path), fixture)
+    return (*load(path, activations=activations), fixture)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,12 @@ def agree_all_q4(tmp_path_factory):
 @pytest.fixture(scope="module")
 def agree_half(tmp_path_factory):
     return _agreeing(tmp_path_factory, 0.5)
+
+
+@pytest.fixture(scope="module")
+def agree_half_native(tmp_path_factory):
+    """bfloat16 activations (4-bit, bfloat16 scales), as on a GPU."""
+    return _agreeing(tmp_path_factory, 0.5, True, "bfloat16", "native")
 
 
 def run(model, tokenizer, prompt, max_tokens, cache=None, **kwargs):
@@ -86,7 +92,22 @@ def test_greedy_matches_plain_on_random_weights(random_models, quant):
         check_same_as_plain(model, tokenizer, prompt, rng.randrange(1, 24), rng.choice([1, 2]))
 
 
-@pytest.mark.parametrize("fixture", ["agree_all", "agree_all_q4", "agree_half"])
+def test_greedy_matches_plain_on_native_bfloat16(air_bf16_q4, air_bf16):
+    """The GPU's code path: bfloat16 activations, no staging. Bit-exact here because MLX's CPU
+    kernels compute each token row alone; a GPU's batched kernels may round a verify pass of
+    several tokens differently from one-token steps, so there MTP equals plain greedy except
+    at near-ties (only float32 activations make it exact by construction)."""
+    rng = random.Random(2)
+    for path in (air_bf16_q4, air_bf16):
+        model, tokenizer = load(path, activations="native")
+        for _ in range(3):
+            prompt = [rng.randrange(380) for _ in range(rng.randrange(1, 80))]
+            check_same_as_plain(model, tokenizer, prompt, rng.randrange(1, 16), rng.choice([1, 2]))
+
+
+@pytest.mark.parametrize(
+    "fixture", ["agree_all", "agree_all_q4", "agree_half", "agree_half_native"]
+)
 def test_greedy_matches_plain_when_drafts_agree(fixture, request):
     model, tokenizer, _ = request.getfixturevalue(fixture)
     rng = random.Random(1)

@@ -122,27 +122,50 @@ def tokens(model, tokenizer, n=24):
     return [r.token for r in stream_generate(model, tokenizer, "Hello, world! How", n)]
 
 
+@pytest.fixture(scope="module", params=["bf16-q4", "bf16"])
+def small_bf16(request, small_hf, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"small-{request.param}") / "out"
+    return convert(str(small_hf), str(out), quantize=request.param == "bf16-q4", dtype="bfloat16")
+
+
 def test_streaming_equals_resident_at_every_cache_size(small):
-    resident, tokenizer = load(small)
-    ref_logits = np.array(resident(IDS))
+    check_streaming_equals_resident(small)
+
+
+def test_streaming_equals_resident_on_native_bfloat16(small_bf16):
+    """The GPU's code path (bfloat16 activations, SwitchGLU's layout): still bit-identical to
+    resident at every cache size on the CPU, whose kernels compute each (token, expert) row
+    alone. On a GPU the grouped path's smaller batches may pick other kernels than one resident
+    pass: there, only float32 activations are identical by construction."""
+    check_streaming_equals_resident(small_bf16, "native")
+
+
+def host(x: mx.array) -> np.ndarray:
+    return np.array(x.astype(mx.float32))  # exact for bfloat16, which numpy lacks
+
+
+def check_streaming_equals_resident(path, activations="auto"):
+    small = path
+    resident, tokenizer = load(small, activations=activations)
+    ref_logits = host(resident(IDS))
     ref_tokens = tokens(resident, tokenizer)
     cache = resident.make_cache()
     resident(IDS[:, :40], cache=cache)
-    ref_steps = [np.array(resident(IDS[:, t : t + 1], cache=cache)) for t in range(40, 48)]
+    ref_steps = [host(resident(IDS[:, t : t + 1], cache=cache)) for t in range(40, 48)]
     logits, hidden = resident(IDS, return_hidden=True)
-    ref_mtp = np.array(resident.mtp.predict(IDS[:, 1:], hidden[:, :-1])[0])
+    ref_mtp = host(resident.mtp.predict(IDS[:, 1:], hidden[:, :-1])[0])
 
     for slots in (E, E // 2, E // 4, K):
-        model, _ = load(small, expert_slots=slots)
+        model, _ = load(small, expert_slots=slots, activations=activations)
         # Logits are bit-identical: each (token, expert) row is the same product on the same
         # weights, whichever slot holds them. 96 tokens need more than K experts: the grouped path.
-        np.testing.assert_array_equal(np.array(model(IDS)), ref_logits)
+        np.testing.assert_array_equal(host(model(IDS)), ref_logits)
         cache = model.make_cache()
         model(IDS[:, :40], cache=cache)
         for t, ref in zip(range(40, 48), ref_steps, strict=True):
-            np.testing.assert_array_equal(np.array(model(IDS[:, t : t + 1], cache=cache)), ref)
+            np.testing.assert_array_equal(host(model(IDS[:, t : t + 1], cache=cache)), ref)
         np.testing.assert_array_equal(
-            np.array(model.mtp.predict(IDS[:, 1:], hidden[:, :-1])[0]), ref_mtp
+            host(model.mtp.predict(IDS[:, 1:], hidden[:, :-1])[0]), ref_mtp
         )
         assert tokens(model, tokenizer) == ref_tokens
         s = st.stats(model)
