@@ -40,9 +40,10 @@ group = mx.distributed.init()
 job = json.loads(sys.argv[1])
 prompt = mx.array(job["prompt"])
 results = {}
-for path in job["models"] + [job["memory"]]:
+for path in job["models"] + job["native"] + [job["memory"]]:
+    activations = "native" if path in job["native"] else "auto"
     for mode in distributed.MODES + (("single",) if path == job["memory"] else ()):
-        model, _ = load(path)
+        model, _ = load(path, activations=activations)
         mx.clear_cache()
         base = mx.get_active_memory()
         mx.reset_peak_memory()
@@ -57,8 +58,13 @@ for path in job["models"] + [job["memory"]]:
         peak = mx.get_peak_memory() - base
         tokens = [t for t, _ in generate_step(prompt, model, max_tokens=job["max_tokens"])]
         logits, hidden = model(prompt[None], return_hidden=True)
-        mtp = model.mtp.predict(prompt[None], hidden)[0].argmax(-1)[0].tolist()
-        results[f"{path}:{mode}"] = {"tokens": tokens, "mtp": mtp, "peak": peak}
+        mtp_logits = model.mtp.predict(prompt[None], hidden)[0][0].astype(mx.float32)
+        results[f"{path}:{mode}"] = {
+            "tokens": tokens,
+            "mtp": mtp_logits.argmax(-1).tolist(),
+            "mtp_logits": mtp_logits.tolist(),
+            "peak": peak,
+        }
         del model, logits, hidden
 (Path(job["out"]) / f"rank{group.rank()}.json").write_text(json.dumps(results))
 
@@ -123,6 +129,10 @@ def models(tmp_path_factory) -> dict[str, str]:
         hf = make_checkpoint(root / f"hf-{preset}", preset, **overrides)
         out[f"{preset}-f32"] = str(convert(str(hf), str(root / f"{preset}-f32")))
         out[f"{preset}-q4"] = str(convert(str(hf), str(root / f"{preset}-q4"), quantize=True))
+    # bfloat16 scales: run with activations="native", the GPU's code path.
+    out["air-bf16-q4"] = str(
+        convert(str(root / "hf-air"), str(root / "air-bf16-q4"), quantize=True, dtype="bfloat16")
+    )
     # Big enough that the weights dominate peak memory: 6 MoE-heavy layers, read from HF files.
     out["memory"] = str(
         make_checkpoint(
@@ -140,12 +150,12 @@ def models(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def single_process(path: str) -> dict:
-    model, _ = load(path)
+def single_process(path: str, activations: str = "auto") -> dict:
+    model, _ = load(path, activations=activations)
     tokens = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=MAX_TOKENS)]
     _, hidden = model(mx.array(PROMPT)[None], return_hidden=True)
-    mtp = model.mtp.predict(mx.array(PROMPT)[None], hidden)[0].argmax(-1)[0].tolist()
-    return {"tokens": tokens, "mtp": mtp}
+    mtp_logits = model.mtp.predict(mx.array(PROMPT)[None], hidden)[0][0].astype(mx.float32)
+    return {"tokens": tokens, "mtp": mtp_logits.argmax(-1).tolist(), "mtp_logits": mtp_logits}
 
 
 def test_two_ranks_match_one_process(models, air_q4, tmp_path, capsys):
@@ -156,6 +166,7 @@ def test_two_ranks_match_one_process(models, air_q4, tmp_path, capsys):
         out=str(tmp_path),
         memory=models["memory"],
         models=parity + [str(air_q4)],
+        native=[models["air-bf16-q4"]],
         prompt=PROMPT,
         max_tokens=MAX_TOKENS,
         cli=CLI,
@@ -175,6 +186,23 @@ def test_two_ranks_match_one_process(models, air_q4, tmp_path, capsys):
             got = results[f"{path}:{mode}"]
             assert got["tokens"] == expected["tokens"], (path, mode)
             assert got["mtp"] == expected["mtp"], (path, mode)
+    # The GPU's code path (bfloat16 activations). Pipeline runs each layer's arithmetic
+    # unchanged: bit-exact. Tensor parallelism adds the ranks' partial products in bfloat16,
+    # rounding otherwise than one process: the greedy tokens agree here, and the MTP layer's
+    # logits stay within bfloat16's own error (one process's distance from float32 activations;
+    # their argmax flips at a near-tie of this random fixture). Only float32 activations (above)
+    # make tensor parallelism exact.
+    path = models["air-bf16-q4"]
+    expected = single_process(path, "native")
+    error = mx.abs(expected["mtp_logits"] - single_process(path, "float32")["mtp_logits"]).max()
+    for mode in distributed.MODES:
+        got = results[f"{path}:{mode}"]
+        assert got["tokens"] == expected["tokens"], mode
+        mtp_logits = mx.array(got["mtp_logits"])
+        if mode == "pipeline":
+            assert mx.array_equal(mtp_logits, expected["mtp_logits"]).item()
+        else:
+            assert (mx.abs(mtp_logits - expected["mtp_logits"]).max() < error).item()
 
     # Each rank holds about half of the model: layers split, embeddings and heads whole.
     for rank in ranks:
