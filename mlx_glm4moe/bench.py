@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -288,6 +289,228 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def device_summary() -> dict:
+    """What MLX runs on: the device's name and memory (the host's on the CPU), MLX's and
+    mlx-lm's versions."""
+    import platform
+
+    import mlx_lm
+
+    info = mx.device_info()
+    memory = info.get("memory_size")
+    if memory is None and hasattr(os, "sysconf"):
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    backend = "cpu"
+    if mx.default_device() == mx.gpu:
+        backend = "metal" if mx.metal.is_available() else "cuda"
+    return {
+        "device": backend,
+        "name": info.get("device_name") or platform.processor() or platform.machine(),
+        "memory_gb": memory / 1e9 if memory else None,
+        "recommended_working_set_gb": (info.get("max_recommended_working_set_size") or 0) / 1e9
+        or None,
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+    }
+
+
+def disk_read_gbs(path: Path, limit: int = 1 << 30) -> float:
+    """Sequential read speed of the checkpoint's largest weight file (up to `limit` bytes, in
+    16 MiB reads), after asking the OS to drop the file from its page cache (Linux); where it
+    cannot, a cached file reads at memory speed and this overstates the disk."""
+    from .weights import weight_files
+
+    f = max(set(weight_files(path).values()), key=lambda f: f.stat().st_size)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        size, chunk, done = min(f.stat().st_size, limit), 1 << 24, 0
+        tic = perf_counter()
+        while done < size:
+            done += len(os.pread(fd, min(chunk, size - done), done)) or size
+        return done / (perf_counter() - tic) / 1e9
+    finally:
+        os.close(fd)
+
+
+def agreement(ours, theirs, prompt: mx.array, steps: int) -> dict:
+    """Ours against mlx-lm on one prompt: the largest logit difference over the prompt's
+    positions (one forward pass each), and how many of `steps` greedy tokens are the same."""
+    a, b = ours(prompt[None]), theirs(prompt[None])
+    diff = mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+    greedy = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
+    tokens = [
+        [int(t) for t, _ in step_fn(name)(prompt, model, max_tokens=steps, sampler=greedy)]
+        for name, model in (("ours", ours), ("mlx-lm", theirs))
+    ]
+    same = next((i for i, (x, y) in enumerate(zip(*tokens, strict=True)) if x != y), steps)
+    return {"max_logit_diff": diff, "greedy_tokens_equal": same, "greedy_steps": steps}
+
+
+def mtp_comparison(model, tokenizer, prompt: list[int], tokens: int) -> dict:
+    """Greedy decode with and without MTP (one draft) from the same prompt, after a short
+    warm-up of each."""
+    from .generate import stream_generate
+
+    for mtp in (True, False):
+        list(stream_generate(model, tokenizer, prompt, 4, mtp=mtp))
+    runs = {}
+    for mtp in (True, False):
+        *_, last = stream_generate(model, tokenizer, prompt, tokens, mtp=mtp)
+        runs[mtp] = last
+    stats = runs[True].mtp_stats or {}
+    return {
+        "acceptance": stats.get("acceptance", 0.0),
+        "tokens_per_pass": stats.get("tokens_per_pass", 1.0),
+        "mtp_tps": runs[True].generation_tps,
+        "plain_tps": runs[False].generation_tps,
+        "speed_ratio": runs[True].generation_tps / runs[False].generation_tps,
+    }
+
+
+def streaming_run(path: Path, slots: int, prompt: list[int], tokens: int, activations: str) -> dict:
+    """Expert streaming with `slots` slots per layer: prefill and decode read separately."""
+    from . import streaming
+    from .generate import stream_generate
+    from .loading import load
+
+    model, tokenizer = load(path, expert_slots=slots, activations=activations)
+    responses = stream_generate(model, tokenizer, prompt, tokens, mtp=False)
+    first = next(responses)
+    prefill = streaming.stats(model)
+    last = first
+    for last in responses:  # noqa: B007 (the last response has the totals)
+        pass
+    decode = streaming.stats(model) - prefill
+    reads = prefill.bytes_read + decode.bytes_read
+    return {
+        "slots": slots,
+        "hit_rate": decode.hit_rate,
+        "prefill_mb_per_token": prefill.bytes_read / len(prompt) / 1e6,
+        "decode_mb_per_token": decode.bytes_read / max(last.generation_tokens - 1, 1) / 1e6,
+        "decode_tps": last.generation_tps,
+        "read_gbs": reads / (prefill.read_s + decode.read_s) / 1e9 if reads else None,
+        "resident_gb": decode.resident_bytes / 1e9,
+    }
+
+
+def device_report(
+    path: Path,
+    prompts: tuple[int, ...] = (128, 2048),
+    gen_tokens: int = 32,
+    agree_steps: int = 16,
+    activations: str = "auto",
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Everything a device's users need to judge the port on it, in one run (`--report`):
+    agreement with mlx-lm, speed against it (prefill at each of `prompts`, decode and time to
+    first token from the first), MTP against plain decoding, expert streaming at two cache sizes,
+    and the device with its bandwidth roofline. Returns what `--json` writes."""
+    from .loading import load
+
+    loaded = {}
+    for name in ("ours", "mlx-lm"):
+        model, seconds, resident = load_timed(name, path, activations)
+        loaded[name] = (model, resident)
+    ours, theirs = loaded["ours"][0], loaded["mlx-lm"][0]
+    args = ours.args
+    rng = np.random.default_rng(0)
+    ids = mx.array(rng.integers(0, args.vocab_size, max(prompts)), dtype=mx.uint32)
+    out = {"model": str(path), "activations": activations, **device_summary()}
+
+    log("agreement with mlx-lm ...")
+    out["agreement"] = agreement(ours, theirs, ids[: min(prompts)], agree_steps)
+
+    log("speed ...")
+    for name in loaded:  # warm up
+        run_once(name, loaded[name][0], ids[:16], 2, 0.0)
+    speed = {}
+    for i, n in enumerate(prompts):
+        decode = gen_tokens if i == 0 else 2  # long prompts measure prefill only
+        for name in loaded if i % 2 == 0 else list(loaded)[::-1]:
+            model, resident = loaded[name]
+            res = run_once(name, model, ids[:n], decode, resident)
+            del res["tokens"]
+            speed.setdefault(name, {})[n] = res
+            log(f"{name:6s} {n}-token prompt: prefill {res['prefill_tps']:.1f} tok/s")
+    out["speed"] = speed
+    del loaded, theirs
+
+    _, tokenizer = load(path)
+    prompt = ids[: min(prompts)].tolist()
+    if ours.mtp is not None:
+        log("MTP ...")
+        out["mtp"] = mtp_comparison(ours, tokenizer, prompt, gen_tokens)
+    del ours
+
+    log("expert streaming ...")
+    E, k = args.n_routed_experts, args.num_experts_per_tok
+    out["streaming"] = [
+        streaming_run(path, s, prompt, gen_tokens, activations)
+        for s in sorted({E // 2, max(E // 8, k)}, reverse=True)
+    ]
+    out["disk_read_gbs"] = disk_read_gbs(path)
+
+    model, _ = load(path)
+    out["decode_bytes_per_token"] = decode_bytes(model)["total"]
+    out["copy_bandwidth_gbs"] = copy_bandwidth()
+    out["roofline_decode_tps"] = out["copy_bandwidth_gbs"] * 1e9 / out["decode_bytes_per_token"]
+    return out
+
+
+def format_device_report(r: dict) -> str:
+    """The report as one markdown table: ours, mlx-lm and the ratio where both run."""
+    rows = []
+
+    def row(label: str, ours: str, theirs: str = "", ratio: str = "") -> None:
+        rows.append(f"| {label} | {ours} | {theirs} | {ratio} |")
+
+    def compare(label: str, key: str, n: int, fmt: str) -> None:
+        a, b = r["speed"]["ours"][n][key], r["speed"]["mlx-lm"][n][key]
+        row(label, fmt.format(a), fmt.format(b), f"{a / b:.2f}×")
+
+    ag = r["agreement"]
+    row("max logit difference vs mlx-lm", f"{ag['max_logit_diff']:.3g}")
+    row("greedy tokens equal", f"{ag['greedy_tokens_equal']} of {ag['greedy_steps']}")
+    prompts = list(r["speed"]["ours"])
+    for n in prompts:
+        compare(f"prefill tokens/s, {n}-token prompt", "prefill_tps", n, "{:.1f}")
+    first = prompts[0]
+    compare("decode tokens/s", "decode_tps", first, "{:.2f}")
+    compare(f"time to first token (s), {first}-token prompt", "ttft_s", first, "{:.3f}")
+    for n in prompts:
+        compare(f"peak memory (GB), {n}-token prompt", "peak_memory_gb", n, "{:.3f}")
+    if "mtp" in r:
+        m = r["mtp"]
+        row(
+            "MTP: acceptance, tokens per pass, tokens/s MTP / plain",
+            f"{m['acceptance']:.1%}, {m['tokens_per_pass']:.2f}, "
+            f"{m['mtp_tps']:.2f} / {m['plain_tps']:.2f}",
+            "",
+            f"{m['speed_ratio']:.2f}×",
+        )
+    for s in r["streaming"]:
+        speed = f"{s['read_gbs']:.2f} GB/s" if s["read_gbs"] else "no reads"
+        row(
+            f"streaming, {s['slots']} slots: hit rate, MB/token prefill / decode, tokens/s, "
+            "read speed",
+            f"{s['hit_rate']:.1%}, {s['prefill_mb_per_token']:.2f} / "
+            f"{s['decode_mb_per_token']:.2f}, {s['decode_tps']:.3g}, {speed}",
+        )
+    row("disk sequential read (GB/s)", f"{r['disk_read_gbs']:.2f}")
+    memory = f"{r['memory_gb']:.1f} GB" if r["memory_gb"] else "memory unknown"
+    row("device", f"{r['name']} ({r['device']}), {memory}")
+    row("versions", f"MLX {r['mlx']}, mlx-lm {r['mlx_lm']}, activations {r['activations']}")
+    row(
+        "weights per token, copy bandwidth, roofline",
+        f"{r['decode_bytes_per_token'] / 1e6:.2f} MB, {r['copy_bandwidth_gbs']:.1f} GB/s, "
+        f"{r['roofline_decode_tps']:.1f} tokens/s",
+    )
+    head = ["| measure | ours | mlx-lm | ours / mlx-lm |", "|---|---|---|---|"]
+    return "\n".join(head + rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Benchmark a glm4_moe model against mlx-lm.")
     src = p.add_mutually_exclusive_group(required=True)
@@ -295,8 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument(
         "--synthetic", action="store_true", help='Build the "bench" checkpoint (4-bit) and use it.'
     )
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, help="512; with --report the long prompt (2048).")
+    p.add_argument("--gen-tokens", type=int, help="Tokens to decode (128; 32 with --report).")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compare", choices=["mlx-lm", "none"], default="mlx-lm")
     p.add_argument("--prefill-step-size", type=int, default=2048)
@@ -306,7 +529,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
     p.add_argument("--activations", choices=ACTIVATIONS, default="auto", help="Ours (see load).")
     p.add_argument("--json", help="Write the full report here.")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="One table for this device: agreement with mlx-lm, speed at 128- and 2048-token "
+        "prompts, MTP, expert streaming, bandwidth.",
+    )
     a = p.parse_args(argv)
+    a.gen_tokens = a.gen_tokens or (32 if a.report else 128)
+    a.prompt_tokens = a.prompt_tokens or (2048 if a.report else 512)
     if a.prompt_tokens < 2 or a.gen_tokens < 2 or a.repeats < 1 or a.prefill_step_size < 1:
         p.error(
             "need --prompt-tokens >= 2, --gen-tokens >= 2, --repeats >= 1, --prefill-step-size >= 1"
@@ -324,23 +555,27 @@ def main(argv: list[str] | None = None) -> None:
             if not (path / "config.json").is_file():
                 sys.exit(f"error: {path} is not a model folder (no config.json)")
         try:
-            report = benchmark(
-                path,
-                a.prompt_tokens,
-                a.gen_tokens,
-                a.repeats,
-                compare=a.compare == "mlx-lm",
-                prefill_step_size=a.prefill_step_size,
-                kv_bits=a.kv_bits,
-                kv_group_size=a.kv_group_size,
-                activations=a.activations,
-                log=log,
-            )
+            if a.report:
+                prompts = tuple(sorted({min(128, a.prompt_tokens), a.prompt_tokens}))
+                out = device_report(path, prompts, a.gen_tokens, activations=a.activations, log=log)
+            else:
+                out = benchmark(
+                    path,
+                    a.prompt_tokens,
+                    a.gen_tokens,
+                    a.repeats,
+                    compare=a.compare == "mlx-lm",
+                    prefill_step_size=a.prefill_step_size,
+                    kv_bits=a.kv_bits,
+                    kv_group_size=a.kv_group_size,
+                    activations=a.activations,
+                    log=log,
+                )
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
-    print(format_table(report))
+    print(format_device_report(out) if a.report else format_table(out))
     if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2))
+        Path(a.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

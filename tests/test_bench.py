@@ -11,7 +11,13 @@ from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from mlx_glm4moe import load
-from mlx_glm4moe.bench import METRICS, PARTS, decode_bytes, main
+from mlx_glm4moe.bench import (
+    METRICS,
+    PARTS,
+    decode_bytes,
+    format_device_report,
+    main,
+)
 from mlx_glm4moe.generate import generate_step
 from mlx_glm4moe.model import SortedSwitchGLU, mix
 from mlx_glm4moe.synthetic import PRESETS
@@ -175,3 +181,36 @@ def test_synthetic_bench_checkpoint_runs(tmp_path):
     H, Im, k = p["hidden_size"], p["moe_intermediate_size"], p["num_experts_per_tok"]
     moe_layers = p["num_hidden_layers"] - p["first_k_dense_replace"]
     assert b["routed_experts"] == moe_layers * k * 3 * H * Im * 9 // 16
+
+
+def test_device_report_fields_are_present_and_sane(air_q4, tmp_path, capsys):
+    """`--report` on a tiny model, with a 200-token long prompt (the default: 2048)."""
+    out = tmp_path / "report.json"
+    main(["--model", str(air_q4), "--report", "--prompt-tokens", "200", "--gen-tokens", "4"]
+         + ["--json", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    # float32 activations and weights on both sides: the same logits to float32 rounding.
+    assert r["agreement"]["max_logit_diff"] < 1e-4
+    assert r["agreement"]["greedy_tokens_equal"] == r["agreement"]["greedy_steps"] == 16
+    for name in ("ours", "mlx-lm"):
+        assert list(r["speed"][name]) == ["128", "200"]
+        for run in r["speed"][name].values():
+            assert run["prefill_tps"] > 0 and run["ttft_s"] > 0 and run["peak_memory_gb"] > 0
+        assert r["speed"][name]["128"]["decode_tps"] > 0
+    m = r["mtp"]
+    assert 0 <= m["acceptance"] <= 1 and 1 <= m["tokens_per_pass"] <= 2 and m["speed_ratio"] > 0
+    assert [s["slots"] for s in r["streaming"]] == [4, 2]  # half of 8 experts, the top-k minimum
+    for s in r["streaming"]:
+        assert 0 <= s["hit_rate"] < 1 and s["read_gbs"] > 0 and s["decode_tps"] > 0
+        assert s["prefill_mb_per_token"] > 0 and s["decode_mb_per_token"] > 0
+    assert r["streaming"][0]["hit_rate"] >= r["streaming"][1]["hit_rate"]
+    assert r["device"] == "cpu" and r["memory_gb"] > 1 and r["mlx"] == mx.__version__
+    assert r["mlx_lm"] == mlx_lm.__version__ and r["disk_read_gbs"] > 0
+    assert r["decode_bytes_per_token"] == decode_bytes(load(air_q4)[0])["total"]
+    assert r["roofline_decode_tps"] == r["copy_bandwidth_gbs"] * 1e9 / r["decode_bytes_per_token"]
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0] == "| measure | ours | mlx-lm | ours / mlx-lm |"
+    assert all(line.startswith("| ") and line.count(" | ") == 3 for line in table[2:])
+    assert "| greedy tokens equal | 16 of 16 |  |  |" in table
+    assert any(line.startswith("| prefill tokens/s, 200-token prompt |") for line in table)
+    assert table == format_device_report(r).splitlines()
