@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from time import perf_counter
 
 import mlx.core as mx
-from mlx_lm.generate import maybe_quantize_kv_cache
+from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import distributed
 from .model import ACTIVATIONS, Model
+from .mtp import CLEAR_CACHE_EVERY
 
 Sampler = Callable[[mx.array], mx.array]
 # The command line's MTP default for checkpoints that have the layer (see the MTP section of the
@@ -71,20 +72,23 @@ def generate_step(
         maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
 
     # Prefill all but the last token in chunks; only the cache is evaluated, so the logits of the
-    # prefix are never computed.
+    # prefix are never computed. The work runs on mlx-lm's generation stream, off the default
+    # one, which the caller's code between tokens may use.
     while prompt.size > 1:
         n = min(prefill_step_size, prompt.size - 1)
-        model(prompt[None, :n], cache=cache)
-        quantize_cache()
+        with mx.stream(generation_stream):
+            model(prompt[None, :n], cache=cache)
+            quantize_cache()
         mx.eval([c.state for c in cache])
         prompt = prompt[n:]
         mx.clear_cache()
 
     def step(y: mx.array) -> tuple[mx.array, mx.array]:
-        logits = model(y[None], cache=cache)[0, -1]
-        quantize_cache()
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
-        return sampler(logprobs), logprobs
+        with mx.stream(generation_stream):
+            logits = model(y[None], cache=cache)[0, -1]
+            quantize_cache()
+            logprobs = logits - mx.logsumexp(logits, keepdims=True)
+            return sampler(logprobs), logprobs
 
     y, logprobs = step(prompt)
     mx.async_eval(y, logprobs)
@@ -94,6 +98,8 @@ def generate_step(
             next_y, next_logprobs = step(y.reshape(1))
             mx.async_eval(next_y, next_logprobs)
         yield y.item(), logprobs
+        if n % CLEAR_CACHE_EVERY == CLEAR_CACHE_EVERY - 1:
+            mx.clear_cache()
         if n + 1 < max_tokens:
             y, logprobs = next_y, next_logprobs
 
@@ -173,40 +179,43 @@ def stream_generate(
     eos = tokenizer.eos_token_ids
     mx.reset_peak_memory()
 
-    tic = perf_counter()
-    prompt_tps = 0.0
-    for n, (token, logprobs, from_draft) in enumerate(steps):
-        if n == 0:
-            prompt_tps = len(tokens) / (perf_counter() - tic)
-            tic = perf_counter()
-        finish = None
-        if cancel is not None and cancel.is_set():
-            finish = "cancelled"
-        elif token in eos:
-            finish = "stop"
-        else:
-            detokenizer.add_token(token)
-            if n + 1 == max_tokens:
-                finish = "length"
-        if finish:
-            detokenizer.finalize()
-        elapsed = perf_counter() - tic
-        yield GenerationResponse(
-            text=detokenizer.last_segment,
-            token=token,
-            logprobs=logprobs,
-            from_draft=from_draft,
-            prompt_tokens=len(tokens),
-            prompt_tps=prompt_tps,
-            generation_tokens=n + 1,
-            generation_tps=(n + 1) / elapsed if elapsed > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=finish,
-            mtp_acceptance=stats.acceptance if stats is not None else None,
-            mtp_stats=stats.as_dict() if stats is not None and finish else None,
-        )
-        if finish:
-            return
+    # On Metal, the weights stay wired while this generates (mlx-lm's wired_limit), then the
+    # old limit comes back: a server that drops a model leaves no memory pinned.
+    with wired_limit(model, [generation_stream]):
+        tic = perf_counter()
+        prompt_tps = 0.0
+        for n, (token, logprobs, from_draft) in enumerate(steps):
+            if n == 0:
+                prompt_tps = len(tokens) / (perf_counter() - tic)
+                tic = perf_counter()
+            finish = None
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+            elif token in eos:
+                finish = "stop"
+            else:
+                detokenizer.add_token(token)
+                if n + 1 == max_tokens:
+                    finish = "length"
+            if finish:
+                detokenizer.finalize()
+            elapsed = perf_counter() - tic
+            yield GenerationResponse(
+                text=detokenizer.last_segment,
+                token=token,
+                logprobs=logprobs,
+                from_draft=from_draft,
+                prompt_tokens=len(tokens),
+                prompt_tps=prompt_tps,
+                generation_tokens=n + 1,
+                generation_tps=(n + 1) / elapsed if elapsed > 0 else 0.0,
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+                mtp_acceptance=stats.acceptance if stats is not None else None,
+                mtp_stats=stats.as_dict() if stats is not None and finish else None,
+            )
+            if finish:
+                return
 
 
 def generate(

@@ -29,12 +29,15 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import KVCache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 
 from .model import Model
 
 Sampler = Callable[[mx.array], mx.array]
+# A long decode returns MLX's cached buffers to the system this often (tokens), as mlx-lm does.
+CLEAR_CACHE_EVERY = 256
 
 
 class MTPCache(KVCache):
@@ -212,45 +215,49 @@ def mtp_generate_step(
     trim_prompt_cache(main, cached - pos)
 
     # Prefill all but the last token in chunks; pair p of the MTP layer needs seq[p + 1], which
-    # the chunk never reaches past.
+    # the chunk never reaches past. Work runs on mlx-lm's generation stream (see generate_step).
     while len(seq) - pos > 1:
         n = min(prefill_step_size, len(seq) - pos - 1)
-        _, h = model(mx.array(seq[pos : pos + n])[None], cache=main, return_hidden=True)
-        mtp.predict(mx.array(seq[pos + 1 : pos + n + 1])[None], h, mcache)
+        with mx.stream(generation_stream):
+            _, h = model(mx.array(seq[pos : pos + n])[None], cache=main, return_hidden=True)
+            mtp.predict(mx.array(seq[pos + 1 : pos + n + 1])[None], h, mcache)
         mx.eval([c.state for c in cache])
         pos += n
         mx.clear_cache()
     base = len(seq)
-    logits, pending_h = model(mx.array(seq[-1:])[None], cache=main, return_hidden=True)
+    with mx.stream(generation_stream):
+        logits, pending_h = model(mx.array(seq[-1:])[None], cache=main, return_hidden=True)
+        logprobs = _logprobs(logits[0, -1])
+        y = sampling.draw(logprobs)[0]
     stats.main_passes += 1
-    logprobs = _logprobs(logits[0, -1])
-    y = sampling.draw(logprobs)[0]
+    token = y.item()
     pending: list[int] = []  # accepted drafts whose MTP pairs are still to run
     valid = mcache.offset  # MTP entries below this pair main-model hidden states
-    emitted = 0
+    emitted, next_clear = 0, CLEAR_CACHE_EVERY
     try:
         while emitted < max_tokens:
-            token = y.item()
             k = min(num_draft, max_tokens - emitted - 1)
             if k > 0:
-                # Catch up on the accepted positions and draft from the new token in one call.
-                d_logits, g = mtp.predict(mx.array(pending + [token])[None], pending_h, mcache)
-                valid = mcache.offset
-                drafts, qs = [], []
-                for i in range(k):
-                    if i:
-                        d_logits, g = mtp.predict(drafts[-1].reshape(1, 1), g[:, -1:], mcache)
-                    d, q = sampling.draw(_logprobs(d_logits[0, -1]))
-                    drafts.append(d)
-                    qs.append(q)
-                drafts = mx.stack(drafts)
-                inputs = mx.concatenate([mx.array([token]), drafts])[None]
-                logits, h = model(inputs, cache=main, return_hidden=True)
+                with mx.stream(generation_stream):
+                    # Catch up on the accepted positions and draft from the new token in one
+                    # call.
+                    d_logits, g = mtp.predict(mx.array(pending + [token])[None], pending_h, mcache)
+                    valid = mcache.offset
+                    drafts, qs = [], []
+                    for i in range(k):
+                        if i:
+                            d_logits, g = mtp.predict(drafts[-1].reshape(1, 1), g[:, -1:], mcache)
+                        d, q = sampling.draw(_logprobs(d_logits[0, -1]))
+                        drafts.append(d)
+                        qs.append(q)
+                    drafts = mx.stack(drafts)
+                    inputs = mx.concatenate([mx.array([token]), drafts])[None]
+                    logits, h = model(inputs, cache=main, return_hidden=True)
+                    block_logprobs = _logprobs(logits[0])
+                    accepted, next_tokens = sampling.verify(
+                        block_logprobs, drafts, None if qs[0] is None else mx.stack(qs)
+                    )
                 stats.main_passes += 1
-                block_logprobs = _logprobs(logits[0])
-                accepted, next_tokens = sampling.verify(
-                    block_logprobs, drafts, None if qs[0] is None else mx.stack(qs)
-                )
                 mx.async_eval(accepted, next_tokens, drafts, block_logprobs, h)
             seq.append(token)
             emitted += 1
@@ -258,20 +265,25 @@ def mtp_generate_step(
             yield token, logprobs, False
             if k <= 0:
                 break
-            accepted = accepted.tolist()
+            # The step's one wait on the device: acceptance decides what to feed next. The
+            # drafts and the next tokens came with it, so reading them whole starts no work.
+            accepted, next_tokens, drafts = (a.tolist() for a in (accepted, next_tokens, drafts))
             a = 0
             while a < k and accepted[a]:
                 a += 1
             stats.record(k, a)
-            for d, lp in zip(drafts[:a].tolist(), block_logprobs[:a], strict=True):
+            for d, lp in zip(drafts[:a], block_logprobs[:a], strict=True):
                 seq.append(d)
                 emitted += 1
                 stats.tokens += 1
                 yield d, lp, True
+            if emitted >= next_clear:
+                mx.clear_cache()
+                next_clear += CLEAR_CACHE_EVERY
             trim_prompt_cache(main, k - a)
             KVCache.trim(mcache, mcache.offset - valid)  # the KV entries only, not the tokens
-            pending, pending_h = drafts[:a].tolist(), h[:, : a + 1]
-            y, logprobs = next_tokens[a], block_logprobs[a]
+            pending, pending_h = drafts[:a], h[:, : a + 1]
+            token, logprobs = next_tokens[a], block_logprobs[a]
     finally:
         # Leave the caches as plain decoding would (see the docstring).
         keep = base + emitted - (emitted == max_tokens)
