@@ -14,7 +14,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import infer_quant_config, load_tokenizer
 
 from .model import Model, ModelArgs, MoE, activation_dtype
-from .streaming import routed_experts, wire_resident
+from .streaming import check_fits, routed_experts
 from .weights import load_lazy, sanitize, weight_files
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -108,6 +108,7 @@ def load(
     lazy: bool = True,
     expert_slots: int | None = None,
     activations: str = "auto",
+    force: bool = False,
 ) -> tuple[Model, TokenizerWrapper]:
     """Load a model and its tokenizer.
 
@@ -123,6 +124,8 @@ def load(
             GPU runs, testable on the CPU) or "float32". On the CPU an unquantized model's
             routed experts are held in float32 whatever this says (MLX's CPU `gather_mm` takes
             nothing else); half-precision activations are widened inside it.
+        force: load even when the resident weights exceed the memory available (by default
+            that is a ValueError pointing to `expert_slots`).
 
     Returns:
         (model, tokenizer): `model(mx.array(ids))` gives logits; the tokenizer is mlx-lm's
@@ -137,8 +140,8 @@ def load(
     experts = None if expert_slots is None else routed_experts(path, config, weights, expert_slots)
     model = build_model(config, weights, experts)
     model.model.activations = activations
+    check_fits(model, force)
     if not lazy:
         mx.eval(model.parameters())
-    wire_resident(model)
     tokenizer = load_tokenizer(path, eos_token_ids=eos_ids(config))
     return model, tokenizer

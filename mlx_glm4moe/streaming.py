@@ -5,7 +5,7 @@ Everything but the routed experts stays resident. Each MoE layer (the MTP layer 
 experts in use, refilled straight from the safetensors files by byte offset (a converted
 checkpoint stores each projection as one `[E, out, in]` tensor, so an expert is one contiguous
 byte range per tensor). `gather_(q)mm` then runs on the slots with the routing indices remapped
-to slot numbers. Also here: wiring the resident weights on Metal, and the streaming benchmark.
+to slot numbers. Also here: the check that resident weights fit, and the streaming benchmark.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 import resource
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
-from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .model import SortedSwitchGLU, mix
 from .weights import weight_files
@@ -328,6 +326,15 @@ def slots_for_budget(path: Path, config: dict[str, Any], gb: float) -> int:
     return slots
 
 
+def fits_in_memory(path: Path, config: dict[str, Any], slots: int | None) -> bool:
+    """Whether the checkpoint's weights, with `slots` expert slots per layer (None: every
+    expert resident), fit in the memory available, from the files' sizes alone."""
+    size, layers = expert_bytes(path, config)
+    total = sum(f.stat().st_size for f in set(weight_files(path).values()))
+    n = config["n_routed_experts"]
+    return total - (n - min(slots or n, n)) * size * layers <= available_memory()
+
+
 @dataclass
 class StreamStats:
     """Expert-streaming figures, summed over the MoE layers (the MTP layer included).
@@ -387,22 +394,29 @@ def summary(delta: StreamStats, tokens: int) -> str:
     )
 
 
-def wire_resident(model: nn.Module) -> None:
-    """On Metal, wire memory up to the recommended working set (as mlx-lm's `wired_limit`), and
-    warn when the resident weights do not fit in it. A no-op on other backends."""
-    if not mx.metal.is_available():
-        return
-    size = resident_bytes(model)
-    limit = mx.device_info()["max_recommended_working_set_size"]
-    if size > 0.9 * limit:
-        warnings.warn(
-            f"The model's resident weights ({size / 1e9:.1f} GB) exceed 90% of this machine's "
-            f"recommended working set ({limit / 1e9:.1f} GB): it will page and run slowly. "
-            "Keep the routed experts on disk instead: load(path, expert_slots=N) or "
-            "generate.py --expert-slots N / --expert-cache-gb G.",
-            stacklevel=3,
+def available_memory() -> int:
+    """Bytes the weights may take: Metal's recommended working set; elsewhere what the OS
+    reports available (Linux's MemAvailable), or all physical memory where it reports nothing."""
+    if mx.metal.is_available():
+        return mx.device_info()["max_recommended_working_set_size"]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        line = next(x for x in meminfo.read_text().splitlines() if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(model: nn.Module, force: bool = False) -> None:
+    """Refuse a model whose resident weights (expert slots included) exceed the memory
+    available, before any is read: it would page without end or be killed. `force` loads it
+    anyway."""
+    size, limit = resident_bytes(model), available_memory()
+    if size > limit and not force:
+        raise ValueError(
+            f"The model's resident weights ({size / 1e9:.1f} GB) exceed the memory available "
+            f"({limit / 1e9:.1f} GB). Keep the routed experts on disk: --expert-cache-gb G or "
+            "--expert-slots N (load(path, expert_slots=N)); load(..., force=True) loads it anyway."
         )
-    maybe_set_recommended_wired_limit()
 
 
 def peak_rss_bytes() -> int:
@@ -494,7 +508,9 @@ def main(argv: list[str] | None = None) -> None:
     E, k = config["n_routed_experts"], config["num_experts_per_tok"]
     if a.max_tokens < 1 or any(s < k for s in a.slots or []):
         p.error(f"need --max-tokens >= 1 and every --slots >= num_experts_per_tok ({k})")
-    slots = a.slots or [None, E, E // 2, E // 4, k]
+    slots = a.slots or [
+        s for s in (None, E, E // 2, E // 4, k) if fits_in_memory(resolve(a.model), config, s)
+    ]
     rows = benchmark(a.model, slots, a.max_tokens, a.temp)
     size, layers = expert_bytes(resolve(a.model), config)
     print(f"{a.model}: {E} experts x {layers} MoE layers, {size / 1e6:.2f} MB each, top-{k}")

@@ -248,19 +248,36 @@ def test_corrupt_header_is_a_clear_error(small, tmp_path):
         load(bad, expert_slots=K)
 
 
-def test_wiring_is_metal_only_and_warns_when_too_big(small, monkeypatch):
-    limits = []
-    monkeypatch.setattr(mx, "set_wired_limit", lambda n: limits.append(n) or 0)
-    model, _ = load(small)
-    assert limits == []  # this backend has no Metal: nothing is wired
-    size = st.resident_bytes(model)
+def test_resident_weights_larger_than_memory_are_refused(small, monkeypatch):
+    """Any backend: a resident load that does not fit stops before reading a weight, naming the
+    way out; streaming fits; `force` loads anyway. On Metal the limit is the working set."""
+    size = st.resident_bytes(load(small)[0])
+    monkeypatch.setattr(st, "available_memory", lambda: size - 1)
+    with pytest.raises(ValueError, match="exceed the memory available.*--expert-cache-gb"):
+        load(small)
+    load(small, expert_slots=K)
+    load(small, force=True)
+    # The streaming benchmark's default cache sizes skip those that would not fit.
+    config = json.loads((small / "config.json").read_text())
+    assert not st.fits_in_memory(small, config, None) and not st.fits_in_memory(small, config, E)
+    assert st.fits_in_memory(small, config, K)
+    monkeypatch.undo()
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 2 * size})
-    st.wire_resident(model)
-    assert limits == [2 * size]
-    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": size})
-    with pytest.warns(UserWarning, match="--expert-slots"):
-        st.wire_resident(model)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1000})
+    assert st.available_memory() == 1000
+
+
+def test_generation_wires_memory_only_while_it_runs(small, monkeypatch):
+    """On Metal (simulated) generating sets the wired limit and restores the old one after."""
+    limits = [0]
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: limits.append(n) or limits[-2])
+    model, tokenizer = load(small)
+    tokens(model, tokenizer, 4)
+    assert limits == [0]  # no Metal: nothing is wired
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1 << 40})
+    tokens(model, tokenizer, 4)
+    assert limits == [0, 1 << 40, 0]
 
 
 def test_resident_load_is_lazy_and_holds_one_copy(measured):
