@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from time import perf_counter, process_time
@@ -91,25 +92,53 @@ class ExpertTensor:
             )
         return cls(file, start + begin, row, shape[1:], dtype)
 
-    def read(self, experts: np.ndarray) -> mx.array:
-        """The rows of `experts` (sorted), each run of consecutive experts in one read."""
-        np_type, mx_type = DTYPES[self.dtype]
-        buf = np.empty(len(experts) * self.row_bytes, np.uint8)
-        runs = np.split(np.arange(len(experts)), np.flatnonzero(np.diff(experts) != 1) + 1)
-        with open(self.file, "rb", buffering=0) as fh:
-            for run in runs:
-                first = int(experts[run[0]])
-                view = memoryview(buf)[run[0] * self.row_bytes : (run[-1] + 1) * self.row_bytes]
-                fh.seek(self.offset + first * self.row_bytes)
-                got = fh.readinto(view)
-                if got != len(view):
-                    raise ExpertReadError(
-                        f"{self.file}: expected {len(view)} bytes of experts "
-                        f"{first}..{experts[run[-1]]} at offset {fh.tell() - got}, got {got}. "
-                        "The file is truncated or changed since loading."
-                    )
-        rows = mx.array(buf.view(np_type).reshape(len(experts), *self.shape))
-        return rows.view(mx_type) if np_type is np.uint16 else rows
+    def read_into(self, fd: int, expert: int, dest: np.ndarray) -> None:
+        """Read expert `expert`'s row from `fd` (this tensor's file, open) into `dest`, a slot's
+        row: straight into it when it has the stored width, else through a buffer and a cast
+        (bfloat16 or float16 experts held in float32 on the CPU)."""
+        np_type = DTYPES[self.dtype][0]
+        direct = dest.dtype == np_type
+        buf = dest if direct else np.empty(dest.shape, np_type)
+        offset = self.offset + expert * self.row_bytes
+        view = memoryview(buf).cast("B")
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view], offset)
+        else:  # no preadv (older macOS): one copy from the returned bytes
+            data = os.pread(fd, self.row_bytes, offset)
+            got = len(data)
+            view[:got] = data
+        if got != self.row_bytes:
+            raise ExpertReadError(
+                f"{self.file}: expected {self.row_bytes} bytes of expert {expert} at offset "
+                f"{offset}, got {got}. The file is truncated or changed since loading."
+            )
+        if direct:
+            return
+        if self.dtype == "BF16":  # bfloat16 is float32's top half
+            dest[...] = (buf.astype(np.uint32) << 16).view(np.float32)
+        else:
+            dest[...] = buf.astype(dest.dtype)
+
+
+# Positional reads in flight at once: an SSD reaches its speed only with several queued.
+READERS = 8
+_readers: ThreadPoolExecutor | None = None
+
+
+def _reader_pool() -> ThreadPoolExecutor:
+    global _readers
+    if _readers is None:
+        _readers = ThreadPoolExecutor(READERS, thread_name_prefix="expert-read")
+    return _readers
+
+
+def host_view(a: mx.array) -> np.ndarray:
+    """A writable numpy view of an evaluated MLX array's memory (unified on Apple silicon);
+    bfloat16, which numpy lacks, as uint16."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+        mx.eval(a)  # a view shares its source's buffer
+    return np.asarray(a)
 
 
 def _quant_params(tensors: dict[str, ExpertTensor], in_dims: int, mode: str) -> dict | None:
@@ -138,7 +167,6 @@ class StreamingSwitchGLU(nn.Module):
         mode: str = "affine",
     ):
         super().__init__()
-        self._tensors = tensors
         self._slots = slots
         glu = SortedSwitchGLU(hidden_size, intermediate_size, slots)
         for proj in PROJECTIONS:
@@ -152,6 +180,14 @@ class StreamingSwitchGLU(nn.Module):
                 dtype = self._slot_dtype(t, q)
                 module[part] = mx.zeros((slots, *t.shape), dtype)
         mx.eval(glu.parameters())
+        # Misses are read from disk into the slots' own memory through these views: the slot
+        # arrays are never replaced, and no op is pending on a slot when it is refilled (the
+        # routing that asks for the read has waited on every earlier use).
+        self._views = [
+            (t, host_view(getattr(glu, proj)[part]))
+            for proj, parts in tensors.items()
+            for part, t in parts.items()
+        ]
         self._glu = glu
         self._slot_of = np.full(num_experts, -1)  # expert → slot
         self._expert_in = np.full(slots, -1)  # slot → expert
@@ -194,13 +230,20 @@ class StreamingSwitchGLU(nn.Module):
         self._slot_of[self._expert_in[slots][self._expert_in[slots] >= 0]] = -1
         self._slot_of[missing], self._expert_in[slots] = slots, missing
         tic = perf_counter()
-        where = mx.array(slots)
-        for proj, parts in self._tensors.items():
-            module = getattr(self._glu, proj)
-            for part, t in parts.items():
-                module[part][where] = t.read(missing).astype(module[part].dtype)
-                self._stats["bytes_read"] += len(missing) * t.row_bytes
-        mx.eval(self._glu.parameters())
+        fds = {f: os.open(f, os.O_RDONLY) for f in {t.file for t, _ in self._views}}
+        try:
+            reads = [
+                _reader_pool().submit(t.read_into, fds[t.file], int(e), view[s])
+                for t, view in self._views
+                for e, s in zip(missing, slots, strict=True)
+            ]
+            wait(reads)  # every read ends before its file is closed
+            for r in reads:
+                r.result()  # re-raises a failed read
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        self._stats["bytes_read"] += sum(len(missing) * t.row_bytes for t, _ in self._views)
         self._stats["read_s"] += perf_counter() - tic
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
