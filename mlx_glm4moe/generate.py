@@ -18,6 +18,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from . import distributed
 from .model import ACTIVATIONS, Model
 from .mtp import CLEAR_CACHE_EVERY
+from .streaming import prefilling
 
 Sampler = Callable[[mx.array], mx.array]
 # The command line's MTP default for checkpoints that have the layer (see the MTP section of the
@@ -76,7 +77,7 @@ def generate_step(
     # one, which the caller's code between tokens may use.
     while prompt.size > 1:
         n = min(prefill_step_size, prompt.size - 1)
-        with mx.stream(generation_stream):
+        with mx.stream(generation_stream), prefilling(model):
             model(prompt[None, :n], cache=cache)
             quantize_cache()
         mx.eval([c.state for c in cache])
@@ -372,8 +373,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     u, stats = done["usage"], done["stats"]
     print(
-        f"Prompt: {u['prompt_tokens']} tokens, {stats['prompt_tps']:.1f} tokens/s\n"
-        f"Generation: {u['completion_tokens']} tokens, {stats['generation_tps']:.1f} tokens/s\n"
+        f"Prompt: {u['prompt_tokens']} tokens, {stats['prompt_tps']:.3g} tokens/s\n"
+        f"Generation: {u['completion_tokens']} tokens, {stats['generation_tps']:.3g} tokens/s\n"
         f"Peak memory: {stats['peak_memory']:.3f} GB",
         file=sys.stderr,
     )

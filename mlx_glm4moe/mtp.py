@@ -34,6 +34,7 @@ from mlx_lm.models.cache import KVCache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 
 from .model import Model
+from .streaming import prefilling
 
 Sampler = Callable[[mx.array], mx.array]
 # A long decode returns MLX's cached buffers to the system this often (tokens), as mlx-lm does.
@@ -218,7 +219,7 @@ def mtp_generate_step(
     # the chunk never reaches past. Work runs on mlx-lm's generation stream (see generate_step).
     while len(seq) - pos > 1:
         n = min(prefill_step_size, len(seq) - pos - 1)
-        with mx.stream(generation_stream):
+        with mx.stream(generation_stream), prefilling(model):
             _, h = model(mx.array(seq[pos : pos + n])[None], cache=main, return_hidden=True)
             mtp.predict(mx.array(seq[pos + 1 : pos + n + 1])[None], h, mcache)
         mx.eval([c.state for c in cache])

@@ -16,8 +16,9 @@ import os
 import resource
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from time import perf_counter, process_time
@@ -194,7 +195,9 @@ class StreamingSwitchGLU(nn.Module):
         self._score = np.zeros(num_experts)
         self._last_used = np.zeros(num_experts)
         self._calls = 0
-        self._stats = {"hits": 0, "misses": 0, "bytes_read": 0, "read_s": 0.0, "tokens": 0}
+        self._stats = dict.fromkeys(("hits", "misses", "bytes_read", "tokens"), 0)
+        self._stats.update(read_s=0.0, prefill_bytes_read=0, prefill_tokens=0)
+        self.prefill = False  # set by `prefilling`: reads are the prompt's
 
     @staticmethod
     def _slot_dtype(t: ExpertTensor, quant: dict | None) -> mx.Dtype:
@@ -243,7 +246,9 @@ class StreamingSwitchGLU(nn.Module):
         finally:
             for fd in fds.values():
                 os.close(fd)
-        self._stats["bytes_read"] += sum(len(missing) * t.row_bytes for t, _ in self._views)
+        nbytes = sum(len(missing) * t.row_bytes for t, _ in self._views)
+        self._stats["bytes_read"] += nbytes
+        self._stats["prefill_bytes_read"] += nbytes if self.prefill else 0
         self._stats["read_s"] += perf_counter() - tic
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
@@ -254,6 +259,7 @@ class StreamingSwitchGLU(nn.Module):
         self._score = self._score * DECAY + counts
         self._last_used[counts > 0] = self._calls
         self._stats["tokens"] += flat.size // inds.shape[-1]
+        self._stats["prefill_tokens"] += flat.size // inds.shape[-1] if self.prefill else 0
         needed = np.flatnonzero(counts)
         if len(needed) <= self._slots:
             self._ensure(needed)
@@ -384,7 +390,8 @@ class StreamStats:
 
     hits / misses: expert lookups found in / read into the slots; bytes_read: expert bytes read
     from the safetensors files; read_s: seconds spent reading; tokens: tokens through the first
-    MoE layer; resident_bytes: non-expert weights plus all slots; slots: per layer.
+    MoE layer; prefill_bytes_read / prefill_tokens: those of prompt chunks (see `prefilling`);
+    resident_bytes: non-expert weights plus all slots; slots: per layer.
     """
 
     hits: int = 0
@@ -392,6 +399,8 @@ class StreamStats:
     bytes_read: int = 0
     read_s: float = 0.0
     tokens: int = 0
+    prefill_bytes_read: int = 0
+    prefill_tokens: int = 0
     resident_bytes: int = 0
     slots: int = 0
 
@@ -408,6 +417,19 @@ def _streamers(model: nn.Module) -> list[StreamingSwitchGLU]:
     return [m for _, m in model.named_modules() if isinstance(m, StreamingSwitchGLU)]
 
 
+@contextmanager
+def prefilling(model: nn.Module) -> Iterator[None]:
+    """Count the expert reads inside as the prompt's (`StreamStats.prefill_bytes_read`)."""
+    streamers = _streamers(model)
+    for m in streamers:
+        m.prefill = True
+    try:
+        yield
+    finally:
+        for m in streamers:
+            m.prefill = False
+
+
 def resident_bytes(model: nn.Module) -> int:
     """Bytes of the weights held in memory: parameters plus expert slots."""
     params = sum(a.nbytes for _, a in nn.utils.tree_flatten(model.parameters()))
@@ -420,19 +442,24 @@ def stats(model: nn.Module) -> StreamStats:
     s = StreamStats(resident_bytes=resident_bytes(model))
     for m in streamers:
         for key, value in m._stats.items():
-            if key != "tokens":
+            if not key.endswith("tokens"):
                 setattr(s, key, getattr(s, key) + value)
-    if streamers:
-        s.tokens = max(m._stats["tokens"] for m in streamers)  # the MTP layer may see none
+    if streamers:  # tokens: the MTP layer may see none
+        s.tokens = max(m._stats["tokens"] for m in streamers)
+        s.prefill_tokens = max(m._stats["prefill_tokens"] for m in streamers)
         s.slots = streamers[0]._slots
     return s
 
 
 def summary(delta: StreamStats, tokens: int) -> str:
-    """One line for the command line: hit rate and bytes read per token over `tokens`."""
+    """One line for the command line: hit rate, bytes read per prompt token and per generated
+    token (`tokens` of them), and the read speed achieved."""
+    decode = delta.bytes_read - delta.prefill_bytes_read
+    speed = delta.bytes_read / delta.read_s / 1e9 if delta.read_s else 0.0
     return (
-        f"Expert streaming: {delta.slots} slots/layer, hit rate {delta.hit_rate:.1%}, "
-        f"{delta.bytes_read / max(tokens, 1) / 1e6:.2f} MB read/token, "
+        f"Expert streaming: {delta.slots} slots/layer, hit rate {delta.hit_rate:.1%}, read "
+        f"{delta.prefill_bytes_read / max(delta.prefill_tokens, 1) / 1e6:.3g} MB/prompt token "
+        f"and {decode / max(tokens, 1) / 1e6:.3g} MB/generated token at {speed:.3g} GB/s, "
         f"resident weights {delta.resident_bytes / 1e9:.3g} GB"
     )
 

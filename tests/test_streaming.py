@@ -3,6 +3,7 @@ files), and the memory of loading and converting, measured in subprocesses."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -197,7 +198,18 @@ def test_generate_cli_with_expert_slots(small, capsys):
     streamed = capsys.readouterr()
     assert streamed.out == resident.out
     assert f"Expert streaming: {K} slots/layer, hit rate" in streamed.err
-    assert "MB read/token" in streamed.err
+    line = re.search(
+        r"read (\S+) MB/prompt token and (\S+) MB/generated token at (\S+) GB/s", streamed.err
+    )
+    assert line and all(float(x) > 0 for x in line.groups())
+
+    # The prompt's reads are counted apart: every prompt token but the last is prefilled.
+    model, tokenizer = load(small, expert_slots=K)
+    prompt = tokenizer.encode("Hello there, how are you today?")
+    responses = list(stream_generate(model, tokenizer, prompt, 6))
+    s = st.stats(model)
+    assert s.prefill_tokens == len(prompt) - 1 and s.tokens == s.prefill_tokens + len(responses)
+    assert 0 < s.prefill_bytes_read < s.bytes_read
 
     size, layers = st.expert_bytes(small, json.loads((small / "config.json").read_text()))
     generate_main([*argv, "--expert-cache-gb", str(4.5 * size * layers / 1e9)])
