@@ -71,3 +71,14 @@ def test_bf16_logits_match_mlx_lm(air_bf16):
             assert a.argmax(-1).item() == b.argmax(-1).item()
 
     compare_with_mlx_lm(air_bf16, check)
+
+
+def test_cli_passes_activations(air_bf16_q4, monkeypatch, capsys):
+    from mlx_glm4moe import loading
+    from mlx_glm4moe.generate import main
+
+    seen, real = [], loading.load
+    monkeypatch.setattr(loading, "load", lambda *a, **k: seen.append(k) or real(*a, **k))
+    main(["--model", str(air_bf16_q4), "--prompt", "hi", "--max-tokens", "4", "--activations"]
+         + ["native"])  # fmt: skip
+    assert seen[0]["activations"] == "native" and capsys.readouterr().out
