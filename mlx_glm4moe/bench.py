@@ -418,6 +418,7 @@ def device_report(
     rng = np.random.default_rng(0)
     ids = mx.array(rng.integers(0, args.vocab_size, max(prompts)), dtype=mx.uint32)
     out = {"model": str(path), "activations": activations, **device_summary()}
+    out["decode_bytes_per_token"] = decode_bytes(ours)["total"]
 
     log("agreement with mlx-lm ...")
     out["agreement"] = agreement(ours, theirs, ids[: min(prompts)], agree_steps)
@@ -437,7 +438,7 @@ def device_report(
     out["speed"] = speed
     del loaded, theirs
 
-    _, tokenizer = load(path)
+    _, tokenizer = load(path)  # for its tokenizer: loading is lazy
     prompt = ids[: min(prompts)].tolist()
     if ours.mtp is not None:
         log("MTP ...")
@@ -451,9 +452,6 @@ def device_report(
         for s in sorted({E // 2, max(E // 8, k)}, reverse=True)
     ]
     out["disk_read_gbs"] = disk_read_gbs(path)
-
-    model, _ = load(path)
-    out["decode_bytes_per_token"] = decode_bytes(model)["total"]
     out["copy_bandwidth_gbs"] = copy_bandwidth()
     out["roofline_decode_tps"] = out["copy_bandwidth_gbs"] * 1e9 / out["decode_bytes_per_token"]
     return out
