@@ -320,7 +320,10 @@ def main(argv: list[str] | None = None) -> None:
         if a.expert_cache_gb is not None:
             path = resolve(a.model)
             slots = streaming.slots_for_budget(path, read_config(path), a.expert_cache_gb)
-        model, tokenizer = load(a.model, expert_slots=slots, activations=a.activations)
+        # Under mlx.launch each rank keeps only its share: the whole need not fit in one.
+        model, tokenizer = load(
+            a.model, expert_slots=slots, activations=a.activations, force=ranks > 1
+        )
         if ranks > 1:
             distributed.setup(model, group, a.parallel)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
