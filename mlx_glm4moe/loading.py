@@ -77,6 +77,7 @@ def build_model(
     mtp_prefix = f"model.layers.{args.num_hidden_layers}."
     if not any(k.startswith(mtp_prefix) for k in weights):
         args.num_nextn_predict_layers = 0  # e.g. a checkpoint converted by mlx-lm
+    args.mtp_own_embeddings = f"{mtp_prefix}embed_tokens.weight" in weights
     model = Model(args)
     mode = (config.get("quantization") or {}).get("mode", "affine")
 

@@ -292,7 +292,12 @@ def sampling_for(
 
 
 def make_agreeing_checkpoint(
-    out: str | Path, agreement: float = 1.0, preset: str = "air", seed: int = 0, **overrides
+    out: str | Path,
+    agreement: float = 1.0,
+    preset: str = "air",
+    seed: int = 0,
+    layout: str = "glm45",
+    **overrides,
 ) -> Path:
     """A tiny HF checkpoint whose MTP layer agrees with the main model on a known share of
     tokens (for tests and the benchmark, until a trained model exists).
@@ -303,15 +308,16 @@ def make_agreeing_checkpoint(
     too, `eh_proj` passes the embedding half on, and its embedding, norm and head copy the main
     model's, so it predicts the token after next exactly. For `round((1 - agreement) * n)` of
     the cycle's n tokens its embedding row is the next token's, so a draft made from one of them
-    is wrong. The cycle and the wrong tokens are in the config, under "mtp_fixture". `overrides`
-    go to the config (e.g. num_hidden_layers).
+    is wrong. The cycle and the wrong tokens are in the config, under "mtp_fixture". `layout`
+    is synthetic's (in GLM-4.6's the MTP layer has the main embedding, so agreement must be 1);
+    `overrides` go to the config (e.g. num_hidden_layers).
     """
     from tokenizers import Tokenizer
 
     from .synthetic import make_checkpoint, random_weights, save_sharded
 
-    if not 0 <= agreement <= 1:
-        raise ValueError("agreement must be between 0 and 1")
+    if not 0 <= agreement <= 1 or (layout != "glm45" and agreement != 1):
+        raise ValueError("agreement must be between 0 and 1, and 1 in GLM-4.6's layout")
     out = make_checkpoint(out, preset, seed, **overrides)
     config = json.loads((out / "config.json").read_text())
     w = random_weights(config, seed)
@@ -340,7 +346,7 @@ def make_agreeing_checkpoint(
     w[f"{p}.eh_proj.weight"] = np.eye(H, 2 * H, dtype=np.float32)
     w[f"{p}.shared_head.norm.weight"] = w["model.norm.weight"]
     w[f"{p}.shared_head.head.weight"] = head
-    save_sharded(w, out)
+    save_sharded(w, out, layout=layout)
     config["mtp_fixture"] = {"cycle": cycle, "wrong": wrong}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out

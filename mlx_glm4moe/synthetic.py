@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .weights import INDEX_FILE
+from .weights import INDEX_FILE, layer_of
 
 TEMPLATE_FILE = Path(__file__).parent / "chat_template.jinja"
 
@@ -44,6 +44,11 @@ TAG_TOKENS = [
     "/nothink",
 ]
 STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
+# Where the nextn layer is stored. GLM-4.5 and Air: among the shards, with its own embedding and
+# head. GLM-4.6 and 4.7: in its own file, without them (it shares the main model's), listed in
+# the index ("glm46") or not ("glm46-unlisted").
+LAYOUTS = ("glm45", "glm46", "glm46-unlisted")
+MTP_FILE = "mtp.safetensors"
 
 # The tiny presets share their sizes and differ in the switches that matter.
 _TINY = dict(
@@ -247,21 +252,38 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
     return w
 
 
-def save_sharded(weights: dict, out: Path, num_shards: int = 2, dtype: str = "float32") -> None:
-    """Write HF-style shards `model-0000i-of-0000n.safetensors` plus the index. The router
-    weight and correction bias stay float32, as in the published checkpoints."""
+def _to_mx(name: str, a: np.ndarray, dtype: str) -> mx.array:
+    # The router weight and correction bias stay float32, as in the published checkpoints.
+    keep_fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
+    return mx.array(a) if keep_fp32 else mx.array(a).astype(getattr(mx, dtype))
+
+
+def save_sharded(
+    weights: dict, out: Path, num_shards: int = 2, dtype: str = "float32", layout: str = "glm45"
+) -> None:
+    """Write HF-style shards `model-0000i-of-0000n.safetensors` plus the index, the nextn layer
+    stored as `layout` says (see `LAYOUTS`)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
+    mtp = {}
+    if layout != "glm45":
+        n = next(layer_of(k) for k in weights if k.endswith(".eh_proj.weight"))
+        shared = (".embed_tokens.weight", ".shared_head.head.weight")
+        mtp = {k: w for k, w in weights.items() if layer_of(k) == n and not k.endswith(shared)}
+        weights = {k: w for k, w in weights.items() if layer_of(k) != n}
     names = list(weights)
     chunks = np.array_split(np.arange(len(names)), num_shards)
     weight_map = {}
     for i, chunk in enumerate(chunks):
         fname = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-        arrays = {}
-        for j in chunk:
-            a = mx.array(weights[names[j]])
-            keep_fp32 = names[j].endswith(("mlp.gate.weight", "e_score_correction_bias"))
-            arrays[names[j]] = a if keep_fp32 else a.astype(getattr(mx, dtype))
-            weight_map[names[j]] = fname
+        arrays = {names[j]: _to_mx(names[j], weights[names[j]], dtype) for j in chunk}
+        weight_map.update(dict.fromkeys(arrays, fname))
         mx.save_safetensors(str(out / fname), arrays, metadata={"format": "pt"})
+    if mtp:
+        arrays = {k: _to_mx(k, w, dtype) for k, w in mtp.items()}
+        mx.save_safetensors(str(out / MTP_FILE), arrays, metadata={"format": "pt"})
+        if layout == "glm46":
+            weight_map.update(dict.fromkeys(arrays, MTP_FILE))
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
 
@@ -271,9 +293,11 @@ def make_checkpoint(
     seed: int = 0,
     dtype: str = "float32",
     num_shards: int = 2,
+    layout: str = "glm45",
     **overrides,
 ) -> Path:
-    """Build a complete tiny HF checkpoint folder (weights, config, tokenizer) in `out`."""
+    """Build a complete tiny HF checkpoint folder (weights, config, tokenizer) in `out`, its
+    nextn layer stored in `layout` (see `LAYOUTS`)."""
     out = Path(out)
     n_tokens = make_tokenizer(out)
     vocab_size = -(-n_tokens // 64) * 64  # padded like GLM's 151552
@@ -287,5 +311,5 @@ def make_checkpoint(
     (out / "generation_config.json").write_text(
         json.dumps({"eos_token_id": eos, "pad_token_id": eos[0]}, indent=2)
     )
-    save_sharded(random_weights(config, seed), out, num_shards, dtype)
+    save_sharded(random_weights(config, seed), out, num_shards, dtype, layout)
     return out

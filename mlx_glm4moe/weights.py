@@ -18,7 +18,10 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def weight_files(path: Path) -> dict[str, Path]:
-    """Map every tensor name to the safetensors file that holds it (index when present)."""
+    """Map every tensor name to the safetensors file that holds it: the index's map when there is
+    one, plus the tensors of files it does not list (GLM-4.6 and 4.7 keep their nextn layer in
+    `mtp.safetensors`, which their index may leave out)."""
+    files: dict[str, Path] = {}
     index = path / INDEX_FILE
     if index.exists():
         try:
@@ -29,11 +32,14 @@ def weight_files(path: Path) -> dict[str, Path]:
         for f in sorted(set(files.values())):
             if not f.exists():
                 raise FileNotFoundError(f"Missing weight shard {f.name} (listed in {INDEX_FILE})")
-        return files
-    shards = sorted(path.glob("*.safetensors"))
-    if not shards:
+    listed = set(files.values())
+    for f in sorted(path.glob("*.safetensors")):
+        if f not in listed:
+            for name in open_file(f):
+                files.setdefault(name, f)
+    if not files:
         raise FileNotFoundError(f"No .safetensors weights in {path}")
-    return {name: f for f in shards for name in open_file(f)}
+    return files
 
 
 def open_file(f: Path) -> dict[str, mx.array]:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from mlx_glm4moe import load
 from mlx_glm4moe.convert import convert
 from mlx_glm4moe.loading import HUB_PATTERNS, resolve
+from mlx_glm4moe.synthetic import make_checkpoint
 
 IDS = mx.array(np.random.default_rng(3).integers(0, 380, size=(1, 32)))
 
@@ -40,7 +41,19 @@ def test_round_trip_keeps_everything(air_checkpoint, air_f32, air_q4):
     assert "model.layers.1.mlp.gate.scales" not in index
 
 
-@pytest.mark.parametrize("out", ["air_f32", "air_q4"])
+@pytest.fixture(scope="module")
+def glm46_q4(tmp_path_factory):
+    """GLM-4.6's layout, 4-bit: no MTP embedding or head in the source or the output."""
+    hf = make_checkpoint(tmp_path_factory.mktemp("hf-glm46"), "glm45", layout="glm46")
+    out = convert(str(hf), str(hf.parent / "q4"), quantize=True)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.4.eh_proj.weight" in index
+    assert not [k for k in index if k.startswith("model.layers.4.") and "embed" in k]
+    assert "model.layers.4.shared_head.head.weight" not in index
+    return out
+
+
+@pytest.mark.parametrize("out", ["air_f32", "air_q4", "glm46_q4"])
 def test_mlx_lm_loads_output_with_equal_logits(out, request):
     path = request.getfixturevalue(out)
     model, _ = mlx_lm.load(str(path))

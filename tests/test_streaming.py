@@ -35,7 +35,10 @@ BIG = dict(
 
 @pytest.fixture(scope="module")
 def small_hf(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("hf-small"), "air", n_routed_experts=E)
+    """In GLM-4.6's layout (the MTP layer in mtp.safetensors, sharing the main embedding and
+    head); `big_hf` is in GLM-4.5's."""
+    path = tmp_path_factory.mktemp("hf-small")
+    return make_checkpoint(path, "air", layout="glm46", n_routed_experts=E)
 
 
 @pytest.fixture(scope="module", params=["q4", "f32"])
