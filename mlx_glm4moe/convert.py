@@ -17,12 +17,13 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from .loading import fp8_block, read_config, resolve
+from .loading import read_config, resolve
 from .model import ModelArgs
 from .recipes import RECIPES, recipe
 from .weights import (
     INDEX_FILE,
     QuantPredicate,
+    fp8_format,
     is_router,
     layer_of,
     load_lazy,
@@ -206,7 +207,7 @@ def convert(
         params: dict[str, dict] = {}
         for names in tqdm(_groups(list(weights)), desc="Converting", unit="layer"):
             group = sanitize(
-                {n: weights.pop(n) for n in names}, args.n_routed_experts, fp8_block(config)
+                {n: weights.pop(n) for n in names}, args.n_routed_experts, fp8_format(config)
             )
             tensors, used = convert_tensors(group, getattr(mx, dtype), quant)
             mx.eval(tensors)

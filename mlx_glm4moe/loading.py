@@ -15,7 +15,7 @@ from mlx_lm.utils import infer_quant_config, load_tokenizer
 
 from .model import Model, ModelArgs, MoE
 from .streaming import routed_experts, wire_resident
-from .weights import load_lazy, sanitize, weight_files
+from .weights import fp8_format, load_lazy, sanitize, weight_files
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 # Enough to load and convert: weights, configs, tokenizer and chat template.
@@ -59,10 +59,6 @@ def read_config(path: Path) -> dict[str, Any]:
 def eos_ids(config: dict[str, Any]) -> list[int]:
     eos = config.get("eos_token_id")
     return [eos] if isinstance(eos, int) else list(eos or [])
-
-
-def fp8_block(config: dict[str, Any]) -> list[int] | None:
-    return (config.get("quantization_config") or {}).get("weight_block_size")
 
 
 def build_model(
@@ -125,7 +121,7 @@ def load(
     config = read_config(path)
     ModelArgs.from_dict(config)  # fail on a wrong model type before touching weights
     weights = load_lazy(weight_files(path))
-    weights = sanitize(weights, config["n_routed_experts"], fp8_block(config))
+    weights = sanitize(weights, config["n_routed_experts"], fp8_format(config))
     experts = None if expert_slots is None else routed_experts(path, config, weights, expert_slots)
     model = build_model(config, weights, experts)
     if not lazy:
