@@ -8,6 +8,7 @@ carrying GLM's special tokens and the GLM-4.5 chat template.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -49,6 +50,8 @@ STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
 # the index ("glm46") or not ("glm46-unlisted").
 LAYOUTS = ("glm45", "glm46", "glm46-unlisted")
 MTP_FILE = "mtp.safetensors"
+MTP_SHARED = (".embed_tokens.weight", ".shared_head.head.weight")
+ROUTER = ("mlp.gate.weight", "e_score_correction_bias")
 
 # The tiny presets share their sizes and differ in the switches that matter.
 _TINY = dict(
@@ -185,8 +188,14 @@ def make_config(preset: str = "air", vocab_size: int = 512, **overrides) -> dict
 
 
 def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Random weights under HF names, including the MTP layer. Norm weights and the correction
-    bias are moved off their init values so that a port that ignores them fails."""
+    """Random weights under HF names, including the MTP layer (see `weight_groups`)."""
+    return {k: w for group in weight_groups(config, seed, dtype) for k, w in group.items()}
+
+
+def weight_groups(config: dict, seed: int = 0, dtype=np.float32) -> Iterator[dict[str, np.ndarray]]:
+    """Random weights under HF names, one group at a time: the embedding, final norm and head,
+    then each layer (the MTP layer last). Norm weights and the correction bias are moved off
+    their init values so that a port that ignores them fails."""
     rng = np.random.default_rng(seed)
     H, V, D = config["hidden_size"], config["vocab_size"], config["head_dim"]
     nq, nkv, E = (
@@ -212,14 +221,14 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
             f"{prefix}.down_proj.weight": lin(H, inter),
         }
 
-    w = {
+    yield {
         "model.embed_tokens.weight": rng.standard_normal((V, H)).astype(dtype),
         "model.norm.weight": norm(H),
         "lm_head.weight": lin(V, H),
     }
     n_layers = config["num_hidden_layers"]
     for i in range(n_layers + config.get("num_nextn_predict_layers", 0)):
-        p = f"model.layers.{i}"
+        p, w = f"model.layers.{i}", {}
         w[f"{p}.input_layernorm.weight"] = norm(H)
         w[f"{p}.post_attention_layernorm.weight"] = norm(H)
         for name, out_dim in (("q", nq * D), ("k", nkv * D), ("v", nkv * D)):
@@ -234,6 +243,7 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
             w[f"{p}.self_attn.k_norm.weight"] = norm(D)
         if i < config["first_k_dense_replace"]:
             w.update(mlp(f"{p}.mlp", I))
+            yield w
             continue
         w[f"{p}.mlp.gate.weight"] = (2.0 * lin(E, H)).astype(np.float32)
         w[f"{p}.mlp.gate.e_score_correction_bias"] = (0.1 * rng.standard_normal(E)).astype(
@@ -249,13 +259,7 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
             w[f"{p}.eh_proj.weight"] = lin(H, 2 * H)
             w[f"{p}.shared_head.norm.weight"] = norm(H)
             w[f"{p}.shared_head.head.weight"] = lin(V, H)
-    return w
-
-
-def _to_mx(name: str, a: np.ndarray, dtype: str) -> mx.array:
-    # The router weight and correction bias stay float32, as in the published checkpoints.
-    keep_fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
-    return mx.array(a) if keep_fp32 else mx.array(a).astype(getattr(mx, dtype))
+        yield w
 
 
 def save_sharded(
@@ -263,27 +267,43 @@ def save_sharded(
 ) -> None:
     """Write HF-style shards `model-0000i-of-0000n.safetensors` plus the index, the nextn layer
     stored as `layout` says (see `LAYOUTS`)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
     mtp = {}
     if layout != "glm45":
         n = next(layer_of(k) for k in weights if k.endswith(".eh_proj.weight"))
-        shared = (".embed_tokens.weight", ".shared_head.head.weight")
-        mtp = {k: w for k, w in weights.items() if layer_of(k) == n and not k.endswith(shared)}
-        weights = {k: w for k, w in weights.items() if layer_of(k) != n}
-    names = list(weights)
+        mtp = {k: w for k, w in weights.items() if layer_of(k) == n}
+    names = [k for k in weights if k not in mtp]
     chunks = np.array_split(np.arange(len(names)), num_shards)
-    weight_map = {}
-    for i, chunk in enumerate(chunks):
-        fname = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-        arrays = {names[j]: _to_mx(names[j], weights[names[j]], dtype) for j in chunk}
-        weight_map.update(dict.fromkeys(arrays, fname))
+    shards = [{names[j]: weights[names[j]] for j in chunk} for chunk in chunks]
+    write_shards(shards + ([mtp] if mtp else []), num_shards, out, dtype, layout)
+
+
+def write_shards(
+    groups: Iterable[dict[str, np.ndarray]], num_shards: int, out: Path, dtype: str, layout: str
+) -> None:
+    """Write each group as one shard, taking the next only once it is written (a generator then
+    keeps one group in memory), and the index. In GLM-4.6's layouts the group holding the nextn
+    layer goes to `mtp.safetensors` without its own embedding and head; `num_shards` counts the
+    others."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
+    weight_map, i = {}, 0
+    for group in groups:
+        # The router weight and correction bias stay float32, as in the published checkpoints.
+        arrays = {
+            k: mx.array(w) if k.endswith(ROUTER) else mx.array(w).astype(getattr(mx, dtype))
+            for k, w in group.items()
+        }
+        listed = True
+        if layout != "glm45" and any(k.endswith(".eh_proj.weight") for k in group):
+            arrays = {k: a for k, a in arrays.items() if not k.endswith(MTP_SHARED)}
+            fname, listed = MTP_FILE, layout == "glm46"
+        else:
+            i += 1
+            fname = f"model-{i:05d}-of-{num_shards:05d}.safetensors"
         mx.save_safetensors(str(out / fname), arrays, metadata={"format": "pt"})
-    if mtp:
-        arrays = {k: _to_mx(k, w, dtype) for k, w in mtp.items()}
-        mx.save_safetensors(str(out / MTP_FILE), arrays, metadata={"format": "pt"})
-        if layout == "glm46":
-            weight_map.update(dict.fromkeys(arrays, MTP_FILE))
+        if listed:
+            weight_map.update(dict.fromkeys(arrays, fname))
+        del arrays
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
 
@@ -292,12 +312,14 @@ def make_checkpoint(
     preset: str = "air",
     seed: int = 0,
     dtype: str = "float32",
-    num_shards: int = 2,
+    num_shards: int | None = 2,
     layout: str = "glm45",
     **overrides,
 ) -> Path:
     """Build a complete tiny HF checkpoint folder (weights, config, tokenizer) in `out`, its
-    nextn layer stored in `layout` (see `LAYOUTS`)."""
+    nextn layer stored in `layout` (see `LAYOUTS`). `num_shards` None writes one shard per
+    layer (and one for the embedding and head), each made and written in turn: checkpoints
+    larger than memory."""
     out = Path(out)
     n_tokens = make_tokenizer(out)
     vocab_size = -(-n_tokens // 64) * 64  # padded like GLM's 151552
@@ -311,5 +333,10 @@ def make_checkpoint(
     (out / "generation_config.json").write_text(
         json.dumps({"eos_token_id": eos, "pad_token_id": eos[0]}, indent=2)
     )
-    save_sharded(random_weights(config, seed), out, num_shards, dtype, layout)
+    if num_shards is not None:
+        save_sharded(random_weights(config, seed), out, num_shards, dtype, layout)
+        return out
+    own_mtp_shard = config["num_nextn_predict_layers"] > 0 and layout == "glm45"
+    count = 1 + config["num_hidden_layers"] + own_mtp_shard
+    write_shards(weight_groups(config, seed), count, out, dtype, layout)
     return out
