@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -41,6 +42,27 @@ def test_round_trip_keeps_everything(air_checkpoint, air_f32, air_q4):
     index = json.loads((air_q4 / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.1.mlp.switch_mlp.up_proj.scales" in index
     assert "model.layers.1.mlp.gate.scales" not in index
+
+
+def test_small_shards_hold_the_same_tensors(air_checkpoint, air_q4, tmp_path):
+    """Shards written header first, tensor by tensor, read back with the safetensors library:
+    each within the size limit (or one tensor), the same tensors as one big shard."""
+    out = convert(
+        str(air_checkpoint), str(tmp_path / "out"), quantize=True, max_shard_bytes=1 << 15
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    whole = {k: v for f in air_q4.glob("*.safetensors") for k, v in mx.load(str(f)).items()}
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 4 and set(index.values()) == {f.name for f in files}
+    seen = {}
+    for f in files:
+        tensors = safetensors.numpy.load_file(f)
+        assert sum(t.nbytes for t in tensors.values()) <= 1 << 15 or len(tensors) == 1
+        seen.update({k: (f.name, t) for k, t in tensors.items()})
+    assert seen.keys() == whole.keys() == index.keys()
+    for name, (f, t) in seen.items():
+        assert index[name] == f
+        np.testing.assert_array_equal(t, np.array(whole[name]))
 
 
 @pytest.fixture(scope="module")
