@@ -56,7 +56,7 @@ class ModelArgs:
         if model_type != "glm4_moe":
             raise ValueError(
                 f"Unsupported model_type {model_type!r}: this package runs 'glm4_moe' "
-                "(GLM-4.5, GLM-4.5-Air, GLM-4.6)."
+                "(GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7)."
             )
         config = dict(config)
         # transformers v5 moves rope_theta and partial_rotary_factor into rope_parameters.
