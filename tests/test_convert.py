@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from mlx_glm4moe import convert as convert_module
 from mlx_glm4moe import load
 from mlx_glm4moe.convert import convert
 from mlx_glm4moe.loading import HUB_PATTERNS, resolve
@@ -63,6 +64,21 @@ def test_small_shards_hold_the_same_tensors(air_checkpoint, air_q4, tmp_path):
     for name, (f, t) in seen.items():
         assert index[name] == f
         np.testing.assert_array_equal(t, np.array(whole[name]))
+
+
+def test_failure_while_writing_leaves_nothing(air_checkpoint, tmp_path, monkeypatch):
+    writes, write = [], convert_module._ShardWriter.write
+
+    def disk_full(self, name, a):
+        writes.append(name)
+        if len(writes) == 20:
+            raise OSError(28, "No space left on device")
+        write(self, name, a)
+
+    monkeypatch.setattr(convert_module._ShardWriter, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert(str(air_checkpoint), str(tmp_path / "out"), max_shard_bytes=1 << 15)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")
