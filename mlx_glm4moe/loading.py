@@ -18,8 +18,9 @@ from .streaming import routed_experts, wire_resident
 from .weights import load_lazy, sanitize, weight_files
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
-# Enough to load and convert: weights, configs, tokenizer and chat template.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "*.model"]
+# Enough to load and convert: weights, configs, tokenizer, chat template, and the model card
+# (its license goes into the converted model's card).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "*.model", "README.md"]
 
 
 def resolve(path_or_repo: str | Path | None) -> Path:
