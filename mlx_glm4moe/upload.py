@@ -156,7 +156,7 @@ def publish(mlx_path: str | Path, repo: str | None) -> str:
             raise UploadError(
                 f"the Hugging Face token {token.get('displayName', '')!r} is read-only: create one "
                 "with write access at https://huggingface.co/settings/tokens and run "
-                f"`hf auth login`, then retry: {retry_command(path, repo)}"
+                f"`hf auth login`, then retry with: {retry_command(path, repo)}"
             )
         api.create_repo(repo_id=repo, repo_type="model", exist_ok=True)
         card = _renamed_card(path, repo)
