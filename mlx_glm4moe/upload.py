@@ -200,10 +200,11 @@ def run(mlx_path: str | Path, repo: str | None) -> None:
 
 
 def base_model(source: str, source_dir: Path, config: dict[str, Any]) -> str | None:
-    """The Hub repo a conversion started from: `source` itself when it was a repo id, the repo of
-    a huggingface_hub cache snapshot (`.../models--ORG--NAME/snapshots/REV`), or a repo id left
-    in the config as `_name_or_path`. None when unknown: a local folder's name is no repo id."""
-    if not Path(source).expanduser().exists():
+    """The Hub repo a conversion started from (`source` as given, found at `source_dir`):
+    `source` itself when it was a repo id, the repo of a huggingface_hub cache snapshot
+    (`.../models--ORG--NAME/snapshots/REV`), or a repo id left in the config as `_name_or_path`.
+    None when unknown: a local folder's name is no repo id."""
+    if Path(source).expanduser() != source_dir:  # `resolve` fetched it from the Hub
         return source
     snapshot = source_dir.resolve()
     repo_folder = snapshot.parent.parent.name
