@@ -294,7 +294,7 @@ def model_card(
         base_model=base,
         library_name="mlx",
         pipeline_tag="text-generation",
-        tags=CARD_TAGS,
+        tags=list(CARD_TAGS),
         **source_license(source_dir, config),
     )
     dtype, quant = config["torch_dtype"], config.get("quantization")

@@ -51,9 +51,6 @@ class FakeApi:
     fail: dict
     role = "write"
 
-    def __init__(self):
-        self.calls.clear()
-
     def _call(self, name, kw):
         self.calls.append((name, kw))
         if name in self.fail:
