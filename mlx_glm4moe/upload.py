@@ -2,8 +2,8 @@
 
 Uploading is a step of its own (`glm4moe-upload`, or `convert.py --upload-only`), so a failed
 upload is retried without converting again. The folder is checked before anything is sent, every
-failure becomes one `UploadError` line saying what failed and how to retry, and nothing here
-writes into the folder being uploaded.
+failure becomes one `UploadError` line saying what failed and how to retry, and the folder is
+left as it was.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def publish(mlx_path: str | Path, repo: str | None) -> str:
     Always the resumable path, whatever the size: converted GLM-4.5 checkpoints are 50-400 GB and
     a small folder costs nothing more. huggingface_hub 2 made `upload_folder` itself that path
     (hf_xet, several commits, resumed by running it again) and dropped `upload_large_folder`,
-    which 1.x needs for it."""
+    which 1.x needs for it (and which keeps its resume state in the folder's .cache/)."""
     path = Path(mlx_path).expanduser()
     _check_repo(repo)
     check_folder(path)
