@@ -191,7 +191,7 @@ def retry_command(path: Path, repo: str) -> str:
     return f"glm4moe-upload --mlx-path {path} --upload-repo {repo}"
 
 
-def run(mlx_path: str | Path, repo: str | None) -> None:
+def run_upload(mlx_path: str | Path, repo: str | None) -> None:
     """`publish` for a command line: one line on stderr and exit status 1 when it fails."""
     try:
         publish(mlx_path, repo)
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--upload-repo", required=True, help="ORG/NAME on the Hub; created if needed.")
     a = p.parse_args(argv)
-    run(a.mlx_path, a.upload_repo)
+    run_upload(a.mlx_path, a.upload_repo)
 
 
 if __name__ == "__main__":

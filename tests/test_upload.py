@@ -15,8 +15,8 @@ from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, Offl
 from huggingface_hub.utils import hf_raise_for_status
 
 from mlx_glm4moe import upload
+from mlx_glm4moe.cli import convert_main
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.convert import main as convert_main
 
 try:  # the HTTP client of the installed huggingface_hub (see upload.py)
     import httpx2 as httpx
@@ -24,6 +24,7 @@ except ImportError:
     import httpx
 
 REPO = "me/air-4bit"
+ROOT = Path(__file__).resolve().parents[1]
 NO_HUB = "http://127.0.0.1:9"  # nothing listens there: refused at once, on any machine
 
 
@@ -242,12 +243,12 @@ def cli(*args, token="hf_test", home=None):
     if home is not None:
         env["HF_HOME"] = str(home)
     return subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, *args], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT
     )
 
 
 def test_real_hub_client_without_network_fails_fast_and_cleanly(air_q4):
-    r = cli("mlx_glm4moe.upload", "--mlx-path", str(air_q4), "--upload-repo", REPO)
+    r = cli("-m", "mlx_glm4moe.upload", "--mlx-path", str(air_q4), "--upload-repo", REPO)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"error: upload of {air_q4} to {REPO} failed, cannot reach {NO_HUB} (ConnectError: "
@@ -258,7 +259,7 @@ def test_real_hub_client_without_network_fails_fast_and_cleanly(air_q4):
 
 def test_real_hub_client_without_token(air_q4, tmp_path):
     args = ("--upload-only", "--mlx-path", str(air_q4), "--upload-repo", REPO)
-    r = cli("mlx_glm4moe.convert", *args, token=None, home=tmp_path)
+    r = cli("convert.py", *args, token=None, home=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert "no Hugging Face token: log in with `hf auth login`" in r.stderr
@@ -313,7 +314,7 @@ def test_card_of_a_local_source_has_no_base_model_and_no_links(air_q4, air_check
 
 
 def test_card_install_command_is_the_readmes():
-    readme = (Path(__file__).parents[1] / "README.md").read_text().splitlines()[:10]
+    readme = (ROOT / "README.md").read_text().splitlines()[:10]
     assert any(line.startswith("pip install -e . ") for line in readme)
     assert "pip install mlx-glm4moe" not in upload._usage("x")
     assert "\npip install -e .\n" in upload._usage("x")
