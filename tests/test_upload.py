@@ -267,16 +267,8 @@ def test_real_hub_client_without_token(air_q4, tmp_path):
 
 def test_convert_then_failed_upload_keeps_the_folder(air_checkpoint, tmp_path):
     out = tmp_path / "out"
-    r = cli(
-        "mlx_glm4moe.convert",
-        "--hf-path",
-        str(air_checkpoint),
-        "--mlx-path",
-        str(out),
-        "-q",
-        "--upload-repo",
-        REPO,
-    )
+    args = ("--hf-path", str(air_checkpoint), "--mlx-path", str(out), "-q", "--upload-repo", REPO)
+    r = cli("convert.py", *args)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: upload of {out} to {REPO} failed")
     assert upload.check_folder(out) is None  # complete, ready for the retry
