@@ -26,7 +26,7 @@ from .generate import MTP_BY_DEFAULT
 from .loading import load
 from .model import Model
 from .recipes import RECIPES
-from .upload import UploadError, run_upload
+from .upload import UploadError, publish
 from .weights import read_config, resolve
 
 
@@ -190,7 +190,7 @@ def convert_main(argv: list[str] | None = None) -> None:
     )
     a = p.parse_args(argv)
     if a.upload_only:
-        return run_upload(a.mlx_path, a.upload_repo)
+        return _upload(a.mlx_path, a.upload_repo)
     if a.hf_path is None:
         p.error("the following arguments are required: --hf-path")
     try:
@@ -208,6 +208,26 @@ def convert_main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, UploadError) as e:
         sys.exit(f"error: {e}")
     print(f"Wrote {out}", file=sys.stderr)
+
+
+def upload_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description="Upload a folder converted by convert.py to the Hugging Face Hub."
+    )
+    p.add_argument(
+        "--mlx-path", "--path", dest="mlx_path", required=True, help="The converted folder."
+    )
+    p.add_argument("--upload-repo", required=True, help="ORG/NAME on the Hub; created if needed.")
+    a = p.parse_args(argv)
+    _upload(a.mlx_path, a.upload_repo)
+
+
+def _upload(mlx_path: str, repo: str | None) -> None:
+    """`publish`, with one line on stderr and exit status 1 when it fails."""
+    try:
+        publish(mlx_path, repo)
+    except UploadError as e:
+        sys.exit(f"error: {e}")
 
 
 # -- the interactive chat ---------------------------------------------------------------------

@@ -8,7 +8,6 @@ left as it was.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -191,14 +190,6 @@ def retry_command(path: Path, repo: str) -> str:
     return f"glm4moe-upload --mlx-path {path} --upload-repo {repo}"
 
 
-def run_upload(mlx_path: str | Path, repo: str | None) -> None:
-    """`publish` for a command line: one line on stderr and exit status 1 when it fails."""
-    try:
-        publish(mlx_path, repo)
-    except UploadError as e:
-        sys.exit(f"error: {e}")
-
-
 def base_model(source: str, source_dir: Path, config: dict[str, Any]) -> str | None:
     """The Hub repo a conversion started from (`source` as given, found at `source_dir`):
     `source` itself when it was a repo id, the repo of a huggingface_hub cache snapshot
@@ -327,19 +318,3 @@ def model_card(
 - Weights dtype: {dtype}; size on disk: {_size(folder)}.
 - Multi-token prediction (MTP) layer: {mtp}
 {_usage(name)}"""
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description="Upload a folder converted by convert.py to the Hugging Face Hub."
-    )
-    p.add_argument(
-        "--mlx-path", "--path", dest="mlx_path", required=True, help="The converted folder."
-    )
-    p.add_argument("--upload-repo", required=True, help="ORG/NAME on the Hub; created if needed.")
-    a = p.parse_args(argv)
-    run_upload(a.mlx_path, a.upload_repo)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, Offl
 from huggingface_hub.utils import hf_raise_for_status
 
 from mlx_glm4moe import upload
-from mlx_glm4moe.cli import convert_main
+from mlx_glm4moe.cli import convert_main, upload_main
 from mlx_glm4moe.convert import convert
 
 try:  # the HTTP client of the installed huggingface_hub (see upload.py)
@@ -83,7 +83,7 @@ def hub(monkeypatch):
 def run_upload(path, repo, capsys):
     """`glm4moe-upload`, in process: (exit status, stderr lines)."""
     try:
-        upload.main(["--mlx-path", str(path), "--upload-repo", repo])
+        upload_main(["--mlx-path", str(path), "--upload-repo", repo])
         status = 0
     except SystemExit as e:
         assert isinstance(e.code, str)  # sys.exit(message): printed on stderr, status 1
@@ -248,7 +248,7 @@ def cli(*args, token="hf_test", home=None):
 
 
 def test_real_hub_client_without_network_fails_fast_and_cleanly(air_q4):
-    r = cli("-m", "mlx_glm4moe.upload", "--mlx-path", str(air_q4), "--upload-repo", REPO)
+    r = cli("convert.py", "--upload-only", "--mlx-path", str(air_q4), "--upload-repo", REPO)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"error: upload of {air_q4} to {REPO} failed, cannot reach {NO_HUB} (ConnectError: "
