@@ -218,7 +218,9 @@ def convert(
     default_q = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
 
     def converted(names: list[str], take: Callable[[str], mx.array]) -> tuple[dict, dict]:
-        group = sanitize({n: take(n) for n in names}, args.n_routed_experts, fp8)
+        group = sanitize(
+            {n: take(n) for n in names}, args.n_routed_experts, fp8, getattr(mx, dtype)
+        )
         tensors, used = convert_tensors(group, getattr(mx, dtype), quant)
         return {k: mx.contiguous(a) for k, a in tensors.items()}, used
 

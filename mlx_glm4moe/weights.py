@@ -180,11 +180,15 @@ def dequantize_fp8(name: str, weight: mx.array, scale: mx.array, fp8: FP8Format)
 
 
 def sanitize(
-    weights: dict[str, mx.array], n_routed_experts: int, fp8: FP8Format | None = None
+    weights: dict[str, mx.array],
+    n_routed_experts: int,
+    fp8: FP8Format | None = None,
+    dtype: mx.Dtype = mx.float32,
 ) -> dict[str, mx.array]:
-    """HF names → ours. Dequantizes FP8 weights (scaled as `fp8` says), stacks per-expert
-    tensors into `mlp.switch_mlp.{gate,up,down}_proj.weight` of shape [E, out, in], and drops
-    what the model does not use. Works on any subset of whole layers; the MTP layer is kept."""
+    """HF names → ours. Dequantizes FP8 weights (scaled as `fp8` says) to `dtype` (the router
+    to float32), stacks per-expert tensors into `mlp.switch_mlp.{gate,up,down}_proj.weight` of
+    shape [E, out, in], and drops what the model does not use. Works on any subset of whole
+    layers; the MTP layer is kept."""
     out = {}
     for name, w in weights.items():
         if name.endswith(
@@ -197,6 +201,8 @@ def sanitize(
                 how = f"no {name}{fp8.suffix}" if fp8 else "no FP8 quantization_config"
                 raise ValueError(f"{name} is FP8 but the checkpoint has {how} to scale it")
             w = dequantize_fp8(name, w, scale, fp8)
+            # Cast before experts are stacked: a float32 stack would double the converter's peak.
+            w = w if is_router(name) else w.astype(dtype)
         out[name] = w
 
     experts: dict[tuple[str, str], dict[int, mx.array]] = {}
