@@ -1,7 +1,8 @@
 """Realistic GLM-4.5 generations and the parse_assistant result each must give.
 
 Each case: ``name``, ``text`` (generated text only), ``tools`` (a key of TOOLSETS or None),
-``thinking`` (default True) and the expected ``content``, ``reasoning`` (reasoning_content),
+``thinking`` (default True; used when ``prompt`` is None), ``prompt`` (the end of the rendered
+prompt the text continues, or None) and the expected ``content``, ``reasoning`` (reasoning_content),
 ``calls`` (list of (name, arguments dict), in order; arguments compare as JSON text too, so the
 key order matters) and ``malformed`` (None or the flag).
 """
@@ -45,9 +46,48 @@ CONFIGURE = _fn(
     },
 )
 
+# What Pydantic's model_json_schema() writes: $defs, $ref, anyOf with null, enums, allOf.
+CREATE_USER = _fn(
+    "create_user",
+    {
+        "name": {"$ref": "#/$defs/Name"},
+        "nickname": {"allOf": [{"$ref": "#/$defs/Name"}], "description": "shown name"},
+        "role": {"$ref": "#/$defs/Role"},
+        "address": {"$ref": "#/definitions/Address"},
+        "age": {"type": "integer"},
+        "score": {"type": "number"},
+        "manager": {"anyOf": [{"$ref": "#/$defs/Name"}, {"type": "null"}], "default": None},
+        "tags": {"type": "array", "items": {"$ref": "#/$defs/Name"}},
+        "active": {"type": "boolean"},
+    },
+)
+CREATE_USER["function"]["parameters"]["$defs"] = {
+    "Name": {"type": "string", "title": "Name"},
+    "Role": {"enum": ["admin", "user"], "title": "Role", "type": "string"},
+}
+CREATE_USER["function"]["parameters"]["definitions"] = {
+    "Address": {"type": "object", "properties": {"zip": {"type": "string"}}},
+}
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "parameters": {
+            "$ref": "#/$defs/LookupArgs",
+            "$defs": {
+                "LookupArgs": {
+                    "type": "object",
+                    "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+                }
+            },
+        },
+    },
+}
+
 TOOLSETS = {
     "basic": [WEATHER, EDIT, TIME, SEARCH],
     "typed": [CONFIGURE],
+    "pydantic": [CREATE_USER, LOOKUP],
 }
 
 WEATHER_PARIS = (
@@ -56,15 +96,31 @@ WEATHER_PARIS = (
 )
 TIME_CALL = "<tool_call>get_time\n</tool_call>"
 
+# Ends of rendered prompts: GLM-4.5/4.6 (thinking on, off) and GLM-4.7 (thinking on, off).
+P45_ON = "[gMASK]<sop><|user|>\nHi<|assistant|>"
+P45_OFF = "[gMASK]<sop><|user|>\nHi/nothink<|assistant|>\n<think></think>"
+P47_ON = "[gMASK]<sop><|user|>Hi<|assistant|><think>"
+P47_OFF = "[gMASK]<sop><|user|>Hi<|assistant|></think>"
+
 
 def case(
-    name, text, *, tools=None, thinking=True, content="", reasoning=None, calls=(), malformed=None
+    name,
+    text,
+    *,
+    tools=None,
+    thinking=True,
+    prompt=None,
+    content="",
+    reasoning=None,
+    calls=(),
+    malformed=None,
 ):
     return {
         "name": name,
         "text": text,
         "tools": tools,
         "thinking": thinking,
+        "prompt": prompt,
         "content": content,
         "reasoning": reasoning,
         "calls": list(calls),
@@ -109,6 +165,7 @@ CASES = [
         "thinking_off_reemitted_empty_think",
         "\n<think></think>\nAnswer: 42",
         thinking=False,
+        reasoning="",
         content="Answer: 42",
     ),
     case(
@@ -529,9 +586,7 @@ CASES = [
         "</arg_value>\n</tool_call>\n" + TIME_CALL,
         tools="basic",
         reasoning="t",
-        content="<tool_call>get_stock\n<arg_key>sym</arg_key>\n<arg_value>AAPL</arg_value>\n"
-        "</tool_call>",
-        calls=[("get_time", {})],
+        calls=[("get_stock", {"sym": "AAPL"}), ("get_time", {})],
         malformed="unknown_tool",
     ),
     case(
@@ -559,7 +614,198 @@ CASES = [
         "first_flag_wins",
         "<tool_call>nope\n</tool_call>\n<tool_call>get_time\n<arg_key>x</arg_key>",
         tools="basic",
-        content="<tool_call>nope\n</tool_call>\n<tool_call>get_time\n<arg_key>x</arg_key>",
+        content="<tool_call>get_time\n<arg_key>x</arg_key>",
+        calls=[("nope", {})],
+        malformed="unknown_tool",
+    ),
+    # ---- the prompt decides where the output starts (GLM-4.7 opens <think> in the prompt) ------
+    case(
+        "glm47_on_reasoning_then_answer",
+        "The user greets me.\nReply briefly.</think>Hello! How can I help?",
+        prompt=P47_ON,
+        reasoning="The user greets me.\nReply briefly.",
+        content="Hello! How can I help?",
+    ),
+    case(
+        "glm47_on_call_without_newlines",
+        "Paris, three days.</think><tool_call>get_weather<arg_key>city</arg_key>"
+        "<arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>",
+        tools="basic",
+        prompt=P47_ON,
+        reasoning="Paris, three days.",
+        calls=[("get_weather", {"city": "Paris", "days": 3})],
+    ),
+    case(
+        "glm47_on_zero_argument_calls",
+        "Two clocks.</think>Checking.<tool_call>get_time</tool_call>"
+        "<tool_call>get_time</tool_call>",
+        tools="basic",
+        prompt=P47_ON,
+        reasoning="Two clocks.",
+        content="Checking.",
+        calls=[("get_time", {}), ("get_time", {})],
+    ),
+    case(
+        "glm47_on_stopped_inside_reasoning",
+        "Let me think about the weather in",
+        prompt=P47_ON,
+        reasoning="Let me think about the weather in",
+        malformed="unclosed_think",
+    ),
+    case(
+        "glm47_on_empty_output",
+        "",
+        prompt=P47_ON,
+        reasoning="",
+        malformed="unclosed_think",
+    ),
+    case(
+        "glm47_on_model_repeats_think",
+        "<think>plan</think>\nanswer",
+        prompt=P47_ON,
+        reasoning="plan",
+        content="answer",
+    ),
+    case(
+        "glm47_on_call_right_away",
+        "</think><tool_call>get_time</tool_call>",
+        tools="basic",
+        prompt=P47_ON,
+        reasoning="",
+        calls=[("get_time", {})],
+    ),
+    case(
+        "glm47_off_all_content",
+        "Paris is the capital.<tool_call>get_time</tool_call>",
+        tools="basic",
+        prompt=P47_OFF,
+        content="Paris is the capital.",
+        calls=[("get_time", {})],
+    ),
+    case(
+        "glm47_off_stray_close",
+        "Fine.</think> Done.",
+        prompt=P47_OFF,
+        content="Fine. Done.",
+    ),
+    case(
+        "glm45_prompt_on_no_think_block",
+        "Just an answer, no thinking.",
+        prompt=P45_ON,
+        content="Just an answer, no thinking.",
+    ),
+    case(
+        "glm45_prompt_on_bare_close_is_stray",
+        "Answer part one</think> and two.",
+        prompt=P45_ON,
+        content="Answer part one and two.",
+    ),
+    case(
+        "glm45_prompt_on_think_block",
+        "\n<think>Short.</think>\nLong answer.",
+        prompt=P45_ON,
+        reasoning="Short.",
+        content="Long answer.",
+    ),
+    case(
+        "glm45_prompt_off",
+        "\nThe answer is 4.",
+        prompt=P45_OFF,
+        content="The answer is 4.",
+    ),
+    # ---- interleaved thinking ----------------------------------------------------------------
+    case(
+        "interleaved_after_content",
+        "\n<think>I'm\nthinking</think>Hello, world!\n<think>Thinking2</think>What's up?\n"
+        + TIME_CALL,
+        tools="basic",
+        reasoning="I'm\nthinking\n\nThinking2",
+        content="Hello, world!\nWhat's up?",
+        calls=[("get_time", {})],
+    ),
+    case(
+        "interleaved_between_calls",
+        "\n<think>First the time.</think>\n" + TIME_CALL + "\n<think>\nNow the weather.\n"
+        "</think>\n" + WEATHER_PARIS + "\n<think></think>\nBoth requested.",
+        tools="basic",
+        reasoning="First the time.\n\nNow the weather.",
+        content="Both requested.",
+        calls=[("get_time", {}), ("get_weather", {"city": "Paris", "days": 3})],
+    ),
+    case(
+        "interleaved_glm47_prompt",
+        "Plan: time first.</think><tool_call>get_time</tool_call><think>Got it; answer now."
+        "</think>It is noon.",
+        tools="basic",
+        prompt=P47_ON,
+        reasoning="Plan: time first.\n\nGot it; answer now.",
+        content="It is noon.",
+        calls=[("get_time", {})],
+    ),
+    case(
+        "interleaved_unclosed",
+        "\n<think>a</think>\nPart one.\n<think>still going",
+        reasoning="a\n\nstill going",
+        content="Part one.",
+        malformed="unclosed_think",
+    ),
+    case(
+        "interleaved_thinking_off",
+        "Answer.\n<think>second thoughts</think>\nMore.",
+        thinking=False,
+        reasoning="second thoughts",
+        content="Answer.\n\nMore.",
+    ),
+    # ---- argument typing from JSON schemas ---------------------------------------------------
+    case(
+        "schema_ref_string_keeps_null_and_number_text",
+        "<tool_call>create_user<arg_key>name</arg_key><arg_value>null</arg_value>"
+        "<arg_key>nickname</arg_key><arg_value>7</arg_value>"
+        "<arg_key>role</arg_key><arg_value>admin</arg_value>"
+        '<arg_key>address</arg_key><arg_value>{"zip": "01234"}</arg_value></tool_call>',
+        tools="pydantic",
+        calls=[
+            (
+                "create_user",
+                {"name": "null", "nickname": "7", "role": "admin", "address": {"zip": "01234"}},
+            )
+        ],
+    ),
+    case(
+        "schema_ref_optional_and_numbers",
+        '<tool_call>create_user<arg_key>age</arg_key><arg_value>"42"</arg_value>'
+        '<arg_key>score</arg_key><arg_value>"2.5"</arg_value>'
+        "<arg_key>manager</arg_key><arg_value>null</arg_value>"
+        "<arg_key>tags</arg_key><arg_value>['a', 'b']</arg_value>"
+        "<arg_key>active</arg_key><arg_value>True</arg_value></tool_call>",
+        tools="pydantic",
+        calls=[
+            (
+                "create_user",
+                {"age": 42, "score": 2.5, "manager": None, "tags": ["a", "b"], "active": True},
+            )
+        ],
+    ),
+    case(
+        "schema_ref_at_parameters_root",
+        "<tool_call>lookup<arg_key>query</arg_key><arg_value>123</arg_value>"
+        "<arg_key>limit</arg_key><arg_value>5</arg_value></tool_call>",
+        tools="pydantic",
+        calls=[("lookup", {"query": "123", "limit": 5})],
+    ),
+    case(
+        "escaped_json_array",
+        '<tool_call>configure<arg_key>tags</arg_key><arg_value>[\\"x\\", \\"y\\"]</arg_value>'
+        "</tool_call>",
+        tools="typed",
+        calls=[("configure", {"tags": ["x", "y"]})],
+    ),
+    case(
+        "unknown_tool_glm47_typed_best_effort",
+        "<tool_call>get_stock<arg_key>symbol</arg_key><arg_value>AAPL</arg_value>"
+        "<arg_key>days</arg_key><arg_value>5</arg_value></tool_call>",
+        tools="basic",
+        calls=[("get_stock", {"symbol": "AAPL", "days": 5})],
         malformed="unknown_tool",
     ),
 ]

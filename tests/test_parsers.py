@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from parser_corpus import CASES, TOOLSETS
+from parser_corpus import CASES, P45_ON, P47_OFF, P47_ON, TOOLSETS
 
 from mlx_glm4moe.parsers import StreamParser, normalize_messages, parse_assistant
 
@@ -23,6 +23,11 @@ IDS = [c["name"] for c in CASES]
 
 def _tools(c: dict) -> list | None:
     return TOOLSETS.get(c["tools"])
+
+
+def _start(c: dict) -> dict:
+    """The keyword arguments that say where a case's output starts."""
+    return {"prompt": c["prompt"], "thinking": c["thinking"]}
 
 
 def _calls(result: dict) -> list[tuple[str, dict]]:
@@ -42,7 +47,7 @@ def test_corpus_size():
 
 @pytest.mark.parametrize("c", CASES, ids=IDS)
 def test_corpus_batch(c):
-    r = parse_assistant(c["text"], _tools(c), thinking=c["thinking"])
+    r = parse_assistant(c["text"], _tools(c), **_start(c))
     assert set(r) == {"content", "reasoning_content", "tool_calls", "malformed"}
     assert r["content"] == c["content"]
     assert r["reasoning_content"] == c["reasoning"]
@@ -81,8 +86,8 @@ def test_bare_function_tools_accepted():
 # ---- streaming == batch ------------------------------------------------------------------------
 
 
-def _stream(pieces: list[str], tools, thinking: bool) -> tuple[list[dict], dict]:
-    sp = StreamParser(tools, thinking=thinking)
+def _stream(pieces: list[str], tools, start: dict) -> tuple[list[dict], dict]:
+    sp = StreamParser(tools, **start)
     events = []
     for piece in pieces:
         events += sp.feed(piece)
@@ -90,8 +95,8 @@ def _stream(pieces: list[str], tools, thinking: bool) -> tuple[list[dict], dict]
     return events, sp.result()
 
 
-def _check_stream(pieces: list[str], tools, thinking: bool, batch: dict) -> None:
-    events, result = _stream(pieces, tools, thinking)
+def _check_stream(pieces: list[str], tools, start: dict, batch: dict) -> None:
+    events, result = _stream(pieces, tools, start)
     assert result == batch, pieces
     reasoning = [e["delta"] for e in events if e["type"] == "reasoning"]
     content = [e["delta"] for e in events if e["type"] == "content"]
@@ -125,11 +130,11 @@ SPLIT_COUNTS: dict[str, int] = {}
 
 
 def _check_case_streaming(c: dict) -> int:
-    tools, thinking = _tools(c), c["thinking"]
-    batch = parse_assistant(c["text"], tools, thinking=thinking)
+    tools, start = _tools(c), _start(c)
+    batch = parse_assistant(c["text"], tools, **start)
     n = 0
     for pieces in _splits(c["text"], seed=zlib.crc32(c["name"].encode())):
-        _check_stream(pieces, tools, thinking, batch)
+        _check_stream(pieces, tools, start, batch)
         n += 1
     return n
 
@@ -217,21 +222,50 @@ FRAGMENTS = [
 ]
 
 
-def test_fuzz_streaming_equals_batch_and_never_raises():
+def _rerender(r: dict) -> tuple[str, str]:
+    """(prompt, text): a parse result written back in GLM-4.7's format."""
+    text = "" if r["reasoning_content"] is None else r["reasoning_content"] + "</think>"
+    text += r["content"]
+    for name, args in _calls(r):
+        text += f"<tool_call>{name}"
+        for k, v in args.items():
+            v = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+            text += f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>"
+        text += "</tool_call>"
+    return (P47_OFF if r["reasoning_content"] is None else P47_ON), text
+
+
+FUZZ_STARTS = [{}, {"thinking": False}, {"prompt": P45_ON}, {"prompt": P47_ON}, {"prompt": P47_OFF}]
+
+
+def test_fuzz_streaming_equals_batch_and_round_trips():
     rng = random.Random(1234)
-    n = 0
     for _ in range(300):
         text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 30)))
         tools = rng.choice([None, TOOLSETS["basic"]])
-        thinking = rng.random() < 0.7
-        batch = parse_assistant(text, tools, thinking=thinking)
-        _check_stream(list(text), tools, thinking, batch)
+        start = rng.choice(FUZZ_STARTS)
+        batch = parse_assistant(text, tools, **start)
+        _check_stream(list(text), tools, start, batch)
         for _ in range(3):
             cuts = sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1)))
             pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-            _check_stream(pieces, tools, thinking, batch)
-        n += 4
-    assert n == 1200
+            _check_stream(pieces, tools, start, batch)
+        assert all(isinstance(args, dict) for _, args in _calls(batch))
+        if batch["malformed"] is None:
+            # Every tag was consumed, and the result says everything there is to say: written
+            # back out and parsed again, it gives itself.
+            for tag in ("<think>", "</think>", "<tool_call>"):
+                assert tag not in batch["content"], text
+            assert "<think>" not in (batch["reasoning_content"] or ""), text
+            assert "</think>" not in (batch["reasoning_content"] or ""), text
+            prompt, again = _rerender(batch)
+            r = parse_assistant(again, tools, prompt=prompt)
+            assert (r["content"], r["reasoning_content"], _calls(r), r["malformed"]) == (
+                batch["content"],
+                batch["reasoning_content"],
+                _calls(batch),
+                None,
+            ), text
 
 
 # ---- round trip through the real chat template -------------------------------------------------
@@ -332,7 +366,7 @@ def test_template_round_trip(msg, wire):
     assert [c["function"]["arguments"] for c in r["tool_calls"]] == [
         json.dumps(a, ensure_ascii=False) for _, a in msg["tool_calls"]
     ]
-    _check_stream(list(text), RT_TOOLS, True, r)
+    _check_stream(list(text), RT_TOOLS, {}, r)
 
 
 def test_template_round_trip_without_tools_schema():
