@@ -809,3 +809,859 @@ CASES = [
         malformed="unknown_tool",
     ),
 ]
+
+
+# ---- peers -------------------------------------------------------------------------------------
+# Cases from the tool- and reasoning-parser tests of vLLM (tests/reasoning/test_glm4_moe_*,
+# test_glm47_*, tests/tool_parsers/test_glm4_moe_tool_parser.py), SGLang
+# (test_function_call_parser.py: Glm4MoeDetector, Glm47MoeDetector), mlx-lm
+# (tests/test_tool_parsing.py) and llama.cpp (tests/test-chat.cpp, GLM 4.5), with the result
+# each peer's test expects, restated as (content, reasoning, calls). They are compared as users
+# see them: content and reasoning stripped (we strip, as the template does), None the same as "",
+# arguments as JSON values of the same JSON types. Where we differ on purpose, ``differs`` says
+# why and ``ours`` holds our result. ``emitted`` is what must have been streamed once the whole
+# text was fed, before close(): text may only wait while it can still be the start of a tag.
+
+
+def _tool(name, properties=None, **extra):
+    params = {"type": "object", "properties": properties or {}, **extra}
+    return {"type": "function", "function": {"name": name, "parameters": params}}
+
+
+S = {"type": "string"}
+VLLM_TOOLS = [_tool("get_weather", {"city": S})]
+SGL_TOOLS = [_tool("get_weather", {"city": S, "date": S}, required=["city", "date"])]
+SGL47_TOOLS = [
+    _tool(
+        "get_weather", {"city": S, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}
+    ),
+    _tool("get_time"),
+]
+TODO_TOOLS = [_tool("todo_write", {"todos": {"type": "array"}})]
+CALC_TOOLS = [
+    _tool("calculate", {"operation": S, "a": {"type": "number"}, "b": {"type": "number"}})
+]
+LLAMA_TOOLS = [
+    _tool("special_function", {"arg1": {"type": "integer"}}),
+    _tool("special_function_with_opt", {"arg1": {"type": "integer"}, "arg2": {"type": "integer"}}),
+    _tool(
+        "complex_function",
+        {
+            "name": S,
+            "age": {"type": "integer"},
+            "active": {"type": "boolean"},
+            "score": {"type": "number"},
+        },
+    ),
+    _tool("web_search", {"query": S, "limit": {"type": "integer"}, "type": S}),
+]
+SPECIAL = (
+    "<tool_call>special_function\n<arg_key>arg1</arg_key>\n<arg_value>1</arg_value>\n</tool_call>"
+)
+HELLO = "Hello, world!\nWhat's up?"
+
+
+def _vllm_weather(city, state, unit, indent="    "):
+    body = "".join(
+        f"{indent}<arg_key>{k}</arg_key>\n{indent}<arg_value>{v}</arg_value>\n"
+        for k, v in (("city", city), ("state", state), ("unit", unit))
+    )
+    return f"<tool_call>get_current_weather\n{body}{indent}</tool_call>"
+
+
+def _todos(raw):
+    return (
+        f"<tool_call>todo_write\n<arg_key>todos</arg_key>\n<arg_value>{raw}</arg_value></tool_call>"
+    )
+
+
+TODO_TASKS = [
+    ("1", "Check for hard-coded issues in the backend code", "in_progress"),
+    ("2", "Check for hard-coded issues in the frontend code", "pending"),
+]
+TODO_JSON = (
+    "["
+    + ", ".join(f'{{"id": "{i}", "task": "{t}", "status": "{s}"}}' for i, t, s in TODO_TASKS)
+    + "]"
+)
+TODO_VALUE = [{"id": i, "task": t, "status": s} for i, t, s in TODO_TASKS]
+BUBBLE = 'def bubble_sort(arr):\n    n = len(arr)\n    return arr\n\nprint(f"Sorted: {arr}")\n'
+
+
+def peer(
+    name,
+    source,
+    text,
+    *,
+    tools=None,
+    prompt=P45_ON,
+    content="",
+    reasoning=None,
+    calls=(),
+    emitted=None,
+    differs=None,
+    ours=None,
+):
+    return {
+        "name": name,
+        "source": source,
+        "text": text,
+        "tools": tools,
+        "prompt": prompt,
+        "content": content,
+        "reasoning": reasoning,
+        "calls": list(calls),
+        "emitted": emitted,
+        "differs": differs,
+        "ours": ours,
+    }
+
+
+V45R = "vllm reasoning/test_glm4_moe_reasoning_parser"
+V47R = "vllm reasoning/test_glm47_reasoning_parser"
+VT = "vllm tool_parsers/test_glm4_moe_tool_parser"
+SG = "sglang test_function_call_parser Glm4MoeDetector"
+SG47 = "sglang test_function_call_parser Glm47MoeDetector"
+SGF = "sglang Glm4MoeDetector (GLM-4 and GLM-4.7 formats)"
+MLX = "mlx-lm tests/test_tool_parsing"
+LL = "llama.cpp tests/test-chat GLM 4.5"
+THINK_R = "This is a reasoning section"
+
+PEER_CASES = [
+    # -- vLLM glm45 reasoning parser: the GLM-4.5 template (prompt ends with <|assistant|>) ----
+    peer(
+        "v45_with_think",
+        V45R,
+        f"<think>{THINK_R}</think>This is the rest",
+        reasoning=THINK_R,
+        content="This is the rest",
+    ),
+    peer(
+        "v45_without_think",
+        V45R,
+        "This is the rest",
+        content="This is the rest",
+        emitted={"content": "This is the rest"},
+    ),
+    peer("v45_complete_reasoning", V45R, f"<think>{THINK_R}</think>", reasoning=THINK_R),
+    peer(
+        "v45_multiline",
+        V45R,
+        "<think>This is a reasoning\nsection</think>This is the rest\nThat",
+        reasoning="This is a reasoning\nsection",
+        content="This is the rest\nThat",
+    ),
+    peer(
+        "v45_empty_think_block", V45R, "<think></think>This is the rest", content="This is the rest"
+    ),
+    peer("v45_empty_think_block_no_content", V45R, "<think></think>"),
+    peer(
+        "v45_only_open_tag_stream",
+        V45R,
+        f"<think>{THINK_R}",
+        reasoning=THINK_R,
+        emitted={"reasoning": THINK_R},
+    ),
+    peer(
+        "v45_only_open_tag_batch",
+        V45R,
+        f"<think>{THINK_R}",
+        content=f"<think>{THINK_R}",
+        differs="vLLM's batch path returns a truncated <think> as content, its streaming path as "
+        "reasoning; ours is one machine for both, so it gives the streaming answer",
+        ours={"reasoning": THINK_R, "content": ""},
+    ),
+    # -- vLLM glm47 reasoning parser: the prompt ends with <think> ----------------------------
+    peer(
+        "v47_simple",
+        V47R,
+        f"{THINK_R}</think>This is the rest",
+        prompt=P47_ON,
+        reasoning=THINK_R,
+        content="This is the rest",
+    ),
+    peer("v47_complete", V47R, f"{THINK_R}</think>", prompt=P47_ON, reasoning=THINK_R),
+    peer(
+        "v47_no_content",
+        V47R,
+        "This is content",
+        prompt=P47_ON,
+        reasoning="This is content",
+        emitted={"reasoning": "This is content"},
+    ),
+    peer(
+        "v47_multiple_lines",
+        V47R,
+        "This\nThat</think>This is the rest\nThat",
+        prompt=P47_ON,
+        reasoning="This\nThat",
+        content="This is the rest\nThat",
+    ),
+    peer(
+        "v47_shortest", V47R, "</think>This is the rest", prompt=P47_ON, content="This is the rest"
+    ),
+    peer(
+        "v47_with_think",
+        V47R,
+        f"<think>{THINK_R}</think>This is the rest",
+        prompt=P47_ON,
+        reasoning=THINK_R,
+        content="This is the rest",
+    ),
+    peer(
+        "v47_complete_with_think",
+        V47R,
+        f"<think>{THINK_R}</think>",
+        prompt=P47_ON,
+        reasoning=THINK_R,
+    ),
+    peer(
+        "v47_multiple_lines_with_think",
+        V47R,
+        "<think>This\nThat</think>This is the rest\nThat",
+        prompt=P47_ON,
+        reasoning="This\nThat",
+        content="This is the rest\nThat",
+    ),
+    peer("v47_think_no_end", V47R, f"<think>{THINK_R}", prompt=P47_ON, reasoning=THINK_R),
+    peer("v47_empty", V47R, "", prompt=P47_ON),
+    # -- vLLM glm45 tool parser (its tools list has only get_weather) -------------------------
+    peer("vt_no_tools", VT, "This is a test", tools=VLLM_TOOLS, content="This is a test"),
+    peer(
+        "vt_single_call_unknown_name",
+        VT,
+        _vllm_weather("Dallas", "TX", "fahrenheit"),
+        tools=VLLM_TOOLS,
+        calls=[("get_current_weather", {"city": "Dallas", "state": "TX", "unit": "fahrenheit"})],
+    ),
+    peer(
+        "vt_multiple_calls",
+        VT,
+        _vllm_weather("Dallas", "TX", "fahrenheit")
+        + "\n    "
+        + _vllm_weather("Orlando", "FL", "fahrenheit"),
+        tools=VLLM_TOOLS,
+        calls=[
+            ("get_current_weather", {"city": "Dallas", "state": "TX", "unit": "fahrenheit"}),
+            ("get_current_weather", {"city": "Orlando", "state": "FL", "unit": "fahrenheit"}),
+        ],
+    ),
+    peer(
+        "vt_content_before",
+        VT,
+        "I'll help you check the weather. " + _vllm_weather("Seattle", "WA", "celsius"),
+        tools=VLLM_TOOLS,
+        content="I'll help you check the weather. ",
+        calls=[("get_current_weather", {"city": "Seattle", "state": "WA", "unit": "celsius"})],
+    ),
+    peer(
+        "vt_mixed_args",
+        VT,
+        _vllm_weather("New York", "NY", "celsius"),
+        tools=VLLM_TOOLS,
+        calls=[("get_current_weather", {"city": "New York", "state": "NY", "unit": "celsius"})],
+    ),
+    peer(
+        "vt_content_no_space",
+        VT,
+        "I will help you get the weather.<tool_call>get_weather\n    <arg_key>city</arg_key>\n"
+        "    <arg_value>Beijing</arg_value>\n    <arg_key>date</arg_key>\n"
+        "    <arg_value>2025-08-01</arg_value>\n    </tool_call>",
+        tools=VLLM_TOOLS,
+        content="I will help you get the weather.",
+        calls=[("get_weather", {"city": "Beijing", "date": "2025-08-01"})],
+    ),
+    peer(
+        "vt_with_thinking_tags",
+        VT + " (with --reasoning-parser glm45)",
+        "<think>I want to get the weather.</think>\n\nI will help you get the weather.\n"
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n"
+        "<arg_key>date</arg_key>\n<arg_value>2025-08-01</arg_value>\n</tool_call>",
+        tools=VLLM_TOOLS,
+        reasoning="I want to get the weather.",
+        content="I will help you get the weather.\n",
+        calls=[("get_weather", {"city": "Beijing", "date": "2025-08-01"})],
+    ),
+    peer(
+        "vt_empty_arguments",
+        VT,
+        "<tool_call>get_current_time\n</tool_call>",
+        tools=VLLM_TOOLS,
+        calls=[("get_current_time", {})],
+    ),
+    peer(
+        "vt_mixed_content_batch",
+        VT,
+        "I will help you get the weather info.\n\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+        "<arg_value>Beijing</arg_value>\n</tool_call>\n\nmeaningwhile, I will also check the "
+        "weather in Shanghai.\n\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+        "<arg_value>Shanghai</arg_value>\n</tool_call>",
+        tools=VLLM_TOOLS,
+        content="I will help you get the weather info.\n\n",
+        calls=[("get_weather", {"city": "Beijing"}), ("get_weather", {"city": "Shanghai"})],
+        differs="vLLM's batch path keeps only the text before the first call; its streaming path "
+        "(vt_content_between_calls) keeps the text between calls too, and so do we",
+        ours={
+            "content": "I will help you get the weather info.\n\n\n\nmeaningwhile, I will also "
+            "check the weather in Shanghai."
+        },
+    ),
+    peer(
+        "vt_stream_no_calls",
+        VT,
+        "This is just regular text without any tool calls.",
+        tools=VLLM_TOOLS,
+        content="This is just regular text without any tool calls.",
+        emitted={"content": "This is just regular text without any tool calls."},
+    ),
+    peer(
+        "vt_stream_content_before_open_tag",
+        VT,
+        "I will help you get the weather.<tool_call>",
+        tools=VLLM_TOOLS,
+        content="I will help you get the weather.<tool_call>",
+        emitted={"content": "I will help you get the weather."},
+    ),
+    peer(
+        "vt_special_characters",
+        VT,
+        "<tool_call>send_message\n<arg_key>recipient</arg_key>\n<arg_value>Amy</arg_value>\n"
+        "<arg_key>message</arg_key>\n<arg_value>It is a nice day</arg_value>\n"
+        "<arg_key>priority</arg_key>\n<arg_value>high</arg_value>\n</tool_call>",
+        tools=VLLM_TOOLS,
+        calls=[
+            (
+                "send_message",
+                {"recipient": "Amy", "message": "It is a nice day", "priority": "high"},
+            )
+        ],
+    ),
+    peer(
+        "vt_incomplete_call_is_content",
+        VT,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n"
+        "<arg_key>date</arg_key>\n<arg_value>2025-08-01</arg_value>",
+        tools=VLLM_TOOLS,
+        content="<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>"
+        "\n<arg_key>date</arg_key>\n<arg_value>2025-08-01</arg_value>",
+    ),
+    peer(
+        "vt_numeric_deserialization",
+        VT,
+        "<tool_call>calculate\n<arg_key>operation</arg_key>\n<arg_value>add</arg_value>\n"
+        "<arg_key>a</arg_key>\n<arg_value>42</arg_value>\n<arg_key>b</arg_key>\n"
+        "<arg_value>3.14</arg_value>\n<arg_key>enabled</arg_key>\n<arg_value>true</arg_value>\n"
+        "</tool_call>",
+        tools=VLLM_TOOLS,
+        calls=[("calculate", {"operation": "add", "a": 42, "b": 3.14, "enabled": True})],
+    ),
+    peer(
+        "vt_whitespace_preserved",
+        VT,
+        "<tool_call>apply_diff\n<arg_key>s</arg_key>\n<arg_value>    indented code    </arg_value>"
+        "\n</tool_call>",
+        tools=[_tool("apply_diff", {"s": S})],
+        calls=[("apply_diff", {"s": "    indented code    "})],
+    ),
+    peer(
+        "vt_zero_argument_call",
+        VT,
+        "<tool_call>get_time\n</tool_call>",
+        tools=VLLM_TOOLS,
+        calls=[("get_time", {})],
+    ),
+    peer("vt_open_tag_only", VT, "<tool_call>   ", tools=VLLM_TOOLS, content="<tool_call>   "),
+    peer(
+        "vt_unicode_preserved",
+        VT,
+        "<tool_call>send_message\n<arg_key>greeting</arg_key>\n<arg_value>你好世界</arg_value>\n"
+        "<arg_key>emoji</arg_key>\n<arg_value>🎉</arg_value>\n</tool_call>",
+        tools=VLLM_TOOLS,
+        calls=[("send_message", {"greeting": "你好世界", "emoji": "🎉"})],
+    ),
+    peer(
+        "vt_json_escape_in_string",
+        VT,
+        '<tool_call>send_message\n<arg_key>message</arg_key><arg_value>Hello "world"\nNew line'
+        "</arg_value></tool_call>",
+        tools=VLLM_TOOLS,
+        calls=[("send_message", {"message": 'Hello "world"\nNew line'})],
+    ),
+    peer(
+        "vt_long_string_value",
+        VT,
+        "<tool_call>write_to_file\n<arg_key>file_path</arg_key><arg_value>/tmp/bubble_sort.py"
+        "</arg_value><arg_key>content</arg_key><arg_value>" + BUBBLE + "</arg_value></tool_call>",
+        tools=[_tool("write_to_file", {"file_path": S, "content": S})],
+        calls=[("write_to_file", {"file_path": "/tmp/bubble_sort.py", "content": BUBBLE})],
+    ),
+    peer(
+        "vt_multi_token_typed_args",
+        VT,
+        "<tool_call>calculate\n<arg_key>operation</arg_key><arg_value>add</arg_value>"
+        "<arg_key>a</arg_key><arg_value>42</arg_value><arg_key>b</arg_key><arg_value>3.14"
+        "</arg_value></tool_call>",
+        tools=CALC_TOOLS,
+        calls=[("calculate", {"operation": "add", "a": 42, "b": 3.14})],
+    ),
+    peer(
+        "vt_content_then_call",
+        VT,
+        "I will check the weather for you.\n<tool_call>get_weather\n<arg_key>city</arg_key>"
+        "<arg_value>Beijing</arg_value></tool_call>",
+        tools=VLLM_TOOLS,
+        content="I will check the weather for you.\n",
+        calls=[("get_weather", {"city": "Beijing"})],
+    ),
+    peer(
+        "vt_content_between_calls",
+        VT,
+        "Checking Beijing.\n<tool_call>get_weather\n<arg_key>city</arg_key><arg_value>Beijing"
+        "</arg_value></tool_call>\nAlso Shanghai.\n<tool_call>get_weather\n<arg_key>city"
+        "</arg_key><arg_value>Shanghai</arg_value></tool_call>",
+        tools=VLLM_TOOLS,
+        content="Checking Beijing.\n\nAlso Shanghai.\n",
+        calls=[("get_weather", {"city": "Beijing"}), ("get_weather", {"city": "Shanghai"})],
+    ),
+    peer(
+        "vt_function_tool_shape",
+        VT,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Dallas</arg_value>\n"
+        "<arg_key>unit</arg_key>\n<arg_value>fahrenheit</arg_value>\n</tool_call>",
+        tools=[
+            {
+                "type": "function",
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": S, "unit": S}},
+            }
+        ],
+        calls=[("get_weather", {"city": "Dallas", "unit": "fahrenheit"})],
+    ),
+    peer(
+        "vt_no_newline_after_name",
+        VT,
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Seattle</arg_value></tool_call>",
+        tools=VLLM_TOOLS,
+        calls=[("get_weather", {"city": "Seattle"})],
+    ),
+    peer(
+        "vt_anyof_string",
+        VT,
+        "<tool_call>configure<arg_key>api_key</arg_key><arg_value>sk-12345678</arg_value>"
+        "</tool_call>",
+        tools=[_tool("configure", {"api_key": {"anyOf": [S, {"type": "null"}]}})],
+        calls=[("configure", {"api_key": "sk-12345678"})],
+    ),
+    peer(
+        "vt_type_list_string",
+        VT,
+        "<tool_call>log<arg_key>message</arg_key><arg_value>test message</arg_value></tool_call>",
+        tools=[_tool("log", {"message": {"type": ["string", "null"]}})],
+        calls=[("log", {"message": "test message"})],
+    ),
+    peer(
+        "vt_boolean",
+        VT,
+        "<tool_call>configure<arg_key>enabled</arg_key><arg_value>true</arg_value></tool_call>",
+        tools=[_tool("configure", {"enabled": {"type": "boolean"}})],
+        calls=[("configure", {"enabled": True})],
+    ),
+    peer(
+        "vt_python_boolean",
+        VT + " (_format_nonstring_value)",
+        "<tool_call>test<arg_key>value</arg_key><arg_value>True</arg_value></tool_call>",
+        tools=[_tool("test", {"value": {"type": "boolean"}})],
+        calls=[("test", {"value": True})],
+    ),
+    # -- SGLang Glm4MoeDetector / Glm47MoeDetector ---------------------------------------------
+    peer(
+        "sg_single_call",
+        SG,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n"
+        "<arg_key>date</arg_key>\n<arg_value>2024-06-27</arg_value>\n</tool_call>",
+        tools=SGL_TOOLS,
+        calls=[("get_weather", {"city": "Beijing", "date": "2024-06-27"})],
+    ),
+    peer(
+        "sg_multiple_calls",
+        SG,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n"
+        "<arg_key>date</arg_key>\n<arg_value>2024-06-27</arg_value>\n</tool_call>"
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Shanghai</arg_value>\n"
+        "<arg_key>date</arg_key>\n<arg_value>2024-06-28</arg_value>\n</tool_call>",
+        tools=SGL_TOOLS,
+        calls=[
+            ("get_weather", {"city": "Beijing", "date": "2024-06-27"}),
+            ("get_weather", {"city": "Shanghai", "date": "2024-06-28"}),
+        ],
+    ),
+    peer(
+        "sg_invalid_tool",
+        SG,
+        "<tool_call>invalid_func\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n"
+        "</tool_call>",
+        tools=SGL_TOOLS,
+        differs="SGLang drops a call to a function not in tools; vLLM returns it (so the client "
+        "can answer with an error the model reads), and so do we, flagged unknown_tool",
+        ours={"calls": [("invalid_func", {"city": "Beijing"})]},
+    ),
+    peer(
+        "sg_array_json",
+        SG,
+        _todos(TODO_JSON),
+        tools=TODO_TOOLS,
+        calls=[("todo_write", {"todos": TODO_VALUE})],
+    ),
+    peer(
+        "sg_array_escaped_json",
+        SG,
+        _todos(TODO_JSON.replace('"', '\\"')),
+        tools=TODO_TOOLS,
+        calls=[("todo_write", {"todos": TODO_VALUE})],
+    ),
+    peer(
+        "sg_array_windows_path",
+        SG,
+        _todos(
+            '[{"id": "1", "task": "Check file at C:\\\\Users\\\\test.txt", "status": "pending"}]'
+        ),
+        tools=TODO_TOOLS,
+        calls=[
+            (
+                "todo_write",
+                {
+                    "todos": [
+                        {
+                            "id": "1",
+                            "task": "Check file at C:\\Users\\test.txt",
+                            "status": "pending",
+                        }
+                    ]
+                },
+            )
+        ],
+    ),
+    peer(
+        "sg_array_windows_path_escaped",
+        SG,
+        _todos(
+            '[{\\"id\\": \\"1\\", \\"task\\": \\"Check file at C:\\\\\\\\Users\\\\\\\\test.txt'
+            '\\", \\"status\\": \\"pending\\"}]'
+        ).replace("\n", "\\n"),
+        tools=TODO_TOOLS,
+        calls=[
+            (
+                "todo_write",
+                {
+                    "todos": [
+                        {
+                            "id": "1",
+                            "task": "Check file at C:\\Users\\test.txt",
+                            "status": "pending",
+                        }
+                    ]
+                },
+            )
+        ],
+    ),
+    peer(
+        "sg_array_literal_backslash_n",
+        SG,
+        _todos('[{"id": "1", "task": "Print \\\\n to see newline","status": "pending"}]'),
+        tools=TODO_TOOLS,
+        calls=[
+            (
+                "todo_write",
+                {"todos": [{"id": "1", "task": "Print \\n to see newline", "status": "pending"}]},
+            )
+        ],
+    ),
+    peer(
+        "sg_whitespace_preserved",
+        SG,
+        "<tool_call>apply_diff\n<arg_key>old_string</arg_key>\n<arg_value>    indented code"
+        "</arg_value>\n<arg_key>new_string</arg_key>\n<arg_value>        also indented"
+        "</arg_value>\n</tool_call>",
+        tools=[_tool("apply_diff", {"old_string": S, "new_string": S})],
+        calls=[
+            (
+                "apply_diff",
+                {"old_string": "    indented code", "new_string": "        also indented"},
+            )
+        ],
+    ),
+    peer(
+        "sg_quoted_string_value",
+        SG,
+        '<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>"\\C|\\."</arg_value>\n'
+        "<arg_key>date</arg_key>\n<arg_value>2024-06-27</arg_value>\n</tool_call>",
+        tools=SGL_TOOLS,
+        calls=[("get_weather", {"city": "\\C|\\.", "date": "2024-06-27"})],
+        differs="SGLang unquotes a quoted string value; we keep string values byte for byte "
+        "(the template writes them raw, so only that round-trips)",
+        ours={"calls": [("get_weather", {"city": '"\\C|\\."', "date": "2024-06-27"})]},
+    ),
+    peer(
+        "sg_underscore_string",
+        SG + " parse_arguments",
+        "<tool_call>f<arg_key>x</arg_key><arg_value>123_456</arg_value></tool_call>",
+        tools=[_tool("f", {"x": S})],
+        calls=[("f", {"x": "123_456"})],
+    ),
+    peer(
+        "sg_underscore_untyped",
+        SG + " parse_arguments",
+        "<tool_call>f<arg_key>x</arg_key><arg_value>123_456</arg_value></tool_call>",
+        calls=[("f", {"x": 123456})],
+        differs="without a schema SGLang reads Python literals (123_456 -> 123456); we read "
+        "only JSON there, so text that is not JSON stays text",
+        ours={"calls": [("f", {"x": "123_456"})]},
+    ),
+    peer(
+        "sg_python_dict_object",
+        SG + " parse_arguments",
+        "<tool_call>f<arg_key>x</arg_key><arg_value>{'pattern': '\\d+'}</arg_value></tool_call>",
+        tools=[_tool("f", {"x": {"type": "object"}})],
+        calls=[("f", {"x": {"pattern": "\\d+"}})],
+    ),
+    peer(
+        "sg47_single_call",
+        SG47,
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Beijing</arg_value>"
+        "<arg_key>date</arg_key><arg_value>2024-06-27</arg_value></tool_call>",
+        tools=SGL_TOOLS,
+        calls=[("get_weather", {"city": "Beijing", "date": "2024-06-27"})],
+    ),
+    peer(
+        "sg47_multiple_calls",
+        SG47,
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Beijing</arg_value>"
+        "<arg_key>date</arg_key><arg_value>2024-06-27</arg_value></tool_call>"
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Shanghai</arg_value>"
+        "<arg_key>date</arg_key><arg_value>2024-06-28</arg_value></tool_call>",
+        tools=SGL_TOOLS,
+        calls=[
+            ("get_weather", {"city": "Beijing", "date": "2024-06-27"}),
+            ("get_weather", {"city": "Shanghai", "date": "2024-06-28"}),
+        ],
+    ),
+    peer(
+        "sg47_invalid_tool",
+        SG47,
+        "<tool_call>invalid_func<arg_key>city</arg_key><arg_value>Beijing</arg_value></tool_call>",
+        tools=SGL_TOOLS,
+        differs="as sg_invalid_tool",
+        ours={"calls": [("invalid_func", {"city": "Beijing"})]},
+    ),
+    peer(
+        "sg47_array_escaped_json",
+        SG47,
+        _todos(TODO_JSON.replace('"', '\\"')).replace("\n", ""),
+        tools=TODO_TOOLS,
+        calls=[("todo_write", {"todos": TODO_VALUE})],
+    ),
+    peer(
+        "sgf_newline_separator",
+        SGF,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>杭州</arg_value>\n</tool_call>",
+        tools=SGL47_TOOLS,
+        calls=[("get_weather", {"city": "杭州"})],
+    ),
+    peer(
+        "sgf_literal_newline_separator",
+        SGF,
+        "<tool_call>get_weather\\n<arg_key>city</arg_key>\\n<arg_value>杭州</arg_value>\\n"
+        "</tool_call>",
+        tools=SGL47_TOOLS,
+        calls=[("get_weather", {"city": "杭州"})],
+    ),
+    peer(
+        "sgf_no_separator",
+        SGF,
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>杭州</arg_value></tool_call>",
+        tools=SGL47_TOOLS,
+        calls=[("get_weather", {"city": "杭州"})],
+    ),
+    peer(
+        "sgf_no_args_newline",
+        SGF,
+        "<tool_call>get_time\n</tool_call>",
+        tools=SGL47_TOOLS,
+        calls=[("get_time", {})],
+    ),
+    peer(
+        "sgf_no_args_literal_newline",
+        SGF,
+        "<tool_call>get_time\\n</tool_call>",
+        tools=SGL47_TOOLS,
+        calls=[("get_time", {})],
+    ),
+    peer(
+        "sgf_no_args_no_separator",
+        SGF,
+        "<tool_call>get_time</tool_call>",
+        tools=SGL47_TOOLS,
+        calls=[("get_time", {})],
+    ),
+    peer(
+        "sgf_multiple_args_newlines",
+        SGF,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>杭州</arg_value>\n"
+        "<arg_key>unit</arg_key>\n<arg_value>celsius</arg_value>\n</tool_call>",
+        tools=SGL47_TOOLS,
+        calls=[("get_weather", {"city": "杭州", "unit": "celsius"})],
+    ),
+    peer(
+        "sgf_multiple_args_no_separator",
+        SGF,
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>杭州</arg_value>"
+        "<arg_key>unit</arg_key><arg_value>celsius</arg_value></tool_call>",
+        tools=SGL47_TOOLS,
+        calls=[("get_weather", {"city": "杭州", "unit": "celsius"})],
+    ),
+    peer(
+        "sgf_multiple_calls",
+        SGF,
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>杭州</arg_value></tool_call>"
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>北京</arg_value></tool_call>",
+        tools=SGL47_TOOLS,
+        calls=[("get_weather", {"city": "杭州"}), ("get_weather", {"city": "北京"})],
+    ),
+    peer(
+        "sgf_text_before_call",
+        SGF,
+        "让我查询天气<tool_call>get_weather<arg_key>city</arg_key><arg_value>杭州</arg_value>"
+        "</tool_call>",
+        tools=SGL47_TOOLS,
+        content="让我查询天气",
+        calls=[("get_weather", {"city": "杭州"})],
+    ),
+    peer(
+        "sgf_no_tool_call",
+        SGF,
+        "这是普通文本，没有工具调用",
+        tools=SGL47_TOOLS,
+        content="这是普通文本，没有工具调用",
+        emitted={"content": "这是普通文本，没有工具调用"},
+    ),
+    # -- mlx-lm glm47 tool parser --------------------------------------------------------------
+    peer(
+        "mlx_glm47_untyped_numbers",
+        MLX,
+        "<tool_call>multiply<arg_key>a</arg_key><arg_value>12234585</arg_value><arg_key>b"
+        "</arg_key><arg_value>48838483920</arg_value></tool_call>",
+        calls=[("multiply", {"a": 12234585, "b": 48838483920})],
+    ),
+    peer(
+        "mlx_glm47_union_string",
+        MLX,
+        "<tool_call>q<arg_key>loc</arg_key><arg_value>12345</arg_value></tool_call>",
+        tools=[_tool("q", {"loc": {"type": ["string", "null"]}})],
+        calls=[("q", {"loc": "12345"})],
+    ),
+    peer(
+        "mlx_laguna_anyof_string",
+        MLX,
+        "<tool_call>q<arg_key>loc</arg_key><arg_value>67890</arg_value></tool_call>",
+        tools=[_tool("q", {"loc": {"anyOf": [S, {"type": "null"}]}})],
+        calls=[("q", {"loc": "67890"})],
+    ),
+    peer(
+        "mlx_glm47_name_newline",
+        MLX,
+        "<tool_call>get_weather\n<arg_key>zip</arg_key>\n<arg_value>10001</arg_value>\n"
+        "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>",
+        tools=[_tool("get_weather", {"zip": S, "days": {"type": "integer"}})],
+        calls=[("get_weather", {"zip": "10001", "days": 3})],
+    ),
+    # -- llama.cpp GLM 4.5 (reasoning format deepseek: reasoning extracted) --------------------
+    peer("ll_content", LL, HELLO, tools=LLAMA_TOOLS, content=HELLO, emitted={"content": HELLO}),
+    peer(
+        "ll_thoughts",
+        LL,
+        "\n<think>I'm\nthinking</think>\n" + HELLO,
+        tools=LLAMA_TOOLS,
+        reasoning="I'm\nthinking",
+        content=HELLO,
+    ),
+    peer(
+        "ll_call", LL, "\n" + SPECIAL, tools=LLAMA_TOOLS, calls=[("special_function", {"arg1": 1})]
+    ),
+    peer(
+        "ll_call_thoughts",
+        LL,
+        "\n<think>I'm\nthinking</think>\n" + SPECIAL,
+        tools=LLAMA_TOOLS,
+        reasoning="I'm\nthinking",
+        calls=[("special_function", {"arg1": 1})],
+    ),
+    peer(
+        "ll_call_then_content",
+        LL,
+        "\n" + SPECIAL + HELLO,
+        tools=LLAMA_TOOLS,
+        content=HELLO,
+        calls=[("special_function", {"arg1": 1})],
+    ),
+    peer(
+        "ll_thoughts_content_call",
+        LL,
+        "\n<think>I'm\nthinking</think>" + HELLO + "\n" + SPECIAL,
+        tools=LLAMA_TOOLS,
+        reasoning="I'm\nthinking",
+        content=HELLO,
+        calls=[("special_function", {"arg1": 1})],
+    ),
+    peer(
+        "ll_call_with_opt",
+        LL,
+        "\n<think></think>\n<tool_call>special_function_with_opt\n<arg_key>arg1</arg_key>\n"
+        "<arg_value>1</arg_value>\n<arg_key>arg2</arg_key>\n<arg_value>2</arg_value>\n"
+        "</tool_call>\n",
+        tools=LLAMA_TOOLS,
+        calls=[("special_function_with_opt", {"arg1": 1, "arg2": 2})],
+    ),
+    peer(
+        "ll_complex_function",
+        LL,
+        "<tool_call>complex_function\n<arg_key>name</arg_key>\n<arg_value>John Doe</arg_value>\n"
+        "<arg_key>age</arg_key>\n<arg_value>30</arg_value>\n<arg_key>active</arg_key>\n"
+        "<arg_value>true</arg_value>\n<arg_key>score</arg_key>\n<arg_value>95.5</arg_value>\n"
+        "</tool_call>",
+        tools=LLAMA_TOOLS,
+        calls=[
+            ("complex_function", {"name": "John Doe", "age": 30, "active": True, "score": 95.5})
+        ],
+    ),
+    peer(
+        "ll_web_search_quotes",
+        LL,
+        '<tool_call>web_search\n<arg_key>query</arg_key>\n<arg_value>"From Zero" Linkin Park '
+        "album tracklist complete songs</arg_value>\n<arg_key>limit</arg_key>\n<arg_value>3"
+        "</arg_value>\n<arg_key>type</arg_key>\n<arg_value>text</arg_value>\n</tool_call>",
+        tools=LLAMA_TOOLS,
+        calls=[
+            (
+                "web_search",
+                {
+                    "query": '"From Zero" Linkin Park album tracklist complete songs',
+                    "limit": 3,
+                    "type": "text",
+                },
+            )
+        ],
+    ),
+    peer(
+        "ll_interleaved_thinking",
+        LL,
+        "\n<think>I'm\nthinking</think>Hello, world!\n<think>Thinking2</think>What's up?\n"
+        + SPECIAL,
+        tools=LLAMA_TOOLS,
+        reasoning="I'm\nthinkingThinking2",
+        content=HELLO,
+        calls=[("special_function", {"arg1": 1})],
+        differs="llama.cpp runs interleaved reasoning blocks together ('thinkingThinking2'); we "
+        "join them with a blank line so words from two blocks do not merge",
+        ours={"reasoning": "I'm\nthinking\n\nThinking2"},
+    ),
+]

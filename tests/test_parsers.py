@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from parser_corpus import CASES, P45_ON, P47_OFF, P47_ON, TOOLSETS
+from parser_corpus import CASES, P45_OFF, P45_ON, P47_OFF, P47_ON, PEER_CASES, TOOLSETS
 
 from mlx_glm4moe.parsers import StreamParser, normalize_messages, parse_assistant
 
@@ -266,6 +266,84 @@ def test_fuzz_streaming_equals_batch_and_round_trips():
                 _calls(batch),
                 None,
             ), text
+
+
+# ---- peers -------------------------------------------------------------------------------------
+
+
+def peer_view(r: dict) -> tuple:
+    """A parse result as the peers' tests compare it (see PEER_CASES)."""
+    return (
+        (r["content"] or "").strip(),
+        (r["reasoning_content"] or "").strip(),
+        [(t["function"]["name"], _typed_json(t["function"]["arguments"])) for t in r["tool_calls"]],
+    )
+
+
+def peer_expected(c: dict, overrides: dict | None = None) -> tuple:
+    e = {**c, **(overrides or {})}
+    calls = [(name, _typed_json(json.dumps(args))) for name, args in e["calls"]]
+    return ((e["content"] or "").strip(), (e["reasoning"] or "").strip(), calls)
+
+
+def _typed_json(arguments: str) -> str:
+    return json.dumps(json.loads(arguments), sort_keys=True)  # 1, 1.0 and true stay apart
+
+
+def emitted_before_close(c: dict) -> dict:
+    sp = StreamParser(c["tools"], prompt=c["prompt"])
+    events = sp.feed(c["text"])
+    return {
+        kind: "".join(e["delta"] for e in events if e["type"] == kind).strip()
+        for kind in ("content", "reasoning")
+    }
+
+
+def test_peer_corpus_size():
+    assert len(PEER_CASES) >= 80
+    assert len({c["name"] for c in PEER_CASES}) == len(PEER_CASES)
+
+
+@pytest.mark.parametrize("c", PEER_CASES, ids=[c["name"] for c in PEER_CASES])
+def test_peer_case(c):
+    r = parse_assistant(c["text"], c["tools"], prompt=c["prompt"])
+    agrees = peer_view(r) == peer_expected(c)
+    if c["differs"]:
+        assert not agrees, "agrees with the peer now: drop its 'differs' note"
+        assert peer_view(r) == peer_expected(c, c["ours"])
+    else:
+        assert agrees
+    if c["emitted"]:
+        emitted = emitted_before_close(c)
+        assert {k: emitted[k] for k in c["emitted"]} == c["emitted"]
+    start = {"prompt": c["prompt"]}
+    for pieces in _splits(c["text"], seed=zlib.crc32(c["name"].encode())):
+        _check_stream(pieces, c["tools"], start, r)
+
+
+TAGS = ("<think>", "</think>", "<tool_call>")
+
+
+def _given_prompt(c: dict) -> str:
+    return c["prompt"] or (P45_ON if c["thinking"] else P45_OFF)
+
+
+@pytest.mark.parametrize("c", CASES + PEER_CASES, ids=[c["name"] for c in CASES + PEER_CASES])
+def test_streaming_holds_back_only_what_may_be_a_tag(c):
+    """After every character, what close() would still flush is whitespace, the start of a
+    tag, or an unfinished tool call: nothing else waits for the end of the generation."""
+    tools = c["tools"] if isinstance(c["tools"], list) else _tools(c)
+    sp = StreamParser(tools, prompt=_given_prompt(c))
+    for ch in c["text"]:
+        sp.feed(ch)
+        flushed = "".join(
+            e["delta"] for e in copy.deepcopy(sp).close() if e["type"] != "tool_call"
+        ).strip()
+        assert (
+            not flushed
+            or any(t.startswith(flushed) for t in TAGS)
+            or flushed.startswith("<tool_call>")
+        ), (c["text"], flushed)
 
 
 # ---- round trip through the real chat template -------------------------------------------------
