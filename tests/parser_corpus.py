@@ -4,8 +4,11 @@ Each case: ``name``, ``text`` (generated text only), ``tools`` (a key of TOOLSET
 ``thinking`` (default True; used when ``prompt`` is None), ``prompt`` (the end of the rendered
 prompt the text continues, or None) and the expected ``content``, ``reasoning`` (reasoning_content),
 ``calls`` (list of (name, arguments dict), in order; arguments compare as JSON text too, so the
-key order matters) and ``malformed`` (None or the flag).
+key order matters) and ``malformed`` (None or the flag). PEER_CASES, further down, restate the
+parser tests of vLLM, SGLang, mlx-lm and llama.cpp.
 """
+
+import json
 
 
 def _fn(name, properties=None, required=()):
@@ -917,6 +920,59 @@ def peer(
     }
 
 
+V47T = "vllm tool_parsers/test_glm47_moe_tool_parser"
+SGS = "sglang Glm4MoeDetector streaming/MTP (GLM-4.7)"
+SJ = "sgl-jax test_glm4_moe_detector"
+V47_TOOLS = [
+    {"type": "function", "function": {"name": "get_current_date", "parameters": {}}},
+    _tool("get_weather", {"city": S, "date": S}),
+]
+BASH_TOOLS = [_tool("execute_bash", {"command": S})]
+TYPED_TOOLS = [
+    _tool(
+        "do_thing",
+        {
+            "n": {"type": "integer"},
+            "ratio": {"type": "number"},
+            "flag": {"type": "boolean"},
+            "obj": {"type": "object"},
+        },
+    )
+]
+_OPTION = {"type": "object", "properties": {"label": S, "description": S}}
+_QUESTION = {
+    "type": "object",
+    "properties": {
+        "question": S,
+        "header": S,
+        "multiSelect": {"type": "boolean"},
+        "options": {"type": "array", "items": _OPTION},
+    },
+}
+ASK_TOOLS = [
+    _tool(
+        "ask_user_question",
+        {"questions": {"type": "array", "items": _QUESTION}},
+        required=["questions"],
+    )
+]
+ASK_QUESTIONS = [
+    {
+        "question": "您希望使用哪种编程语言？",
+        "header": "编程语言",
+        "multiSelect": False,
+        "options": [
+            {"label": "TypeScript", "description": "类型安全的 JavaScript 超集"},
+            {"label": "Go", "description": "高性能并发"},
+        ],
+    },
+    {"question": "启用哪些功能？", "header": "功能", "multiSelect": True, "options": []},
+]
+ASK_CALL = (
+    "<tool_call>ask_user_question<arg_key>questions</arg_key><arg_value>"
+    + json.dumps(ASK_QUESTIONS, ensure_ascii=False)
+    + "</arg_value></tool_call>"
+)
 V45R = "vllm reasoning/test_glm4_moe_reasoning_parser"
 V47R = "vllm reasoning/test_glm47_reasoning_parser"
 VT = "vllm tool_parsers/test_glm4_moe_tool_parser"
@@ -1663,5 +1719,176 @@ PEER_CASES = [
         differs="llama.cpp runs interleaved reasoning blocks together ('thinkingThinking2'); we "
         "join them with a blank line so words from two blocks do not merge",
         ours={"reasoning": "I'm\nthinking\n\nThinking2"},
+    ),
+    # -- vLLM glm47 tool parser -----------------------------------------------------------------
+    peer(
+        "v47t_no_tool_call",
+        V47T,
+        "This is a plain response.",
+        tools=V47_TOOLS,
+        content="This is a plain response.",
+    ),
+    peer(
+        "v47t_zero_arg_inline",
+        V47T,
+        "<tool_call>get_current_date</tool_call>",
+        tools=V47_TOOLS,
+        calls=[("get_current_date", {})],
+    ),
+    peer(
+        "v47t_zero_arg_newline",
+        V47T,
+        "<tool_call>get_current_date\n</tool_call>",
+        tools=V47_TOOLS,
+        calls=[("get_current_date", {})],
+    ),
+    peer(
+        "v47t_args_same_line",
+        V47T,
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Beijing</arg_value></tool_call>",
+        tools=V47_TOOLS,
+        calls=[("get_weather", {"city": "Beijing"})],
+    ),
+    peer(
+        "v47t_args_with_newlines",
+        V47T,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n"
+        "</tool_call>",
+        tools=V47_TOOLS,
+        calls=[("get_weather", {"city": "Beijing"})],
+    ),
+    peer(
+        "v47t_content_before",
+        V47T,
+        "Checking.<tool_call>get_current_date</tool_call>",
+        tools=V47_TOOLS,
+        content="Checking.",
+        calls=[("get_current_date", {})],
+    ),
+    peer(
+        "v47t_multiple",
+        V47T,
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Beijing</arg_value></tool_call>"
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Shanghai</arg_value></tool_call>",
+        tools=V47_TOOLS,
+        calls=[("get_weather", {"city": "Beijing"}), ("get_weather", {"city": "Shanghai"})],
+    ),
+    peer(
+        "v47t_whitespace_content",
+        V47T,
+        "  \n  <tool_call>get_current_date</tool_call>",
+        tools=V47_TOOLS,
+        calls=[("get_current_date", {})],
+    ),
+    # -- SGLang GLM-4.7 streaming and MTP tests (nested array arguments) ----------------------
+    peer(
+        "sg47_ask_user_after_text",
+        SGS,
+        "帮助用户做出明确的选择。我来调用 ask_user_question 工具：" + ASK_CALL,
+        tools=ASK_TOOLS,
+        content="帮助用户做出明确的选择。我来调用 ask_user_question 工具：",
+        calls=[("ask_user_question", {"questions": ASK_QUESTIONS})],
+    ),
+    peer(
+        "sg47_ask_user_streamed_text",
+        SGS,
+        "我来调用工具：" + ASK_CALL,
+        tools=ASK_TOOLS,
+        content="我来调用工具：",
+        calls=[("ask_user_question", {"questions": ASK_QUESTIONS})],
+    ),
+    peer(
+        "sg47_ask_user_text_partial",
+        SGS,
+        "我来调用工具：",
+        tools=ASK_TOOLS,
+        content="我来调用工具：",
+        emitted={"content": "我来调用工具："},
+    ),
+    peer(
+        "sg47_ask_user_only_call",
+        SGS,
+        ASK_CALL,
+        tools=ASK_TOOLS,
+        calls=[("ask_user_question", {"questions": ASK_QUESTIONS})],
+    ),
+    peer(
+        "sg_closing_gt_not_swallowed",
+        SGS,
+        "</thinking>",
+        tools=ASK_TOOLS,
+        content="</thinking>",
+        emitted={"content": "</thinking>"},
+    ),
+    # -- sgl-jax Glm4MoeDetector ---------------------------------------------------------------
+    peer(
+        "sj_no_tool_call",
+        SJ,
+        "just a normal answer with no tool",
+        tools=BASH_TOOLS,
+        content="just a normal answer with no tool",
+    ),
+    peer(
+        "sj_single_call",
+        SJ,
+        "thinking done\n<tool_call>execute_bash\n<arg_key>command</arg_key>\n<arg_value>ls"
+        "</arg_value>\n</tool_call>",
+        tools=BASH_TOOLS,
+        content="thinking done",
+        calls=[("execute_bash", {"command": "ls"})],
+    ),
+    peer(
+        "sj_two_calls",
+        SJ,
+        "<tool_call>execute_bash\n<arg_key>command</arg_key>\n<arg_value>ls</arg_value>\n"
+        "</tool_call><tool_call>execute_bash\n<arg_key>command</arg_key>\n<arg_value>pwd"
+        "</arg_value>\n</tool_call>",
+        tools=BASH_TOOLS,
+        calls=[("execute_bash", {"command": "ls"}), ("execute_bash", {"command": "pwd"})],
+    ),
+    peer(
+        "sj_streaming_text_then_call",
+        SJ,
+        "plain text. <tool_call>execute_bash\n<arg_key>command</arg_key>\n<arg_value>ls"
+        "</arg_value>\n</tool_call>",
+        tools=BASH_TOOLS,
+        content="plain text. ",
+        calls=[("execute_bash", {"command": "ls"})],
+    ),
+    peer(
+        "sj_unknown_zero_arg_call_skipped",
+        SJ,
+        "<tool_call>no_newline_separator</tool_call><tool_call>execute_bash\n<arg_key>command"
+        "</arg_key>\n<arg_value>ls</arg_value>\n</tool_call>",
+        tools=BASH_TOOLS,
+        calls=[("execute_bash", {"command": "ls"})],
+        differs="as sg_invalid_tool (the name is not among the tools)",
+        ours={"calls": [("no_newline_separator", {}), ("execute_bash", {"command": "ls"})]},
+    ),
+    peer(
+        "sj_unknown_function",
+        SJ,
+        "<tool_call>mystery\n<arg_key>x</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
+        tools=BASH_TOOLS,
+        differs="as sg_invalid_tool",
+        ours={"calls": [("mystery", {"x": 1})]},
+    ),
+    peer(
+        "sj_literal_newline",
+        SJ,
+        "<tool_call>execute_bash\\n<arg_key>command</arg_key>\\n<arg_value>ls</arg_value>\\n"
+        "</tool_call>",
+        tools=BASH_TOOLS,
+        calls=[("execute_bash", {"command": "ls"})],
+    ),
+    peer(
+        "sj_param_types",
+        SJ,
+        "<tool_call>do_thing\n<arg_key>n</arg_key>\n<arg_value>42</arg_value>\n"
+        "<arg_key>ratio</arg_key>\n<arg_value>3.14</arg_value>\n<arg_key>flag</arg_key>\n"
+        '<arg_value>true</arg_value>\n<arg_key>obj</arg_key>\n<arg_value>{"k": 1}</arg_value>\n'
+        "</tool_call>",
+        tools=TYPED_TOOLS,
+        calls=[("do_thing", {"n": 42, "ratio": 3.14, "flag": True, "obj": {"k": 1}})],
     ),
 ]
