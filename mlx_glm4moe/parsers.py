@@ -38,7 +38,8 @@ renders ``reasoning.strip()`` and ``content.strip()``):
   "\n". Other arguments are typed from the tool's JSON schema (local ``$ref`` into ``$defs`` /
   ``definitions``, ``anyOf``/``oneOf``/``allOf``, type lists, ``enum``/``const``): JSON, or a
   quoted JSON scalar (``"123"`` for an integer), a JSON-escaped object/array, or a Python literal
-  (``True``, ``{'a': 1}``). Without a schema a value is JSON if it parses as JSON, else the text.
+  (``True``, ``{'a': 1}``). Without a schema a value is JSON (or JSON-escaped JSON) if it parses
+  as such, else the text.
 * A broken call is kept verbatim in ``content`` (its trailing whitespace aside, by the rule
   above) and ``malformed`` names the first problem met: ``unclosed_tool_call`` (truncated),
   ``missing_arg_value`` (no ``<arg_value>…</arg_value>`` after a key, e.g. a lost
@@ -520,7 +521,7 @@ def _convert(raw: str, types: set[str] | None) -> Any:
     if types is None:  # no schema: best-effort JSON, else the raw text
         return raw if value is _FAIL else value
     if value is _FAIL and "string" not in types:
-        value = _python_literal(raw)
+        value = _python_literal(raw, types)
     if value is _FAIL:
         return raw
     if isinstance(value, str) and "string" not in types:  # a quoted scalar: "123", "true"
@@ -546,20 +547,17 @@ def _escaped_json(raw: str) -> Any:
     return value if isinstance(value, (dict, list)) else _FAIL
 
 
-def _python_literal(raw: str) -> Any:
-    """A Python literal (``True``, ``None``, ``{'a': 1}``) for a field the schema types as
-    non-string, when it is also valid JSON data."""
-    word = raw.strip()
-    if word.lower() in ("true", "false"):
-        return word.lower() == "true"
+def _python_literal(raw: str, types: set[str]) -> Any:
+    """A Python literal (``True``, ``None``, ``{'a': 1}``) of a type the schema allows, when it
+    is also JSON data."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid escapes such as '\d' warn
-            value = ast.literal_eval(word)
-        json.dumps(value, allow_nan=False)  # tuples become lists; sets, bytes, NaN fail
+            value = ast.literal_eval(raw.strip())
+        value = json.loads(json.dumps(value, allow_nan=False))  # tuples become lists
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return _FAIL
-    return json.loads(json.dumps(value))
+        return _FAIL  # not a literal, or sets, bytes, complex, NaN
+    return value if _type_ok(_json_type(value), types) else _FAIL
 
 
 # -- request side -------------------------------------------------------------------------------

@@ -804,6 +804,14 @@ CASES = [
         calls=[("configure", {"tags": ["x", "y"]})],
     ),
     case(
+        "python_literal_of_the_wrong_type_stays_text",
+        "<tool_call>configure<arg_key>count</arg_key><arg_value>'abc'</arg_value>"
+        "<arg_key>ratio</arg_key><arg_value>(1, 2)</arg_value>"
+        "<arg_key>options</arg_key><arg_value>{'a': (1, None)}</arg_value></tool_call>",
+        tools="typed",
+        calls=[("configure", {"count": "'abc'", "ratio": "(1, 2)", "options": {"a": [1, None]}})],
+    ),
+    case(
         "unknown_tool_glm47_typed_best_effort",
         "<tool_call>get_stock<arg_key>symbol</arg_key><arg_value>AAPL</arg_value>"
         "<arg_key>days</arg_key><arg_value>5</arg_value></tool_call>",
