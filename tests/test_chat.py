@@ -15,6 +15,7 @@ import json
 import os
 import pty
 import select
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -534,6 +535,21 @@ def test_cli_single_turn_with_tools(loaded, air_checkpoint, tmp_path, capsys):
     f.write_text("[1]")
     with pytest.raises(SystemExit, match="error: Tool 0"):
         generate_main(["--model", str(air_checkpoint), "--tools", str(f)])
+
+
+def test_cli_follows_a_glm47_template(air_checkpoint, tmp_path, capsys):
+    """The command line hands the rendered prompt to the parser: after GLM-4.7's `<think>` the
+    (random) reply prints as reasoning from its first token; after `</think>` as content."""
+    model_dir = tmp_path / "glm47"
+    shutil.copytree(air_checkpoint, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = GLM47_TEMPLATE
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    generate_main(["--model", str(model_dir), "-m", "6", "-p", "Hi"])
+    assert capsys.readouterr().out.startswith("Thinking: ")
+    generate_main(["--model", str(model_dir), "-m", "6", "-p", "Hi", "--no-think"])
+    out = capsys.readouterr().out
+    assert out.strip() and "Thinking:" not in out
 
 
 def test_interactive_history_and_toggles(loaded, monkeypatch, capsys):
