@@ -63,6 +63,7 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["StreamParser", "normalize_messages", "parse_assistant"]
@@ -379,30 +380,29 @@ def _parse_call_body(
         return name, {}, "missing_tool_name"
     if any(c.isspace() or c in "<>" for c in name):
         return name, {}, "bad_tool_name"
-    root = schemas.get(name) if schemas is not None else None  # None: untyped
-    props = _properties(root)
-
-    args: dict[str, Any] = {}
+    pairs: list[tuple[str, str]] = []  # (key, raw value text)
     i = _skip_separators(body, end)
     while i < len(body):
         if not body.startswith(KEY_OPEN, i):
-            return name, args, "unexpected_text"
+            return name, {}, "unexpected_text"
         k_end = body.find(KEY_CLOSE, i)
         key = body[i + len(KEY_OPEN) : k_end].strip() if k_end >= 0 else ""
         if not key or KEY_OPEN in key or VALUE_OPEN in key:
-            return name, args, "bad_arg_key"
+            return name, {}, "bad_arg_key"
         i = _skip_separators(body, k_end + len(KEY_CLOSE))
         if not body.startswith(VALUE_OPEN, i):
-            return name, args, "missing_arg_value"
+            return name, {}, "missing_arg_value"
         v_start = i + len(VALUE_OPEN)
         v_end = body.find(VALUE_CLOSE, v_start)
         raw = body[v_start:v_end] if v_end >= 0 else ""
         # A value running into the next <arg_key>/<arg_value> lost its </arg_value>.
         if v_end < 0 or KEY_OPEN in raw or VALUE_OPEN in raw:
-            return name, args, "missing_arg_value"
-        args[key] = _convert(raw, _schema_types(props.get(key), root) if props else None)
+            return name, {}, "missing_arg_value"
+        pairs.append((key, raw))
         i = _skip_separators(body, v_end + len(VALUE_CLOSE))
-    return name, args, None
+    root = schemas.get(name) if schemas is not None else None  # None: untyped
+    props = _property_schemas(root, pairs)
+    return name, {k: _read(raw, props.get(k), root)[0] for k, raw in pairs}, None
 
 
 def _parse_json_call(
@@ -421,11 +421,50 @@ def _parse_json_call(
     return name, args, None
 
 
-def _properties(root: dict | None) -> dict | None:
-    """The ``properties`` of a tool's parameters schema (following a ``$ref`` at its root)."""
-    params = _resolve(root, root)
-    props = params.get("properties") if isinstance(params, dict) else None
-    return props if isinstance(props, dict) else None
+def _property_schemas(root: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Argument name -> property schema, for one call to the tool whose ``parameters`` schema is
+    ``root`` (empty: untyped). A union at the root (``anyOf``/``oneOf`` of objects: a
+    discriminated union) is narrowed to the branches whose ``const``/``enum`` properties the
+    arguments fit."""
+    branches = _branches(root, root)
+    if len(branches) > 1:
+        fitting = [
+            b
+            for b in branches
+            if all(
+                _read(raw, b[k], root)[1]
+                for k, raw in pairs
+                if k in b and _schema_enum(b[k], root) is not None
+            )
+        ]
+        branches = fitting or branches
+    merged: dict[str, list] = {}
+    for branch in branches:
+        for key, schema in branch.items():
+            merged.setdefault(key, []).append(schema)
+    return {k: s[0] if len(s) == 1 else {"anyOf": s} for k, s in merged.items()}
+
+
+def _branches(schema: Any, root: Any, depth: int = 0) -> list[dict[str, Any]]:
+    """The property maps an object schema allows: one per ``anyOf``/``oneOf`` branch, with the
+    schema's own ``properties`` and its ``allOf`` parts merged in."""
+    schema = _resolve(schema, root)
+    if not isinstance(schema, dict) or depth > 16:
+        return []
+    own = schema.get("properties")
+    found = isinstance(own, dict)
+    base = dict(own) if found else {}
+    parts = schema.get("allOf")
+    for part in parts if isinstance(parts, list) else ():
+        for branch in _branches(part, root, depth + 1):
+            base.update(branch)
+            found = True
+    alternatives = schema.get("anyOf") or schema.get("oneOf")
+    if isinstance(alternatives, list):
+        out = [{**base, **b} for alt in alternatives for b in _branches(alt, root, depth + 1)]
+        if out:
+            return out
+    return [base] if found else []
 
 
 def _resolve(schema: Any, root: Any) -> Any:
@@ -511,29 +550,84 @@ def _schema_types(schema: Any, root: Any, depth: int = 0) -> set[str] | None:
     return types or None
 
 
-def _convert(raw: str, types: set[str] | None) -> Any:
-    """Type one raw <arg_value> text. Strings stay byte-exact; other types are JSON."""
-    if types == {"string"}:
-        return raw
+def _schema_enum(schema: Any, root: Any, depth: int = 0) -> list | None:
+    """The values a property schema lists (``enum``, ``const``, across ``anyOf``/``oneOf``);
+    None when it does not restrict the values."""
+    schema = _resolve(schema, root)
+    if not isinstance(schema, dict) or depth > 16:
+        return None
+    if "const" in schema:
+        return [schema["const"]]
+    if isinstance(schema.get("enum"), list):
+        return schema["enum"]
+    subs = schema.get("anyOf") or schema.get("oneOf")
+    if not isinstance(subs, list) or not subs:
+        return None
+    values: list = []
+    for sub in subs:
+        sub_values = _schema_enum(sub, root, depth + 1)
+        if sub_values is None:
+            return None
+        values += sub_values
+    return values
+
+
+def _read(raw: str, schema: Any, root: Any) -> tuple[Any, bool]:
+    """Type one raw <arg_value> text by its property schema: (value, whether it fits).
+
+    A value that may be a string stays byte-exact unless it is JSON of another allowed type
+    (``7`` for ``["string", "integer"]``). Other values are read as JSON, a quoted JSON scalar
+    (``"123"``), JSON-escaped JSON (``[{\"id\": 1}]``, seen from GLM-4.6) or a Python literal
+    (``True``, ``{'a': 1}``), whichever first fits the schema's types and listed values.
+    """
+    types = _schema_types(schema, root)
+    if types is None:  # no schema: JSON, else the text
+        value = _loads(raw)
+        if value is _FAIL:
+            value = _escaped_json(raw)
+            value = value if isinstance(value, (dict, list)) else _FAIL
+        return (raw if value is _FAIL else value), True
+    allowed = _schema_enum(schema, root)
+
+    def fits(value: Any) -> bool:
+        return _type_ok(_json_type(value), types) and (
+            allowed is None or any(_same(value, a) for a in allowed)
+        )
+
+    text_ok = "string" in types
+    if types != {"string"}:
+        for value in _readings(raw, plain=text_ok):
+            if value is _FAIL or isinstance(value, str):
+                continue
+            if isinstance(value, float) and value.is_integer() and "number" not in types:
+                value = int(value)  # 3.0 for an integer field
+            if fits(value):
+                return value, True
+    if text_ok:
+        return raw, fits(raw)
+    value = _loads(raw)  # nothing fits: the JSON reading, else the text
+    return (raw if value is _FAIL else value), False
+
+
+def _readings(raw: str, plain: bool) -> Iterator[Any]:
+    """Ways to read a non-string value, most literal first (may yield _FAIL); only plain JSON
+    when the value may also be a string."""
     value = _loads(raw)
-    if value is _FAIL:
-        value = _escaped_json(raw)
-    if types is None:  # no schema: best-effort JSON, else the raw text
-        return raw if value is _FAIL else value
-    if value is _FAIL and "string" not in types:
-        value = _python_literal(raw, types)
-    if value is _FAIL:
-        return raw
-    if isinstance(value, str) and "string" not in types:  # a quoted scalar: "123", "true"
-        inner = _loads(value.strip())
-        if inner is not _FAIL and not isinstance(inner, str):
-            value = inner
-    jt = _json_type(value)
-    if jt == "number" and "integer" in types and "number" not in types and value.is_integer():
-        return int(value)
-    if "string" in types and (jt == "string" or not _type_ok(jt, types)):
-        return raw  # e.g. ["string", "null"]: "null" -> None, anything else stays raw text
-    return value
+    yield value
+    if plain:
+        return
+    if isinstance(value, str):  # a quoted scalar or double-encoded JSON: "123"
+        yield _loads(value.strip())
+    value = _escaped_json(raw)
+    yield value
+    if isinstance(value, str):
+        yield _loads(value.strip())
+    yield _python_literal(raw)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: 1 == 1.0, but true != 1."""
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 
 def _type_ok(jt: str, types: set[str]) -> bool:
@@ -541,23 +635,20 @@ def _type_ok(jt: str, types: set[str]) -> bool:
 
 
 def _escaped_json(raw: str) -> Any:
-    """An object or array written JSON-escaped (``[{\\"id\\": 1}]``, seen from GLM-4.6)."""
+    """The JSON value of text written JSON-escaped (``[{\"id\": 1}]``, ``\"123\"``)."""
     text = _loads(f'"{raw.strip()}"')
-    value = _loads(text) if isinstance(text, str) else _FAIL
-    return value if isinstance(value, (dict, list)) else _FAIL
+    return _loads(text) if isinstance(text, str) and text != raw.strip() else _FAIL
 
 
-def _python_literal(raw: str, types: set[str]) -> Any:
-    """A Python literal (``True``, ``None``, ``{'a': 1}``) of a type the schema allows, when it
-    is also JSON data."""
+def _python_literal(raw: str) -> Any:
+    """The JSON value of a Python literal (``True``, ``None``, ``{'a': (1, 2)}``)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid escapes such as '\d' warn
             value = ast.literal_eval(raw.strip())
-        value = json.loads(json.dumps(value, allow_nan=False))  # tuples become lists
+        return json.loads(json.dumps(value, allow_nan=False))  # tuples become lists
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return _FAIL  # not a literal, or sets, bytes, complex, NaN
-    return value if _type_ok(_json_type(value), types) else _FAIL
 
 
 # -- request side -------------------------------------------------------------------------------

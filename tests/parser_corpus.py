@@ -1900,3 +1900,228 @@ PEER_CASES = [
         calls=[("do_thing", {"n": 42, "ratio": 3.14, "flag": True, "obj": {"k": 1}})],
     ),
 ]
+
+
+# -- SGLang test_glm47_schema_types.py: one GLM-4.7 call to "inspect" per case ---------------------
+SGT = "sglang unit/function_call/test_glm47_schema_types"
+
+
+def _inspect(test, schema, expected, raw_values=None, **kw):
+    """As that file's check_arguments: ``expected`` written raw (strings) or as JSON."""
+    pairs = "".join(
+        f"<arg_key>{k}</arg_key><arg_value>"
+        f"{(raw_values or {}).get(k, v if isinstance(v, str) else json.dumps(v))}</arg_value>"
+        for k, v in expected.items()
+    )
+    tool = {"type": "function", "function": {"name": "inspect", "parameters": schema}}
+    n = sum(c["name"].startswith(f"sgt_{test}_") for c in SCHEMA_CASES)
+    SCHEMA_CASES.append(
+        peer(
+            f"sgt_{test}_{n}",
+            f"{SGT}::test_{test}",
+            f"<tool_call>inspect{pairs}</tool_call>",
+            tools=[tool],
+            prompt=P47_OFF,
+            calls=[("inspect", expected)],
+            **kw,
+        )
+    )
+
+
+def _value(field):
+    return {"type": "object", "properties": {"value": field}}
+
+
+SCHEMA_CASES: list[dict] = []
+for _field, _v in [
+    ({"type": ["integer", "string"]}, "auto"),
+    ({"type": ["string", "integer"]}, 7),
+    ({"type": ["number", "string"]}, "auto"),
+    ({"type": ["object", "string"]}, "auto"),
+    ({"type": ["string", "object"]}, {"ok": False}),
+    ({"type": ["boolean", "string"]}, "auto"),
+    ({"type": ["string", "boolean"]}, False),
+    ({"type": ["string", "null"]}, None),
+    ({"type": ["null"]}, None),
+    ({"type": "null"}, None),
+    ({"enum": ["ok", None]}, None),
+    ({"type": ["string", "null"], "enum": ["ok", None]}, None),
+    ({"anyOf": [{"type": "string", "enum": ["auto"]}, {"type": "integer"}]}, 7),
+    ({"oneOf": [{"type": "null"}, {"type": "array", "items": {"type": "integer"}}]}, [1, 2]),
+    ({"const": 7}, 7),
+    ({"const": {"ok": False}}, {"ok": False}),
+    ({"const": "null"}, "null"),
+    ({"allOf": [{"type": ["integer", "string"]}, {"type": "integer"}]}, 7),
+    ({}, "123_456"),
+    ({}, {"ok": False}),
+    *[(S, v) for v in ("null", "true", "1e2", "123_456", "\\d+", 'line one\n"quoted" \\ café')],
+]:
+    _inspect("field_types", _value(_field), {"value": _v})
+_inspect(
+    "field_types",
+    _value({"type": ["string", "null"]}),
+    {"value": "null"},
+    {"value": '"null"'},
+    differs="SGLang unquotes a JSON string for a string-or-null field; we keep string values "
+    "byte for byte",
+    ours={"calls": [("inspect", {"value": '"null"'})]},
+)
+for _v, _field in [(7, {"type": "integer"}), ({"ok": False}, {"type": "object"}), ("null", S)]:
+    for _defs in ("$defs", "definitions"):
+        _inspect(
+            "local_references_and_cycles",
+            {
+                _defs: {"a/b~c": _field},
+                "type": "object",
+                "properties": {"value": {"$ref": f"#/{_defs}/a~1b~0c"}},
+            },
+            {"value": _v},
+        )
+_inspect(
+    "local_references_and_cycles",
+    {"$defs": {"args": _value(S)}, "$ref": "#/$defs/args"},
+    {"value": "null"},
+)
+_inspect(
+    "local_references_and_cycles",
+    {
+        "$defs": {"cycle": {"$ref": "#/$defs/cycle"}},
+        "properties": {"value": {"$ref": "#/$defs/cycle"}},
+    },
+    {"value": "auto"},
+)
+_TEXT = {"type": "object", "properties": {"kind": {"const": "text"}, "value": S}}
+_COUNT = {
+    "type": "object",
+    "properties": {"kind": {"const": "count"}, "value": {"type": "integer"}},
+}
+for _kw in ("anyOf", "oneOf"):
+    for _branches in ([_TEXT, _COUNT], [_COUNT, _TEXT]):
+        _inspect("root_unions", {_kw: _branches}, {"kind": "text", "value": "auto"})
+        _inspect("root_unions", {_kw: _branches}, {"kind": "count", "value": 7})
+_inspect(
+    "root_unions",
+    {"allOf": [_COUNT, {"required": ["kind", "value"]}]},
+    {"kind": "count", "value": 7},
+)
+for _field, _v in [
+    ({"type": ["string", "object"]}, "7"),
+    ({"type": ["object", "string"]}, "7"),
+    ({"oneOf": [S, {"type": "object"}]}, "7"),
+    ({"type": ["string", "array"]}, "1e2"),
+    ({"type": ["string", "integer"]}, "true"),
+    ({"type": ["string", "integer"]}, "null"),
+    ({"enum": ["7", None]}, "7"),
+    ({"enum": ["7", 8]}, "7"),
+    ({"enum": ["7", 8]}, 8),
+    ({"enum": ["true", 7]}, "true"),
+    ({"enum": ["null", 7]}, "null"),
+    ({"enum": ["7", False]}, "7"),
+    ({"type": ["string", "integer"]}, 7),
+    ({"type": ["string", "boolean"]}, True),
+    ({"type": ["string", "null"]}, None),
+    ({"type": ["string", "object"]}, {"ok": True}),
+    ({"type": ["number", "string"], "enum": [1, "auto"]}, 1),
+    ({"type": ["number", "string"], "enum": [1, "auto"]}, 1.0),
+]:
+    _inspect("native_strings_reject_disallowed_types_and_values", _value(_field), {"value": _v})
+_inspect(
+    "native_strings_reject_disallowed_types_and_values",
+    {
+        "$defs": {"value": {"type": ["string", "object"]}},
+        "properties": {"value": {"$ref": "#/$defs/value"}},
+    },
+    {"value": "7"},
+)
+for _v in ('{"a":1}', "[1,2]", '{ "a" : true }'):
+    for _field in (S, {"const": _v}):
+        _inspect(
+            "json_looking_string_bytes_are_preserved",
+            {"properties": {"value": _field}},
+            {"value": _v},
+        )
+for _raw in ('"1"', '\\"1\\"'):
+    _inspect(
+        "nonstream_numeric_strings_with_integer_enum",
+        {"properties": {"value": {"type": "number", "enum": [1, 2]}}},
+        {"value": 1},
+        {"value": _raw},
+    )
+for _type in ("number", "integer"):
+    for _raw, _v in (
+        ("123abc", "123abc"),
+        ('"123"', 123),
+        ('\\"123\\"', 123),
+        ("-12", -12),
+        ("1.25e2", 125.0),
+        ("", ""),
+    ):
+        _kw = {}
+        if _type == "integer" and _raw == "1.25e2":
+            _kw = {
+                "differs": "an integral number for an integer field becomes an integer (SGLang "
+                "keeps 125.0)",
+                "ours": {"calls": [("inspect", {"value": 125})]},
+            }
+        _inspect(
+            "numeric_values_are_serialized_after_the_value_closes",
+            {"properties": {"value": {"type": _type}}},
+            {"value": _v},
+            {"value": _raw},
+            **_kw,
+        )
+for _kw in ("oneOf", "anyOf"):
+    for _disc in ("const", "enum"):
+        _bs = [
+            {"properties": {"kind": {_disc: [k] if _disc == "enum" else k}, "value": {"type": t}}}
+            for k, t in (("text", "string"), ("count", "integer"))
+        ]
+        for _ordered in (_bs, list(reversed(_bs))):
+            for _schema in (
+                {_kw: _ordered},
+                {_kw: [{"allOf": [b]} for b in _ordered]},
+                {
+                    "$defs": {str(i): b for i, b in enumerate(_ordered)},
+                    _kw: [{"$ref": f"#/$defs/{i}"} for i in range(2)],
+                },
+            ):
+                for _args in (
+                    {"kind": "text", "value": "7"},
+                    {"kind": "count", "value": 7},
+                    {"value": "7", "kind": "text"},
+                    {"value": 7, "kind": "count"},
+                ):
+                    _inspect("completed_siblings_disambiguate_root_union", _schema, _args)
+PEER_CASES += SCHEMA_CASES
+_ONEOF = {
+    "oneOf": [
+        _value_kind
+        for _value_kind in (
+            {"properties": {"kind": {"const": "text"}, "value": S}},
+            {"properties": {"kind": {"const": "count"}, "value": {"type": "integer"}}},
+        )
+    ]
+}
+PEER_CASES.append(
+    peer(
+        "sgt_completed_arguments_reset_between_tool_calls",
+        f"{SGT}::test_completed_arguments_reset_between_tool_calls",
+        "<tool_call>inspect<arg_key>kind</arg_key><arg_value>text</arg_value><arg_key>value"
+        "</arg_key><arg_value>7</arg_value></tool_call><tool_call>inspect<arg_key>value</arg_key>"
+        "<arg_value>7</arg_value><arg_key>kind</arg_key><arg_value>count</arg_value></tool_call>"
+        "<tool_call>inspect<arg_key>value</arg_key><arg_value>7</arg_value><arg_key>kind"
+        "</arg_key><arg_value>text</arg_value></tool_call><tool_call>plain<arg_key>value"
+        "</arg_key><arg_value>hello</arg_value></tool_call>",
+        tools=[
+            {"type": "function", "function": {"name": "inspect", "parameters": _ONEOF}},
+            {"type": "function", "function": {"name": "plain", "parameters": _value(S)}},
+        ],
+        prompt=P47_OFF,
+        calls=[
+            ("inspect", {"kind": "text", "value": "7"}),
+            ("inspect", {"value": 7, "kind": "count"}),
+            ("inspect", {"value": "7", "kind": "text"}),
+            ("plain", {"value": "hello"}),
+        ],
+    )
+)

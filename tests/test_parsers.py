@@ -110,14 +110,15 @@ def _check_stream(pieces: list[str], tools, start: dict, batch: dict) -> None:
     assert calls == batch["tool_calls"], pieces
 
 
-def _splits(text: str, seed: int):
-    """Every single cut point, one char at a time, then seeded random chunkings."""
+def _splits(text: str, seed: int, chunkings: int = RANDOM_CHUNKINGS):
+    """Every single cut point, one char at a time, then seeded random chunkings (a fifth of them
+    with pieces of up to 40 chars, the others up to 8)."""
     for i in range(len(text) + 1):
         yield [text[:i], text[i:]]
     yield list(text)
     rng = random.Random(seed)
-    for k in range(RANDOM_CHUNKINGS):
-        top = 8 if k < 120 else 40
+    for k in range(chunkings):
+        top = 8 if k < chunkings * 4 // 5 else 40
         pieces, i = [], 0
         while i < len(text):
             n = rng.randint(1, top)
@@ -300,7 +301,7 @@ def emitted_before_close(c: dict) -> dict:
 
 
 def test_peer_corpus_size():
-    assert len(PEER_CASES) >= 80
+    assert len(PEER_CASES) >= 280
     assert len({c["name"] for c in PEER_CASES}) == len(PEER_CASES)
 
 
@@ -317,7 +318,7 @@ def test_peer_case(c):
         emitted = emitted_before_close(c)
         assert {k: emitted[k] for k in c["emitted"]} == c["emitted"]
     start = {"prompt": c["prompt"]}
-    for pieces in _splits(c["text"], seed=zlib.crc32(c["name"].encode())):
+    for pieces in _splits(c["text"], seed=zlib.crc32(c["name"].encode()), chunkings=20):
         _check_stream(pieces, c["tools"], start, r)
 
 
