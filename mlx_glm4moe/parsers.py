@@ -36,10 +36,11 @@ renders ``reasoning.strip()`` and ``content.strip()``):
 * String arguments are kept byte-exact (no stripping, no unquoting): the template writes string
   values raw, so exact is the only rule that round-trips values such as file contents ending in
   "\n". Other arguments are typed from the tool's JSON schema (local ``$ref`` into ``$defs`` /
-  ``definitions``, ``anyOf``/``oneOf``/``allOf``, type lists, ``enum``/``const``): JSON, or a
-  quoted JSON scalar (``"123"`` for an integer), a JSON-escaped object/array, or a Python literal
-  (``True``, ``{'a': 1}``). Without a schema a value is JSON (or JSON-escaped JSON) if it parses
-  as such, else the text.
+  ``definitions``, ``anyOf``/``oneOf``/``allOf``, type lists, ``enum``/``const``, and a
+  discriminated union at the root of ``parameters``): JSON, a quoted JSON scalar (``"123"``
+  for an integer), JSON-escaped JSON, or a Python literal (``True``, ``{'a': 1}``), whichever
+  first fits the schema. Without a schema a value is JSON (or a JSON-escaped object or array)
+  if it parses as such, else the text.
 * A broken call is kept verbatim in ``content`` (its trailing whitespace aside, by the rule
   above) and ``malformed`` names the first problem met: ``unclosed_tool_call`` (truncated),
   ``missing_arg_value`` (no ``<arg_value>…</arg_value>`` after a key, e.g. a lost
