@@ -7,7 +7,6 @@ into a temporary folder beside the destination, renamed into place only when com
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -17,16 +16,18 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from .loading import fp8_block, read_config, resolve
 from .model import ModelArgs
-from .recipes import RECIPES, recipe
+from .recipes import recipe
 from .weights import (
     INDEX_FILE,
     QuantPredicate,
+    fp8_block,
     is_router,
     layer_of,
     load_lazy,
     module_path,
+    read_config,
+    resolve,
     sanitize,
     uniform_quant,
     weight_files,
@@ -252,40 +253,3 @@ def upload(path: Path, repo: str) -> None:
     api.create_repo(repo_id=repo, exist_ok=True)
     api.upload_folder(folder_path=str(path), repo_id=repo, repo_type="model")
     print(f"Uploaded to https://huggingface.co/{repo}", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Convert a GLM-4.5 (glm4_moe) checkpoint to MLX.")
-    p.add_argument("--hf-path", required=True, help="Local folder or Hugging Face repo id.")
-    p.add_argument("--mlx-path", required=True, help="Output folder.")
-    p.add_argument("-q", "--quantize", action="store_true", help="Quantize (4-bit by default).")
-    p.add_argument("--q-bits", type=int, default=4, choices=Q_BITS)
-    p.add_argument("--q-group-size", type=int, default=64, choices=Q_GROUP_SIZES)
-    p.add_argument(
-        "--quant-recipe",
-        choices=list(RECIPES),
-        help="Quantize with per-module bits (see mlx_glm4moe.recipes); overrides --q-bits.",
-    )
-    p.add_argument("--dtype", choices=DTYPES, help="Weights dtype (default: the source's).")
-    p.add_argument("--upload-repo", help="Hugging Face repo to upload the result to.")
-    p.add_argument("--force", action="store_true", help="Replace an existing --mlx-path.")
-    a = p.parse_args(argv)
-    try:
-        out = convert(
-            a.hf_path,
-            a.mlx_path,
-            a.quantize,
-            a.q_bits,
-            a.q_group_size,
-            a.dtype,
-            a.upload_repo,
-            a.force,
-            quant_recipe=a.quant_recipe,
-        )
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    print(f"Wrote {out}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

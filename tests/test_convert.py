@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
@@ -14,9 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from mlx_glm4moe import load
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.loading import HUB_PATTERNS, resolve
+from mlx_glm4moe.weights import HUB_PATTERNS, resolve
 
 IDS = mx.array(np.random.default_rng(3).integers(0, 380, size=(1, 32)))
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def logits(path):
@@ -138,7 +141,7 @@ def test_upload_creates_repo_and_uploads_card(air_checkpoint, tmp_path, monkeypa
 
 def run_convert(*args):
     return subprocess.run(
-        [sys.executable, "-m", "mlx_glm4moe.convert", *args], capture_output=True, text=True
+        [sys.executable, str(ROOT / "convert.py"), *args], capture_output=True, text=True
     )
 
 
