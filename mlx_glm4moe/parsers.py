@@ -290,7 +290,7 @@ class StreamParser:
             self._to_content(CALL_OPEN + body + CALL_CLOSE, events)
             return
         if self._schemas is not None and name not in self._schemas:
-            self._flag("unknown_tool")  # still a call: vLLM and SGLang clients expect one
+            self._flag("unknown_tool")  # still a call (as vLLM): the client can answer it
         index = len(self._calls)
         arguments = json.dumps(args, ensure_ascii=False)
         digest = hashlib.sha256(f"{self._salt}\0{index}\0{name}\0{arguments}".encode()).hexdigest()
