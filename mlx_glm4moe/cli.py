@@ -26,6 +26,7 @@ from .generate import MTP_BY_DEFAULT
 from .loading import load
 from .model import Model
 from .recipes import RECIPES
+from .upload import UploadError, publish
 from .weights import read_config, resolve
 
 
@@ -171,7 +172,7 @@ def generate_main(argv: list[str] | None = None) -> None:
 
 def convert_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Convert a GLM-4.5 (glm4_moe) checkpoint to MLX.")
-    p.add_argument("--hf-path", required=True, help="Local folder or Hugging Face repo id.")
+    p.add_argument("--hf-path", help="Local folder or Hugging Face repo id.")
     p.add_argument("--mlx-path", required=True, help="Output folder.")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize (4-bit by default).")
     p.add_argument("--q-bits", type=int, default=4, choices=Q_BITS)
@@ -184,7 +185,14 @@ def convert_main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=DTYPES, help="Weights dtype (default: the source's).")
     p.add_argument("--upload-repo", help="Hugging Face repo to upload the result to.")
     p.add_argument("--force", action="store_true", help="Replace an existing --mlx-path.")
+    p.add_argument(
+        "--upload-only", action="store_true", help="Upload --mlx-path, already converted."
+    )
     a = p.parse_args(argv)
+    if a.upload_only:
+        return _upload(a.mlx_path, a.upload_repo)
+    if a.hf_path is None:
+        p.error("the following arguments are required: --hf-path")
     try:
         out = convert(
             a.hf_path,
@@ -197,9 +205,29 @@ def convert_main(argv: list[str] | None = None) -> None:
             a.force,
             quant_recipe=a.quant_recipe,
         )
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, UploadError) as e:
         sys.exit(f"error: {e}")
     print(f"Wrote {out}", file=sys.stderr)
+
+
+def upload_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description="Upload a folder converted by convert.py to the Hugging Face Hub."
+    )
+    p.add_argument(
+        "--mlx-path", "--path", dest="mlx_path", required=True, help="The converted folder."
+    )
+    p.add_argument("--upload-repo", required=True, help="ORG/NAME on the Hub; created if needed.")
+    a = p.parse_args(argv)
+    _upload(a.mlx_path, a.upload_repo)
+
+
+def _upload(mlx_path: str, repo: str | None) -> None:
+    """`publish`, with one line on stderr and exit status 1 when it fails."""
+    try:
+        publish(mlx_path, repo)
+    except UploadError as e:
+        sys.exit(f"error: {e}")
 
 
 # -- the interactive chat ---------------------------------------------------------------------

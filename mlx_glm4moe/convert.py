@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from .model import ModelArgs
 from .recipes import recipe
+from .upload import model_card, publish
 from .weights import (
     INDEX_FILE,
     QuantPredicate,
@@ -119,45 +119,6 @@ def _quant_config(params: dict[str, dict], default: dict) -> dict:
     return config
 
 
-def model_card(
-    src: str, dst_name: str, config: dict, quant: dict | None, quant_recipe: str | None = None
-) -> str:
-    q = f"{quant['bits']}-bit (group {quant['group_size']}, {quant['mode']})" if quant else "none"
-    if quant_recipe:
-        q = f"recipe `{quant_recipe}` (per-module bits in config.json)"
-    mtp = "kept" if config.get("num_nextn_predict_layers") else "absent in the source"
-    return f"""---
-base_model: {src}
-library_name: mlx
-tags: [mlx, glm4_moe, mlx-glm4moe]
-pipeline_tag: text-generation
----
-# {dst_name}
-
-[{src}](https://huggingface.co/{src}) converted to MLX with
-[mlx-glm4moe](https://github.com/mlx-glm4moe/mlx-glm4moe).
-
-- Quantization: {q}; the router and its correction bias stay float32.
-- Multi-token-prediction (nextn) layer: {mtp}.
-- Weights dtype: {config.get("torch_dtype")}.
-
-## Run
-
-```bash
-pip install mlx-glm4moe
-glm4moe-generate --model {dst_name} --prompt "Hello"
-```
-
-```python
-from mlx_glm4moe import load, generate
-model, tokenizer = load("{dst_name}")
-print(generate(model, tokenizer, "Hello", max_tokens=100))
-```
-
-The folder also loads with `mlx_lm.load` (which ignores the MTP layer).
-"""
-
-
 def convert(
     hf_path: str,
     mlx_path: str,
@@ -175,7 +136,8 @@ def convert(
     Reads one layer's tensors at a time, so peak memory is about one layer plus one output shard.
     An existing `mlx_path` is only replaced with `force`, and only once the new one is complete.
     `quant_recipe` (a name in `recipes.RECIPES`) quantizes with per-module bits instead of the
-    uniform `q_bits`.
+    uniform `q_bits`. `upload_repo` names the model in its card and, once the folder is complete,
+    receives it (`upload.publish`; its `UploadError` leaves the folder in place for a retry).
     """
     dst = Path(mlx_path).expanduser()
     if dst.exists() and not force:
@@ -225,14 +187,7 @@ def convert(
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _WRITTEN:
                 shutil.copy2(f, tmp / f.name)
-        src_name = hf_path if not Path(hf_path).expanduser().exists() else src.name
-        card = model_card(
-            src_name,
-            upload_repo or dst.name,
-            config,
-            default_q if quantize else None,
-            quant_recipe,
-        )
+        card = model_card(tmp, upload_repo or dst.name, hf_path, src, quant_recipe)
         (tmp / "README.md").write_text(card)
         if dst.exists():
             shutil.rmtree(dst)
@@ -241,15 +196,5 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if upload_repo:
-        upload(dst, upload_repo)
+        publish(dst, upload_repo)
     return dst
-
-
-def upload(path: Path, repo: str) -> None:
-    """Create `repo` on the Hugging Face Hub (if needed) and upload the converted folder."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id=repo, exist_ok=True)
-    api.upload_folder(folder_path=str(path), repo_id=repo, repo_type="model")
-    print(f"Uploaded to https://huggingface.co/{repo}", file=sys.stderr)

@@ -15,8 +15,9 @@ from typing import Any
 import mlx.core as mx
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
-# Enough to load and convert: weights, configs, tokenizer and chat template.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "*.model"]
+# Enough to load and convert: weights, configs, tokenizer, chat template, and the model card
+# (its license goes into the converted model's card).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "*.model", "README.md"]
 INDEX_FILE = "model.safetensors.index.json"
 _EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")

@@ -113,32 +113,6 @@ def test_hub_repo_id_goes_through_snapshot_download(air_checkpoint, monkeypatch)
     assert calls == [("zai-org/GLM-4.5-Air", HUB_PATTERNS)]
 
 
-def test_upload_creates_repo_and_uploads_card(air_checkpoint, tmp_path, monkeypatch):
-    calls = []
-
-    class FakeApi:
-        def create_repo(self, **kw):
-            calls.append(("create_repo", kw))
-
-        def upload_folder(self, **kw):
-            files = sorted(p.name for p in (tmp_path / "up").iterdir())
-            calls.append(("upload_folder", kw, files))
-
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
-    convert(str(air_checkpoint), str(tmp_path / "up"), quantize=True, upload_repo="me/air-4bit")
-    assert calls[0] == ("create_repo", {"repo_id": "me/air-4bit", "exist_ok": True})
-    name, kw, files = calls[1]
-    assert kw == {
-        "folder_path": str(tmp_path / "up"),
-        "repo_id": "me/air-4bit",
-        "repo_type": "model",
-    }
-    assert "README.md" in files and "model-00001-of-00001.safetensors" in files
-    card = (tmp_path / "up" / "README.md").read_text()
-    assert "base_model:" in card and "4-bit (group 64, affine)" in card
-    assert 'load("me/air-4bit")' in card
-
-
 def run_convert(*args):
     return subprocess.run(
         [sys.executable, str(ROOT / "convert.py"), *args], capture_output=True, text=True
