@@ -1,32 +1,38 @@
 """Hugging Face checkpoint → MLX, one layer at a time, in bounded memory.
 
 Each layer's tensors are read lazily from their source shards, renamed and stacked
-(`weights.sanitize`), cast, quantized, written, and released before the next layer. Output goes
-into a temporary folder beside the destination, renamed into place only when complete.
+(`weights.sanitize`), cast, quantized and appended to their output shard one tensor at a time,
+whatever the shard size: every output tensor's shape is planned first, so each shard's header is
+written before its data. Output goes into a temporary folder beside the destination, renamed
+into place only when complete.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import shutil
-import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import mlx.core as mx
 from tqdm import tqdm
 
-from .loading import fp8_block, read_config, resolve
 from .model import ModelArgs
-from .recipes import RECIPES, recipe
+from .recipes import recipe
+from .upload import model_card, publish
 from .weights import (
     INDEX_FILE,
     QuantPredicate,
+    fp8_format,
     is_router,
     layer_of,
     load_lazy,
     module_path,
+    read_config,
+    resolve,
     sanitize,
     uniform_quant,
     weight_files,
@@ -53,35 +59,84 @@ def _groups(names: list[str]) -> list[list[str]]:
     return [g for g in [top, *(layers[i] for i in sorted(layers)), bottom] if g]
 
 
+# safetensors' names for the dtypes a conversion writes.
+_SAFETENSORS_DTYPES = {
+    mx.bool_: "BOOL",
+    mx.uint8: "U8",
+    mx.uint16: "U16",
+    mx.uint32: "U32",
+    mx.int8: "I8",
+    mx.int32: "I32",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.float32: "F32",
+}
+Planned = tuple[str, tuple[int, ...], mx.Dtype]
+
+
 class _ShardWriter:
-    """Buffers converted tensors and writes a safetensors shard whenever the buffer is full."""
+    """Writes planned tensors, in plan order, into safetensors shards of at most `max_bytes`
+    each (a larger tensor gets a shard of its own). Every tensor's shape and dtype is known
+    before any is computed, so each file's header is written first and each tensor's bytes are
+    appended as it arrives: no shard is ever held in memory."""
 
-    def __init__(self, out: Path, max_bytes: int):
-        self.out, self.max_bytes = out, max_bytes
-        self.buffer: dict[str, mx.array] = {}
-        self.files: list[tuple[str, list[str]]] = []
+    def __init__(self, out: Path, plan: list[Planned], max_bytes: int):
+        self.out = out
+        self.shards: list[list[Planned]] = []
+        size = 0
+        for t in plan:
+            nbytes = math.prod(t[1]) * t[2].size
+            if not self.shards or (size + nbytes > max_bytes and self.shards[-1]):
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(t)
+            size += nbytes
+        n = len(self.shards)
+        self.names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.pending = iter([(i, t) for i, shard in enumerate(self.shards) for t in shard])
+        self.file: BinaryIO | None = None
+        self.shard = -1
 
-    def add(self, tensors: dict[str, mx.array]) -> None:
-        self.buffer.update(tensors)
-        if sum(a.nbytes for a in self.buffer.values()) >= self.max_bytes:
-            self.flush()
+    def _open(self, i: int) -> None:
+        self.close()
+        header, offset = {"__metadata__": {"format": "mlx"}}, 0
+        for name, shape, dtype in self.shards[i]:
+            end = offset + math.prod(shape) * dtype.size
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, end],
+            }
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # tensor data 8-byte aligned, as safetensors writes it
+        self.file = open(self.out / self.names[i], "wb")
+        self.file.write(len(raw).to_bytes(8, "little") + raw)
+        self.shard = i
 
-    def flush(self) -> None:
-        if self.buffer:
-            name = f"part-{len(self.files)}.safetensors"
-            mx.save_safetensors(str(self.out / name), self.buffer, metadata={"format": "mlx"})
-            self.files.append((name, list(self.buffer)))
-            self.buffer = {}
+    def write(self, name: str, a: mx.array) -> None:
+        """Append the next planned tensor (evaluated, row-contiguous)."""
+        i, planned = next(self.pending)
+        if planned != (name, tuple(a.shape), a.dtype):
+            raise RuntimeError(f"Converted {name} {a.shape} {a.dtype}, planned {planned}")
+        if i != self.shard:
+            self._open(i)
+        self.file.write(memoryview(a))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def finish(self) -> int:
-        """Rename parts to the HF shard names and write the index. Returns total bytes."""
-        self.flush()
-        n, weight_map, total = len(self.files), {}, 0
-        for i, (part, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.out / part).rename(self.out / final)
-            total += (self.out / final).stat().st_size
-            weight_map.update(dict.fromkeys(names, final))
+        """Close the last shard and write the index. Returns the total bytes."""
+        self.close()
+        if next(self.pending, None) is not None:
+            raise RuntimeError("Conversion ended before every planned tensor was written")
+        weight_map = {
+            t[0]: f for f, shard in zip(self.names, self.shards, strict=True) for t in shard
+        }
+        total = sum((self.out / f).stat().st_size for f in self.names)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2))
         return total
@@ -118,45 +173,6 @@ def _quant_config(params: dict[str, dict], default: dict) -> dict:
     return config
 
 
-def model_card(
-    src: str, dst_name: str, config: dict, quant: dict | None, quant_recipe: str | None = None
-) -> str:
-    q = f"{quant['bits']}-bit (group {quant['group_size']}, {quant['mode']})" if quant else "none"
-    if quant_recipe:
-        q = f"recipe `{quant_recipe}` (per-module bits in config.json)"
-    mtp = "kept" if config.get("num_nextn_predict_layers") else "absent in the source"
-    return f"""---
-base_model: {src}
-library_name: mlx
-tags: [mlx, glm4_moe, mlx-glm4moe]
-pipeline_tag: text-generation
----
-# {dst_name}
-
-[{src}](https://huggingface.co/{src}) converted to MLX with
-[mlx-glm4moe](https://github.com/mlx-glm4moe/mlx-glm4moe).
-
-- Quantization: {q}; the router and its correction bias stay float32.
-- Multi-token-prediction (nextn) layer: {mtp}.
-- Weights dtype: {config.get("torch_dtype")}.
-
-## Run
-
-```bash
-pip install mlx-glm4moe
-glm4moe-generate --model {dst_name} --prompt "Hello"
-```
-
-```python
-from mlx_glm4moe import load, generate
-model, tokenizer = load("{dst_name}")
-print(generate(model, tokenizer, "Hello", max_tokens=100))
-```
-
-The folder also loads with `mlx_lm.load` (which ignores the MTP layer).
-"""
-
-
 def convert(
     hf_path: str,
     mlx_path: str,
@@ -171,10 +187,12 @@ def convert(
 ) -> Path:
     """Convert `hf_path` (folder or hub repo) to an MLX checkpoint at `mlx_path`.
 
-    Reads one layer's tensors at a time, so peak memory is about one layer plus one output shard.
+    Converts and writes one tensor at a time, so peak memory is about one source layer and its
+    converted form, whatever `max_shard_bytes`.
     An existing `mlx_path` is only replaced with `force`, and only once the new one is complete.
     `quant_recipe` (a name in `recipes.RECIPES`) quantizes with per-module bits instead of the
-    uniform `q_bits`.
+    uniform `q_bits`. `upload_repo` names the model in its card and, once the folder is complete,
+    receives it (`upload.publish`; its `UploadError` leaves the folder in place for a retry).
     """
     dst = Path(mlx_path).expanduser()
     if dst.exists() and not force:
@@ -191,6 +209,7 @@ def convert(
     src = resolve(hf_path)
     config = read_config(src)
     args = ModelArgs.from_dict(config)
+    fp8 = fp8_format(config)
     files = weight_files(src)
     weights = load_lazy(files)
     dtype = dtype or config.get("torch_dtype") or config.get("dtype") or "bfloat16"
@@ -198,21 +217,34 @@ def convert(
         dtype = "bfloat16"
     default_q = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
 
+    def converted(names: list[str], take: Callable[[str], mx.array]) -> tuple[dict, dict]:
+        group = sanitize(
+            {n: take(n) for n in names}, args.n_routed_experts, fp8, getattr(mx, dtype)
+        )
+        tensors, used = convert_tensors(group, getattr(mx, dtype), quant)
+        return {k: mx.contiguous(a) for k, a in tensors.items()}, used
+
+    # Every output tensor's name, shape and dtype, from lazy arrays (nothing is read yet), so
+    # that the shards can be written front to back as the tensors are made.
+    groups, plan, params = _groups(list(weights)), [], {}
+    for names in groups:
+        tensors, used = converted(names, weights.get)
+        plan += [(k, tuple(a.shape), a.dtype) for k, a in tensors.items()]
+        params.update(used)
+
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the output folder's mode
+    writer = _ShardWriter(tmp, plan, max_shard_bytes)
     try:
-        writer = _ShardWriter(tmp, max_shard_bytes)
-        params: dict[str, dict] = {}
-        for names in tqdm(_groups(list(weights)), desc="Converting", unit="layer"):
-            group = sanitize(
-                {n: weights.pop(n) for n in names}, args.n_routed_experts, fp8_block(config)
-            )
-            tensors, used = convert_tensors(group, getattr(mx, dtype), quant)
-            mx.eval(tensors)
-            writer.add(tensors)
-            params.update(used)
-            del group, tensors
+        for names in tqdm(groups, desc="Converting", unit="layer"):
+            tensors, _ = converted(names, weights.pop)
+            for name in list(tensors):
+                a = tensors.pop(name)
+                mx.eval(a)
+                writer.write(name, a)
+                del a
+            mx.clear_cache()
         writer.finish()
 
         config.pop("quantization_config", None)
@@ -224,68 +256,15 @@ def convert(
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _WRITTEN:
                 shutil.copy2(f, tmp / f.name)
-        src_name = hf_path if not Path(hf_path).expanduser().exists() else src.name
-        card = model_card(
-            src_name,
-            upload_repo or dst.name,
-            config,
-            default_q if quantize else None,
-            quant_recipe,
-        )
+        card = model_card(tmp, upload_repo or dst.name, hf_path, src, quant_recipe)
         (tmp / "README.md").write_text(card)
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)
     except BaseException:
+        writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if upload_repo:
-        upload(dst, upload_repo)
+        publish(dst, upload_repo)
     return dst
-
-
-def upload(path: Path, repo: str) -> None:
-    """Create `repo` on the Hugging Face Hub (if needed) and upload the converted folder."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id=repo, exist_ok=True)
-    api.upload_folder(folder_path=str(path), repo_id=repo, repo_type="model")
-    print(f"Uploaded to https://huggingface.co/{repo}", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Convert a GLM-4.5 (glm4_moe) checkpoint to MLX.")
-    p.add_argument("--hf-path", required=True, help="Local folder or Hugging Face repo id.")
-    p.add_argument("--mlx-path", required=True, help="Output folder.")
-    p.add_argument("-q", "--quantize", action="store_true", help="Quantize (4-bit by default).")
-    p.add_argument("--q-bits", type=int, default=4, choices=Q_BITS)
-    p.add_argument("--q-group-size", type=int, default=64, choices=Q_GROUP_SIZES)
-    p.add_argument(
-        "--quant-recipe",
-        choices=list(RECIPES),
-        help="Quantize with per-module bits (see mlx_glm4moe.recipes); overrides --q-bits.",
-    )
-    p.add_argument("--dtype", choices=DTYPES, help="Weights dtype (default: the source's).")
-    p.add_argument("--upload-repo", help="Hugging Face repo to upload the result to.")
-    p.add_argument("--force", action="store_true", help="Replace an existing --mlx-path.")
-    a = p.parse_args(argv)
-    try:
-        out = convert(
-            a.hf_path,
-            a.mlx_path,
-            a.quantize,
-            a.q_bits,
-            a.q_group_size,
-            a.dtype,
-            a.upload_repo,
-            a.force,
-            quant_recipe=a.quant_recipe,
-        )
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    print(f"Wrote {out}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -14,8 +14,9 @@ import mlx.core as mx
 import pytest
 
 from mlx_glm4moe import distributed
+from mlx_glm4moe.cli import generate_main as main
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.generate import generate_step, main
+from mlx_glm4moe.generate import generate_step
 from mlx_glm4moe.loading import load
 from mlx_glm4moe.synthetic import make_checkpoint
 
@@ -33,7 +34,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_glm4moe import distributed
-from mlx_glm4moe.generate import generate_step, main
+from mlx_glm4moe.cli import generate_main as main
+from mlx_glm4moe.generate import generate_step
 from mlx_glm4moe.loading import load
 
 group = mx.distributed.init()
@@ -81,7 +83,7 @@ import os, sys
 
 import mlx.core as mx
 
-from mlx_glm4moe.generate import main
+from mlx_glm4moe.cli import generate_main as main
 from mlx_glm4moe.model import Model
 
 if mx.distributed.init().rank() == 1:
@@ -113,7 +115,8 @@ def launch(script: Path, args: list[str], timeout: float) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     """Converted float32 and 4-bit checkpoints of both presets, sized so that the 4-bit MLPs have
-    quantization groups to split; glm45 gets an uneven split (3 KV heads, 3 and 5 groups)."""
+    quantization groups to split; glm45 gets an uneven split (3 KV heads, 3 and 5 groups) and
+    GLM-4.6's layout (its MTP layer reads the main embedding and head)."""
     root = tmp_path_factory.mktemp("dist")
     shapes = {
         "air": dict(moe_intermediate_size=128, intermediate_size=256),
@@ -126,7 +129,8 @@ def models(tmp_path_factory) -> dict[str, str]:
     }
     out = {}
     for preset, overrides in shapes.items():
-        hf = make_checkpoint(root / f"hf-{preset}", preset, **overrides)
+        layout = "glm46" if preset == "glm45" else "glm45"
+        hf = make_checkpoint(root / f"hf-{preset}", preset, layout=layout, **overrides)
         out[f"{preset}-f32"] = str(convert(str(hf), str(root / f"{preset}-f32")))
         out[f"{preset}-q4"] = str(convert(str(hf), str(root / f"{preset}-q4"), quantize=True))
     # bfloat16 scales: run with activations="native", the GPU's code path.
@@ -239,17 +243,23 @@ def test_dying_rank_is_a_clear_error(models, tmp_path):
 
 
 def test_watchdog_ends_a_silent_wait():
+    """On a clock the test moves: beats half a timeout apart keep the watchdog quiet through
+    seven and a half timeouts; a silence of two timeouts ends the process."""
     code = textwrap.dedent(
         """
-        import time
-        from mlx_glm4moe.distributed import Watchdog
+        import threading
+        from types import SimpleNamespace
+        from mlx_glm4moe import distributed
 
-        dog = Watchdog(1.0, rank=3)
-        for _ in range(15):  # beating keeps it quiet past its timeout
-            time.sleep(0.2)
+        now = [0.0]
+        distributed.time = SimpleNamespace(monotonic=lambda: now[0])
+        dog = distributed.Watchdog(1.0, rank=3)
+        for _ in range(15):
+            now[0] += 0.5
             dog.beat()
         print("beats done", flush=True)
-        time.sleep(60)
+        now[0] += 2.0
+        threading.Event().wait()  # until the watchdog ends the process
         """
     )
     run = subprocess.run(

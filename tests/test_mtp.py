@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache, trim_prompt_cache
 
+from mlx_glm4moe.cli import generate_main as main
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.generate import encode, main, stream_generate
+from mlx_glm4moe.generate import encode, stream_generate
 from mlx_glm4moe.loading import load
 from mlx_glm4moe.model import Model, ModelArgs
 from mlx_glm4moe.mtp import (
     MTPStats,
     RejectionSampling,
-    make_agreeing_checkpoint,
     make_cache,
     mtp_generate_step,
 )
+from mlx_glm4moe.synthetic import make_agreeing_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,11 @@ def random_models(air_f32, air_q4):
     return {"f32": load(air_f32), "q4": load(air_q4)}
 
 
-def _agreeing(tmp_path_factory, agreement, quantize=False, dtype=None, activations="auto"):
-    hf = make_agreeing_checkpoint(tmp_path_factory.mktemp(f"agree{agreement}") / "hf", agreement)
+def _agreeing(
+    tmp_path_factory, agreement, quantize=False, layout="glm45", dtype=None, activations="auto"
+):
+    root = tmp_path_factory.mktemp(f"agree{agreement}")
+    hf = make_agreeing_checkpoint(root / "hf", agreement, layout=layout)
     path = convert(str(hf), str(hf.parent / "mlx"), quantize=quantize, dtype=dtype)
     fixture = json.loads((hf / "config.json").read_text())["mtp_fixture"]
     return (*load(path, activations=activations), fixture)
@@ -48,6 +52,12 @@ def agree_all_q4(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def agree_all_glm46(tmp_path_factory):
+    """GLM-4.6's layout: drafts agree only if the MTP layer reads the main embedding and head."""
+    return _agreeing(tmp_path_factory, 1.0, quantize=True, layout="glm46")
+
+
+@pytest.fixture(scope="module")
 def agree_half(tmp_path_factory):
     return _agreeing(tmp_path_factory, 0.5)
 
@@ -55,7 +65,7 @@ def agree_half(tmp_path_factory):
 @pytest.fixture(scope="module")
 def agree_half_native(tmp_path_factory):
     """bfloat16 activations (4-bit, bfloat16 scales), as on a GPU."""
-    return _agreeing(tmp_path_factory, 0.5, True, "bfloat16", "native")
+    return _agreeing(tmp_path_factory, 0.5, True, dtype="bfloat16", activations="native")
 
 
 def run(model, tokenizer, prompt, max_tokens, cache=None, **kwargs):
@@ -106,7 +116,7 @@ def test_greedy_matches_plain_on_native_bfloat16(air_bf16_q4, air_bf16):
 
 
 @pytest.mark.parametrize(
-    "fixture", ["agree_all", "agree_all_q4", "agree_half", "agree_half_native"]
+    "fixture", ["agree_all", "agree_all_q4", "agree_all_glm46", "agree_half", "agree_half_native"]
 )
 def test_greedy_matches_plain_when_drafts_agree(fixture, request):
     model, tokenizer, _ = request.getfixturevalue(fixture)
@@ -160,8 +170,9 @@ def test_acceptance_is_the_designed_fraction(agree_half, num_draft):
     assert stats["tokens_per_pass"] > 1.2
 
 
-def test_full_agreement_chains(agree_all):
-    model, tokenizer, _ = agree_all
+@pytest.mark.parametrize("fixture", ["agree_all", "agree_all_glm46"])
+def test_full_agreement_chains(fixture, request):
+    model, tokenizer, _ = request.getfixturevalue(fixture)
     tokens, rs = run(model, tokenizer, "Hello", 61, mtp=True, num_draft=2)
     stats = rs[-1].mtp_stats
     assert stats["acceptance_per_position"] == [1.0, 1.0]

@@ -74,11 +74,11 @@ def test_bf16_logits_match_mlx_lm(air_bf16):
 
 
 def test_cli_passes_activations(air_bf16_q4, monkeypatch, capsys):
-    from mlx_glm4moe import loading
-    from mlx_glm4moe.generate import main
+    from mlx_glm4moe import cli
+    from mlx_glm4moe.cli import generate_main as main
 
-    seen, real = [], loading.load
-    monkeypatch.setattr(loading, "load", lambda *a, **k: seen.append(k) or real(*a, **k))
+    seen, real = [], cli.load
+    monkeypatch.setattr(cli, "load", lambda *a, **k: seen.append(k) or real(*a, **k))
     main(["--model", str(air_bf16_q4), "--prompt", "hi", "--max-tokens", "4", "--activations"]
          + ["native"])  # fmt: skip
     assert seen[0]["activations"] == "native" and capsys.readouterr().out
