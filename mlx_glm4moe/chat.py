@@ -132,9 +132,12 @@ def encode_messages(
     messages: list[dict],
     tools: list[dict] | None = None,
     enable_thinking: bool = True,
+    *,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Prompt token ids for `messages` (OpenAI shape) through the model's chat template,
-    ending with the assistant generation prompt."""
+    ending with the assistant generation prompt. `chat_template_kwargs` are extra template
+    variables; an `enable_thinking` among them wins over the argument."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
     for i, m in enumerate(messages):
@@ -150,7 +153,7 @@ def encode_messages(
             tools=tools or None,
             add_generation_prompt=True,
             tokenize=False,
-            enable_thinking=enable_thinking,
+            **{"enable_thinking": enable_thinking, **(chat_template_kwargs or {})},
         )
     except Exception as e:  # jinja errors on malformed messages; say which call failed
         raise ValueError(f"The chat template could not render these messages: {e}") from e
