@@ -148,6 +148,9 @@ class BatchEngine:
         self._waiting: deque[Request] = deque()
         self._running: dict[int, _Running] = {}
         self._closed = False
+        # Lazily loaded weights belong to the loading thread's MLX stream; read them here, on
+        # the caller's thread, before the engine's thread uses them.
+        mx.eval(model.parameters())
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
 

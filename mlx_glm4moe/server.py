@@ -352,9 +352,6 @@ class Engine:
         self.sampler_factory = sampler_factory
         self.tool_call_token = tokenizer.convert_tokens_to_ids("<tool_call>")
         self.think_end_token = tokenizer.convert_tokens_to_ids("</think>")
-        # Weights loaded lazily belong to this thread's MLX stream; the engine thread has its
-        # own, so they are read here.
-        mx.eval(model.parameters())
         self.batch = BatchEngine(
             model, tokenizer, prompt_cache=prompt_cache, **(batch_kwargs or {})
         )

@@ -17,6 +17,12 @@ def loaded(air_q4):
     return load(air_q4)
 
 
+@pytest.fixture(scope="module", params=["air_q4", "air_f32"])
+def any_loaded(request):
+    """4-bit weights (quantized matmuls) and float32 ones (BLAS matmuls)."""
+    return load(request.getfixturevalue(request.param))
+
+
 def prompts(tokenizer, n):
     """Prompts of different lengths (3 to 60 tokens)."""
     words = "the quick brown fox jumps over the lazy dog hello world numbers 42".split()
@@ -44,8 +50,8 @@ class Collector:
         return tokens, event
 
 
-def test_batched_equals_alone(loaded):
-    model, tokenizer = loaded
+def test_batched_equals_alone(any_loaded):
+    model, tokenizer = any_loaded
     asks = prompts(tokenizer, 6)
     max_tokens = [12, 5, 16, 9, 12, 3]
     expected = [alone(model, tokenizer, p, m) for p, m in zip(asks, max_tokens, strict=True)]
