@@ -171,3 +171,29 @@ def test_close_ends_waiting_requests(loaded):
     engine.submit(Request(p, 5, lambda e: e["type"] == "done" and ended.set()))
     engine.close()
     assert ended.is_set()
+
+
+def test_long_prompt_prefills_between_decode_steps(loaded):
+    """A 200-token prompt prefilled 16 tokens a step does not hold up a running request: the
+    short one finishes before the long one's first token."""
+    model, tokenizer = loaded
+    short, long = prompts(tokenizer, 1)[0], tokenizer.encode("the lazy dog " * 70)[:200]
+    order = queue.SimpleQueue()
+    engine = BatchEngine(model, tokenizer, prefill_step_size=16)
+    seen = []
+
+    def record(name):
+        return lambda event: order.put((name, event["type"]))
+
+    def until(event):
+        while event not in seen:
+            seen.append(order.get(timeout=120))
+
+    try:
+        engine.submit(Request(short, 8, record("short")))
+        until(("short", "token"))
+        engine.submit(Request(long, 2, record("long")))
+        until(("long", "done"))
+    finally:
+        engine.close()
+    assert seen.index(("short", "done")) < seen.index(("long", "token"))
