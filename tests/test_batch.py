@@ -197,3 +197,22 @@ def test_long_prompt_prefills_between_decode_steps(loaded):
     finally:
         engine.close()
     assert seen.index(("short", "done")) < seen.index(("long", "token"))
+
+
+def test_mtp_serves_one_at_a_time(loaded):
+    model, tokenizer = loaded
+    assert model.mtp is not None
+    asks = prompts(tokenizer, 2)
+    expected = [alone(model, tokenizer, p, 10) for p in asks]
+    engine = BatchEngine(model, tokenizer, mtp=True, prompt_cache=PromptCache(model, mtp=True))
+    try:
+        collectors = [Collector(p, 10) for p in asks]
+        for c in collectors:
+            engine.submit(c.request)
+        assert [c.result()[0] for c in collectors] == expected  # greedy MTP: the same tokens
+        again = Collector(asks[0], 10)
+        engine.submit(again.request)
+        tokens, done = again.result()
+        assert tokens == expected[0] and done["usage"]["cached_tokens"] == len(asks[0]) - 1
+    finally:
+        engine.close()
