@@ -1,4 +1,6 @@
-"""Speed benchmark against mlx-lm on the same weights, and the memory-bandwidth roofline.
+"""Benchmarks: speed against mlx-lm on the same weights with the memory-bandwidth roofline
+(`python -m mlx_glm4moe.bench`), plain against MTP decoding (`bench mtp`), and expert streaming
+against cache size (`bench streaming`).
 
 Both implementations load the same converted folder in one process and run in alternation (the
 order flips every repeat), so machine load drifts hit both alike. Each run prefills a fixed
@@ -9,19 +11,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from time import perf_counter
+from time import perf_counter, process_time
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step as mlx_lm_generate_step
 
+from . import streaming
 from .convert import convert
-from .synthetic import make_checkpoint
+from .generate import generate_step, stream_generate
+from .loading import load
+from .synthetic import make_agreeing_checkpoint, make_checkpoint
+from .weights import read_config, resolve
 
 METRICS = ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb")
 # The weights each decoded token reads, by where they sit in the model.
@@ -110,24 +121,13 @@ def load_timed(name: str, path: Path) -> tuple[object, float, float]:
     """Load one implementation; returns (model, seconds, resident GB of its weights)."""
     before = mx.get_active_memory()
     tic = perf_counter()
-    if name == "ours":
-        from .loading import load
-
-        model, _ = load(path)
-    else:
-        import mlx_lm
-
-        model, _ = mlx_lm.load(str(path))
+    model, _ = load(path) if name == "ours" else mlx_lm.load(str(path))
     mx.eval(_decode_params(model))
     return model, perf_counter() - tic, (mx.get_active_memory() - before) / 1e9
 
 
 def step_fn(name: str) -> Callable:
-    if name == "ours":
-        from .generate import generate_step
-    else:
-        from mlx_lm.generate import generate_step
-    return generate_step
+    return generate_step if name == "ours" else mlx_lm_generate_step
 
 
 def run_once(
@@ -284,8 +284,214 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# -- MTP: plain against speculative decoding ------------------------------------------------------
+
+
+def _decode_run(model, tokenizer, prompt: list[int], n: int, **kwargs) -> tuple[list[int], float]:
+    """(tokens, CPU seconds) of one generation. CPU time, summed over MLX's threads, measures the
+    work done and shrugs off other processes on a shared machine, which wall time does not."""
+    tic = process_time()
+    tokens = [r.token for r in stream_generate(model, tokenizer, prompt, n, **kwargs)]
+    return tokens, process_time() - tic
+
+
+def mtp_main(argv: list[str] | None = None) -> None:
+    """`bench mtp`: decode work with and without MTP in one run, with acceptance statistics."""
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_glm4moe.bench mtp",
+        description="Measure MTP speculative decoding against plain.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="Model folder or Hugging Face repo.")
+    src.add_argument(
+        "--synthetic",
+        type=float,
+        metavar="AGREEMENT",
+        help="Build a tiny model whose MTP layer is right on this share of tokens (0 to 1).",
+    )
+    p.add_argument("-q", "--quantize", action="store_true", help="4-bit synthetic model.")
+    p.add_argument("--preset", default="air", help="Synthetic model shape: air or glm45.")
+    p.add_argument("--layers", type=int, help="Synthetic model's main layer count.")
+    p.add_argument("--num-draft", type=int, default=1)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--prompt", "-p", default="The quick brown fox")
+    p.add_argument("--repeats", type=int, default=7, help="Paired runs (the median counts).")
+    a = p.parse_args(argv)
+    if a.num_draft < 1 or a.gen_tokens < 2 or a.repeats < 1:
+        p.error("need --num-draft >= 1, --gen-tokens >= 2, --repeats >= 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = a.model
+        if a.synthetic is not None:
+            if not 0 <= a.synthetic <= 1 or a.preset not in ("air", "glm45"):
+                p.error("--synthetic takes a share between 0 and 1; --preset air or glm45")
+            layers = {"num_hidden_layers": a.layers} if a.layers else {}
+            path = make_agreeing_checkpoint(Path(tmp) / "hf", a.synthetic, a.preset, **layers)
+            path = convert(str(path), str(Path(tmp) / "mlx"), quantize=a.quantize)
+        try:
+            model, tokenizer = load(path, lazy=False)
+        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        if model.mtp is None:
+            sys.exit("error: this checkpoint has no MTP layer")
+        prompt = tokenizer.encode(a.prompt)
+        kwargs = {"num_draft": a.num_draft}
+        for mtp in (False, True):  # warm up
+            _decode_run(model, tokenizer, prompt, 8, mtp=mtp, **kwargs)
+        runs: dict[bool, list] = {False: [], True: []}
+        for i in range(a.repeats):
+            # Alternate the order so that drifting machine load hits both alike.
+            for mtp in (False, True) if i % 2 == 0 else (True, False):
+                tic = perf_counter()
+                tokens, cpu = _decode_run(model, tokenizer, prompt, a.gen_tokens, mtp=mtp, **kwargs)
+                runs[mtp].append((tokens, cpu, perf_counter() - tic))
+        stats = None
+        for r in stream_generate(model, tokenizer, prompt, a.gen_tokens, mtp=True, **kwargs):
+            stats = r.mtp_stats
+    (plain, *_), (spec, *_) = runs[False][-1], runs[True][-1]
+
+    def median_ratio(i: int) -> tuple[float, float, float]:
+        ratios = [p[i] / m[i] for p, m in zip(runs[False], runs[True], strict=True)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+
+    per_pos = " ".join(f"{x:.3f}" for x in stats["acceptance_per_position"])
+    print(f"model: {a.model or f'synthetic, agreement {a.synthetic}'}, {len(model.layers)} layers")
+    print(f"tokens: {len(spec)} (MTP), {len(plain)} (plain); identical: {spec == plain}")
+    print(f"acceptance per draft position: {per_pos}; overall {stats['acceptance']:.3f}")
+    print(f"tokens per main-model pass: {stats['tokens_per_pass']:.3f}")
+    for name, i in (("CPU time", 1), ("wall time", 2)):
+        tps = {m: statistics.median(len(r[0]) / r[i] for r in runs[m]) for m in runs}
+        med, lo, hi = median_ratio(i)
+        print(
+            f"tokens/s by {name}: plain {tps[False]:.1f}, MTP {tps[True]:.1f}; speed ratio "
+            f"MTP/plain median {med:.3f} (range {lo:.3f}-{hi:.3f}, {a.repeats} paired runs)"
+        )
+
+
+# -- expert streaming against cache size ----------------------------------------------------------
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux from VmHWM: ru_maxrss there carries the
+    parent's peak across fork and exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+
+
+def streaming_row(
+    model_path: str, slots: int | None, max_tokens: int = 32, temp: float = 1.0
+) -> dict[str, float]:
+    """One benchmark row, in this process: generation from a fixed prompt (sampled at `temp`,
+    seed 0) with `slots` expert slots per layer (None: all resident, no streaming). Hit rate and
+    bytes per token are for the decode steps after the first token."""
+    import transformers  # noqa: F401 (part of the baseline, not of the model's memory)
+
+    base = peak_rss_bytes()
+    model, tokenizer = load(model_path, expert_slots=slots)
+    responses = stream_generate(model, tokenizer, PROMPT, max_tokens, temp=temp, seed=0)
+    r = next(responses)
+    start, cpu = streaming.stats(model), process_time()
+    for r in responses:  # noqa: B007 (the last response has the totals)
+        pass
+    cpu = process_time() - cpu
+    decode = streaming.stats(model) - start
+    return {
+        "slots": slots or 0,
+        "prompt_tokens": r.prompt_tokens,
+        "prompt_tps": r.prompt_tps,
+        "tokens": r.generation_tokens,
+        "tps": r.generation_tps,
+        # Tokens per CPU-second (all threads): steadier than tokens/s on a shared machine.
+        "tokens_per_cpu_s": (r.generation_tokens - 1) / cpu if cpu > 0 else 0.0,
+        "hit_rate": decode.hit_rate if slots else 1.0,
+        "mb_per_token": decode.bytes_read / max(r.generation_tokens - 1, 1) / 1e6,
+        "resident_gb": decode.resident_bytes / 1e9,
+        "peak_rss_gb": peak_rss_bytes() / 1e9,
+        "peak_growth_gb": (peak_rss_bytes() - base) / 1e9,
+    }
+
+
+def streaming_rows(
+    model_path: str, slots: list[int | None], max_tokens: int = 32, temp: float = 1.0
+) -> list[dict]:
+    """`streaming_row` for each cache size, each in a fresh process, so that each peak memory
+    figure is its own."""
+    rows = []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for s in slots:
+        cmd = [sys.executable, "-m", "mlx_glm4moe.bench", "streaming", "--model", model_path]
+        cmd += ["--row"]
+        cmd += ["--max-tokens", str(max_tokens), "--temp", str(temp)]
+        cmd += ["--slots", str(s)] if s else []
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        if out.returncode:
+            raise RuntimeError(f"benchmark row {s} failed:\n{out.stderr[-2000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def streaming_main(argv: list[str] | None = None) -> None:
+    """`bench streaming`: expert streaming at several cache sizes, each row in its own process."""
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_glm4moe.bench streaming",
+        description="Benchmark expert streaming against cache size.",
+    )
+    p.add_argument("--model", required=True, help="A converted model folder.")
+    p.add_argument(
+        "--slots",
+        type=int,
+        nargs="*",
+        help="Expert slots per layer (default: all resident, then 100%%, 50%%, 25%%, minimum).",
+    )
+    p.add_argument("--max-tokens", "-m", type=int, default=32)
+    p.add_argument("--temp", type=float, default=1.0, help="Sampling temperature (seed 0).")
+    p.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.row:
+        slots = a.slots[0] if a.slots else None
+        print(json.dumps(streaming_row(a.model, slots, a.max_tokens, a.temp)))
+        return
+    config = read_config(resolve(a.model))
+    E, k = config["n_routed_experts"], config["num_experts_per_tok"]
+    if a.max_tokens < 1 or any(s < k for s in a.slots or []):
+        p.error(f"need --max-tokens >= 1 and every --slots >= num_experts_per_tok ({k})")
+    slots = a.slots or [None, E, E // 2, E // 4, k]
+    rows = streaming_rows(a.model, slots, a.max_tokens, a.temp)
+    size, layers = streaming.expert_bytes(resolve(a.model), config)
+    print(f"{a.model}: {E} experts x {layers} MoE layers, {size / 1e6:.2f} MB each, top-{k}")
+    print(f"{rows[0]['prompt_tokens']}-token prompt, {rows[0]['tokens']} tokens at temp {a.temp}")
+    print(
+        "| expert slots | hit rate | MB read/token | decode tok/s | tok/CPU-s | prefill tok/s "
+        "| resident weights GB | peak RSS GB (growth) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        name = f"{r['slots']} ({r['slots'] / E:.0%})" if r["slots"] else "all resident"
+        print(
+            f"| {name} | {r['hit_rate']:.1%} | {r['mb_per_token']:.2f} | {r['tps']:.2f} "
+            f"| {r['tokens_per_cpu_s']:.2f} | {r['prompt_tps']:.1f} | {r['resident_gb']:.3f} "
+            f"| {r['peak_rss_gb']:.3f} ({r['peak_growth_gb']:.3f}) |"
+        )
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Benchmark a glm4_moe model against mlx-lm.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("mtp", "streaming"):
+        (mtp_main if argv[0] == "mtp" else streaming_main)(argv[1:])
+        return
+    p = argparse.ArgumentParser(
+        description="Benchmark a glm4_moe model against mlx-lm.",
+        epilog="Also: `bench mtp` (plain vs MTP decoding) and `bench streaming` (expert "
+        "streaming against cache size); --help after either for its flags.",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="A converted model folder.")
     src.add_argument(

@@ -1,24 +1,17 @@
 """Chat: messages → chat template → generation → parsed assistant message, with prompt reuse.
 
-`chat` / `stream_chat` are the Python API (and what the server builds on); `PromptCache` keeps
-KV caches across turns and requests; `ReplyPrinter` and `interactive` are the command line's.
+`chat` / `stream_chat` are the Python API (and what the server and the command line build on);
+`PromptCache` keeps KV caches across turns and requests.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import signal
-import sys
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
@@ -257,191 +250,3 @@ def chat(
                 "malformed": event["malformed"],
             }
     raise AssertionError("stream_chat ended without a done event")
-
-
-# -- command line -------------------------------------------------------------------------------
-
-DIM, RESET = "\033[2m", "\033[0m"
-
-
-def load_tools(path: str | Path) -> list[dict]:
-    """An OpenAI tools list from a JSON file (a list, or an object with a "tools" list)."""
-    try:
-        tools = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ValueError(f"Cannot read the tools file {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"The tools file {path} is not valid JSON: {e}") from None
-    if isinstance(tools, dict) and "tools" in tools:
-        tools = tools["tools"]
-    if not isinstance(tools, list):
-        raise ValueError(f"The tools file {path} must hold a list of OpenAI tools")
-    for i, tool in enumerate(tools):
-        fn = tool.get("function", tool) if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ValueError(
-                f'Tool {i} in {path} needs {{"type": "function", "function": {{"name": ...}}}}'
-            )
-    return tools
-
-
-class ReplyPrinter:
-    """Writes `stream_chat` events as they come: reasoning dimmed on a terminal (after
-    "Thinking: " otherwise), content as is, each tool call as one line of JSON."""
-
-    def __init__(self, out: TextIO | None = None, dim: bool | None = None) -> None:
-        self.out = out or sys.stdout
-        self.dim = self.out.isatty() if dim is None else dim
-        self._section: str | None = None
-        self._line_start = True
-
-    def __call__(self, event: dict) -> None:
-        kind = event["type"]
-        if kind == "reasoning":
-            if self._section != "reasoning":
-                self._newline()
-                if not self.dim:
-                    self._write("Thinking: ")
-            self._write(f"{DIM}{event['delta']}{RESET}" if self.dim else event["delta"])
-        elif kind == "content":
-            if self._section == "reasoning":
-                self._write("\n\n")
-            self._write(event["delta"])
-        elif kind == "tool_call":
-            fn = event["tool_call"]["function"]
-            self._newline()
-            call = {"name": fn["name"], "arguments": json.loads(fn["arguments"])}
-            self._write(f"Tool call: {json.dumps(call, ensure_ascii=False)}\n")
-        else:
-            return
-        self._section = kind
-
-    def finish(self) -> None:
-        """End the reply on a fresh line."""
-        self._newline()
-        self._section = None
-
-    def _newline(self) -> None:
-        if not self._line_start:
-            self._write("\n")
-
-    def _write(self, text: str) -> None:
-        if text:
-            self.out.write(text)
-            self.out.flush()
-            self._line_start = text.endswith("\n")
-
-
-def print_reply(events: Iterator[dict], out: TextIO | None = None) -> dict:
-    """Print a `stream_chat` reply as it is generated; return its done event."""
-    printer = ReplyPrinter(out)
-    done: dict = {}
-    for event in events:
-        if event["type"] == "done":
-            done = event
-        printer(event)
-    printer.finish()
-    return done
-
-
-def interactive(
-    model: Model,
-    tokenizer: TokenizerWrapper,
-    *,
-    system: str | None = None,
-    tools: list[dict] | None = None,
-    enable_thinking: bool = True,
-    prompt_cache: PromptCache | None = None,
-    **sampling: Any,
-) -> None:
-    """A multi-turn chat on the terminal. History is kept (the template drops earlier
-    reasoning); `/think` and `/nothink` toggle thinking; Ctrl-C stops a reply; Ctrl-D exits.
-    The KV cache of the conversation is reused from turn to turn."""
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    with _ctrl_c_reaches_main_thread():
-        if prompt_cache is None:
-            prompt_cache = PromptCache(model, mtp=sampling.get("mtp", False))
-        cache = prompt_cache
-        messages = [{"role": "system", "content": system}] if system else []
-        cancel = threading.Event()
-        _note("/think, /nothink: thinking on/off. Ctrl-C stops a reply, Ctrl-D quits.")
-        while True:
-            try:
-                line = input(">>> ")
-            except EOFError:
-                print()
-                return
-            except KeyboardInterrupt:
-                print()
-                continue
-            if line.strip() in ("/think", "/nothink"):
-                enable_thinking = line.strip() == "/think"
-                _note(f"Thinking {'on' if enable_thinking else 'off'}.")
-                continue
-            if not line.strip():
-                continue
-            messages.append({"role": "user", "content": line})
-            cancel.clear()
-            previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
-            try:
-                done = print_reply(
-                    stream_chat(
-                        model,
-                        tokenizer,
-                        messages,
-                        tools,
-                        enable_thinking,
-                        prompt_cache=cache,
-                        cancel=cancel,
-                        **sampling,
-                    )
-                )
-            finally:
-                signal.signal(signal.SIGINT, previous)
-            messages.append(done["message"])
-            u = done["usage"]
-            _note(
-                ("[reply stopped] " if done["finish_reason"] == "cancelled" else "")
-                + f"{u['prompt_tokens']} prompt tokens ({u['cached_tokens']} cached), "
-                f"{u['completion_tokens']} generated, "
-                f"{done['stats']['generation_tps']:.1f} tokens/s"
-            )
-
-
-@contextmanager
-def _ctrl_c_reaches_main_thread() -> Iterator[None]:
-    """The terminal's SIGINT may land on a native thread (MLX's streams, the tokenizer's pool)
-    while the main thread waits in input(), which then never wakes to raise KeyboardInterrupt.
-    Every signal writes its number to the wakeup fd; for SIGINT, a watcher pokes the main thread
-    with SIGUSR1 (a no-op handler), whose interruption makes input() run the pending handler. It
-    pokes three times, 50 ms apart: a poke (or the SIGINT itself) that lands while the main
-    thread is between printing the prompt and blocking in read() interrupts nothing."""
-    read, write = os.pipe()
-    os.set_blocking(write, False)
-    old_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    old_usr1 = signal.signal(signal.SIGUSR1, lambda *_: None)
-    main = threading.main_thread().ident
-
-    def watch() -> None:
-        while byte := os.read(read, 1):  # b"" once the write end is closed
-            if byte[0] == signal.SIGINT:
-                for _ in range(3):
-                    signal.pthread_kill(main, signal.SIGUSR1)
-                    time.sleep(0.05)
-        os.close(read)
-
-    threading.Thread(target=watch, daemon=True).start()
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(old_fd)
-        signal.signal(signal.SIGUSR1, old_usr1)
-        os.close(write)
-
-
-def _note(text: str) -> None:
-    """A status line on stderr, dimmed on a terminal."""
-    print(f"{DIM}{text}{RESET}" if sys.stderr.isatty() else text, file=sys.stderr, flush=True)

@@ -7,26 +7,27 @@ into a temporary folder beside the destination, renamed into place only when com
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 from tqdm import tqdm
 
-from .loading import fp8_block, read_config, resolve
 from .model import ModelArgs
-from .recipes import RECIPES, recipe
+from .recipes import recipe
+from .upload import model_card, publish
 from .weights import (
     INDEX_FILE,
     QuantPredicate,
+    fp8_block,
     is_router,
     layer_of,
     load_lazy,
     module_path,
+    read_config,
+    resolve,
     sanitize,
     uniform_quant,
     weight_files,
@@ -118,45 +119,6 @@ def _quant_config(params: dict[str, dict], default: dict) -> dict:
     return config
 
 
-def model_card(
-    src: str, dst_name: str, config: dict, quant: dict | None, quant_recipe: str | None = None
-) -> str:
-    q = f"{quant['bits']}-bit (group {quant['group_size']}, {quant['mode']})" if quant else "none"
-    if quant_recipe:
-        q = f"recipe `{quant_recipe}` (per-module bits in config.json)"
-    mtp = "kept" if config.get("num_nextn_predict_layers") else "absent in the source"
-    return f"""---
-base_model: {src}
-library_name: mlx
-tags: [mlx, glm4_moe, mlx-glm4moe]
-pipeline_tag: text-generation
----
-# {dst_name}
-
-[{src}](https://huggingface.co/{src}) converted to MLX with
-[mlx-glm4moe](https://github.com/mlx-glm4moe/mlx-glm4moe).
-
-- Quantization: {q}; the router and its correction bias stay float32.
-- Multi-token-prediction (nextn) layer: {mtp}.
-- Weights dtype: {config.get("torch_dtype")}.
-
-## Run
-
-```bash
-pip install mlx-glm4moe
-glm4moe-generate --model {dst_name} --prompt "Hello"
-```
-
-```python
-from mlx_glm4moe import load, generate
-model, tokenizer = load("{dst_name}")
-print(generate(model, tokenizer, "Hello", max_tokens=100))
-```
-
-The folder also loads with `mlx_lm.load` (which ignores the MTP layer).
-"""
-
-
 def convert(
     hf_path: str,
     mlx_path: str,
@@ -174,7 +136,8 @@ def convert(
     Reads one layer's tensors at a time, so peak memory is about one layer plus one output shard.
     An existing `mlx_path` is only replaced with `force`, and only once the new one is complete.
     `quant_recipe` (a name in `recipes.RECIPES`) quantizes with per-module bits instead of the
-    uniform `q_bits`.
+    uniform `q_bits`. `upload_repo` names the model in its card and, once the folder is complete,
+    receives it (`upload.publish`; its `UploadError` leaves the folder in place for a retry).
     """
     dst = Path(mlx_path).expanduser()
     if dst.exists() and not force:
@@ -224,14 +187,7 @@ def convert(
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _WRITTEN:
                 shutil.copy2(f, tmp / f.name)
-        src_name = hf_path if not Path(hf_path).expanduser().exists() else src.name
-        card = model_card(
-            src_name,
-            upload_repo or dst.name,
-            config,
-            default_q if quantize else None,
-            quant_recipe,
-        )
+        card = model_card(tmp, upload_repo or dst.name, hf_path, src, quant_recipe)
         (tmp / "README.md").write_text(card)
         if dst.exists():
             shutil.rmtree(dst)
@@ -240,52 +196,5 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if upload_repo:
-        upload(dst, upload_repo)
+        publish(dst, upload_repo)
     return dst
-
-
-def upload(path: Path, repo: str) -> None:
-    """Create `repo` on the Hugging Face Hub (if needed) and upload the converted folder."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id=repo, exist_ok=True)
-    api.upload_folder(folder_path=str(path), repo_id=repo, repo_type="model")
-    print(f"Uploaded to https://huggingface.co/{repo}", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Convert a GLM-4.5 (glm4_moe) checkpoint to MLX.")
-    p.add_argument("--hf-path", required=True, help="Local folder or Hugging Face repo id.")
-    p.add_argument("--mlx-path", required=True, help="Output folder.")
-    p.add_argument("-q", "--quantize", action="store_true", help="Quantize (4-bit by default).")
-    p.add_argument("--q-bits", type=int, default=4, choices=Q_BITS)
-    p.add_argument("--q-group-size", type=int, default=64, choices=Q_GROUP_SIZES)
-    p.add_argument(
-        "--quant-recipe",
-        choices=list(RECIPES),
-        help="Quantize with per-module bits (see mlx_glm4moe.recipes); overrides --q-bits.",
-    )
-    p.add_argument("--dtype", choices=DTYPES, help="Weights dtype (default: the source's).")
-    p.add_argument("--upload-repo", help="Hugging Face repo to upload the result to.")
-    p.add_argument("--force", action="store_true", help="Replace an existing --mlx-path.")
-    a = p.parse_args(argv)
-    try:
-        out = convert(
-            a.hf_path,
-            a.mlx_path,
-            a.quantize,
-            a.q_bits,
-            a.q_group_size,
-            a.dtype,
-            a.upload_repo,
-            a.force,
-            quant_recipe=a.quant_recipe,
-        )
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    print(f"Wrote {out}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

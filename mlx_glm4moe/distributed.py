@@ -113,8 +113,14 @@ def _shard_attention(attn: Attention, group: Group) -> None:
     attn.n_heads, attn.n_kv_heads = (kv1 - kv0) * per_kv, kv1 - kv0
 
 
-def shard(model: Model, group: Group) -> None:
-    """Tensor parallelism over `group`, in place (see `Model.shard`).
+def shard(model: Model, group: Group | None = None) -> None:
+    """Tensor parallelism, in place: each rank of `group` (default: the launched group) keeps
+    whole key-value heads with their query heads, and a slice of the intermediate dimension of
+    every MLP, shared expert and routed expert (cut at quantization-group boundaries); one
+    `all_sum` joins attention and one the MLP/MoE of each layer. Uneven counts are split as
+    evenly as they go; fewer key-value heads or groups than ranks is an error. The router,
+    norms, embedding and heads stay whole on every rank; the MTP layer is split like a layer.
+    Call it on a lazily loaded model, before its weights are read.
 
     Experts are split by intermediate dimension, not by expert: every rank then reads 1/N of each
     chosen expert and all ranks work on every token, where expert parallelism leaves each rank
@@ -122,6 +128,7 @@ def shard(model: Model, group: Group) -> None:
     anyway. Cuts fall on quantization-group boundaries and may be uneven (GLM-4.5-Air's
     10944-wide dense MLP is 171 groups of 64: 86 + 85), where equal splits would fail. A
     `ValueError` leaves the model part-split: load it again."""
+    group = group or mx.distributed.init()
     if group.size() == 1:
         return
     for i, layer in enumerate(model.model.layers):  # the MTP layer is sharded like the others
@@ -237,8 +244,14 @@ class PipelinedMTP(nn.Module):
         )
 
 
-def pipeline(model: Model, group: Group) -> None:
-    """Pipeline parallelism over `group`, in place (see `Model.pipeline`)."""
+def pipeline(model: Model, group: Group | None = None) -> None:
+    """Pipeline parallelism, in place: rank r of `group` (default: the launched group) keeps the
+    r-th of contiguous, even ranges of the main layers (rank 0 the first layers and the
+    embedding, the last rank the last layers and the MTP layer), takes its input from rank r - 1
+    and sends its output to rank r + 1. The last rank's hidden state goes to every rank, which
+    all keep the final norm and head, so every rank gets the logits. Call it on a lazily loaded
+    model: the other ranks' layers are dropped unread."""
+    group = group or mx.distributed.init()
     n, size, rank = model.args.num_hidden_layers, group.size(), group.rank()
     if size == 1:
         return

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +13,6 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from . import distributed
 from .model import Model
 
 Sampler = Callable[[mx.array], mx.array]
@@ -226,151 +223,3 @@ def generate(
     if verbose:
         print()
     return text
-
-
-def main(argv: list[str] | None = None) -> None:
-    from . import streaming
-    from .chat import interactive, load_tools, print_reply, stream_chat
-    from .loading import load, read_config, resolve
-
-    p = argparse.ArgumentParser(description="Generate text with a GLM-4.5 (glm4_moe) model.")
-    p.add_argument("--model", help="Model folder or Hugging Face repo (default: bundled demo).")
-    p.add_argument("--prompt", "-p", default="Hello! Who are you?")
-    p.add_argument("--system", help="System message.")
-    p.add_argument("--max-tokens", "-m", type=int, default=256)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--no-think", action="store_true", help="Turn thinking off.")
-    p.add_argument("--tools", help="JSON file with an OpenAI tools list to offer the model.")
-    p.add_argument("--chat", action="store_true", help="Interactive multi-turn chat.")
-    p.add_argument(
-        "--mtp",
-        action=argparse.BooleanOptionalAction,
-        help="Speculative decoding with the checkpoint's MTP layer (default: "
-        + ("on when it has one)." if MTP_BY_DEFAULT else "off)."),
-    )
-    p.add_argument(
-        "--num-draft", "--num-draft-tokens", type=int, default=1, help="Tokens drafted per step."
-    )
-    experts = p.add_mutually_exclusive_group()
-    experts.add_argument(
-        "--expert-slots",
-        type=int,
-        help="Keep the routed experts on disk, at most N per MoE layer in memory.",
-    )
-    experts.add_argument(
-        "--expert-cache-gb", type=float, help="As --expert-slots, with as many as fit in G GB."
-    )
-    p.add_argument(
-        "--parallel",
-        choices=distributed.MODES,
-        default="tensor",
-        help="How to split the model when started by mlx.launch over several ranks.",
-    )
-    p.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=600.0,
-        help="Seconds a rank waits on the others before exiting with an error (mlx.launch).",
-    )
-    a = p.parse_args(argv)
-    if a.max_tokens < 1 or a.num_draft < 1:
-        p.error("--max-tokens and --num-draft must be at least 1")
-    if a.temp < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or not 0 <= a.min_p <= 1:
-        p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
-
-    group = mx.distributed.init()
-    ranks = group.size()
-    if ranks > 1 and (a.chat or a.mtp or a.expert_slots or a.expert_cache_gb):
-        p.error("--chat, --mtp and expert streaming run in a single process, not under mlx.launch")
-    show = group.rank() == 0  # rank 0 prints; the others compute the same tokens
-    try:
-        tools = load_tools(a.tools) if a.tools else None
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    if a.model is None and show:
-        print(
-            "[Using the bundled demo model: a 4M-parameter GLM-4.5-shaped MoE trained for about "
-            "20 minutes on one CPU core (Python docs, synthetic chats); expect simple answers. "
-            "Pass --model for a real one.]",
-            file=sys.stderr,
-        )
-    try:
-        slots = a.expert_slots
-        if a.expert_cache_gb is not None:
-            path = resolve(a.model)
-            slots = streaming.slots_for_budget(path, read_config(path), a.expert_cache_gb)
-        model, tokenizer = load(a.model, expert_slots=slots)
-        if ranks > 1:
-            distributed.setup(model, group, a.parallel)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if a.mtp and model.mtp is None:
-        sys.exit("error: --mtp: this checkpoint has no MTP layer")
-    mtp = a.mtp if a.mtp is not None else MTP_BY_DEFAULT and model.mtp is not None and ranks == 1
-    sampling = dict(max_tokens=a.max_tokens, seed=a.seed, mtp=mtp, num_draft=a.num_draft)
-    watchdog = None
-    if ranks > 1:
-        watchdog = distributed.Watchdog(a.dist_timeout, group.rank())
-        distributed.barrier(group)
-        agreeing = distributed.agreeing_sampler(
-            make_sampler(a.temp, a.top_p, a.min_p, top_k=a.top_k), group
-        )
-
-        def sampler(logprobs: mx.array) -> mx.array:
-            watchdog.beat()  # one draw per decode step: progress
-            return agreeing(logprobs)
-
-        sampling["sampler"] = sampler
-    else:
-        sampling.update(temp=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p)
-    if a.chat:
-        interactive(
-            model,
-            tokenizer,
-            system=a.system,
-            tools=tools,
-            enable_thinking=not a.no_think,
-            **sampling,
-        )
-        return
-    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
-        {"role": "user", "content": a.prompt}
-    ]
-    events = stream_chat(
-        model, tokenizer, messages, tools, enable_thinking=not a.no_think, **sampling
-    )
-    try:
-        done = print_reply(events) if show else [e for e in events if e["type"] == "done"][-1]
-    except RuntimeError as e:
-        if ranks == 1:
-            raise
-        # The ring backend raises this way when a peer's connection drops (a rank died).
-        sys.exit(f"error: rank {group.rank()} lost the other ranks: {e}")
-    if watchdog:
-        watchdog.stop()
-    if not show:
-        return
-    u, stats = done["usage"], done["stats"]
-    print(
-        f"Prompt: {u['prompt_tokens']} tokens, {stats['prompt_tps']:.1f} tokens/s\n"
-        f"Generation: {u['completion_tokens']} tokens, {stats['generation_tps']:.1f} tokens/s\n"
-        f"Peak memory: {stats['peak_memory']:.3f} GB",
-        file=sys.stderr,
-    )
-    if stats["mtp"]:
-        rates = ", ".join(f"{x:.0%}" for x in stats["mtp"]["acceptance_per_position"])
-        print(
-            f"MTP: acceptance {rates} per draft position, "
-            f"{stats['mtp']['tokens_per_pass']:.2f} tokens per forward pass",
-            file=sys.stderr,
-        )
-    if slots is not None:  # prompt reads included
-        print(streaming.summary(streaming.stats(model), u["completion_tokens"]), file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,54 +14,12 @@ from mlx_lm.utils import infer_quant_config, load_tokenizer
 
 from .model import Model, ModelArgs, MoE
 from .streaming import routed_experts, wire_resident
-from .weights import load_lazy, sanitize, weight_files
-
-DEFAULT_MODEL = Path(__file__).parent / "default_model"
-# Enough to load and convert: weights, configs, tokenizer and chat template.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "*.model"]
-
-
-def resolve(path_or_repo: str | Path | None) -> Path:
-    """A local folder as is; anything else is a Hugging Face repo id, downloaded (or found in the
-    local hub cache) with huggingface_hub."""
-    if path_or_repo is None:
-        return DEFAULT_MODEL
-    path = Path(path_or_repo).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{path} is not a model folder")
-        return path
-    if str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).count("/") != 1:
-        raise FileNotFoundError(f"No model folder at {path_or_repo}")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(path_or_repo), allow_patterns=HUB_PATTERNS))
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """config.json, with the stop ids of generation_config.json when it has them."""
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"No config.json in {path}")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
-    gen_file = path / "generation_config.json"
-    if gen_file.exists():
-        eos = json.loads(gen_file.read_text()).get("eos_token_id")
-        if eos is not None:
-            config["eos_token_id"] = eos
-    return config
+from .weights import fp8_block, load_lazy, read_config, resolve, sanitize, weight_files
 
 
 def eos_ids(config: dict[str, Any]) -> list[int]:
     eos = config.get("eos_token_id")
     return [eos] if isinstance(eos, int) else list(eos or [])
-
-
-def fp8_block(config: dict[str, Any]) -> list[int] | None:
-    return (config.get("quantization_config") or {}).get("weight_block_size")
 
 
 def build_model(

@@ -427,26 +427,3 @@ class Model(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
-
-    def shard(self, group: mx.distributed.Group | None = None) -> None:
-        """Tensor parallelism, in place: each rank of `group` (default: the launched group) keeps
-        whole key-value heads with their query heads, and a slice of the intermediate dimension of
-        every MLP, shared expert and routed expert (cut at quantization-group boundaries); one
-        `all_sum` joins attention and one the MLP/MoE of each layer. Uneven counts are split as
-        evenly as they go; fewer key-value heads or groups than ranks is an error. The router,
-        norms, embedding and heads stay whole on every rank; the MTP layer is split like a layer.
-        Call it on a lazily loaded model, before its weights are read."""
-        from .distributed import shard
-
-        shard(self, group or mx.distributed.init())
-
-    def pipeline(self, group: mx.distributed.Group | None = None) -> None:
-        """Pipeline parallelism, in place: rank r of `group` keeps the r-th of contiguous, even
-        ranges of the main layers (rank 0 the first layers and the embedding, the last rank the
-        last layers and the MTP layer), takes its input from rank r - 1 and sends its output to
-        rank r + 1. The last rank's hidden state goes to every rank, which all keep the final norm
-        and head, so every rank gets the logits. Call it on a lazily loaded model: the other
-        ranks' layers are dropped unread."""
-        from .distributed import pipeline
-
-        pipeline(self, group or mx.distributed.init())

@@ -12,23 +12,15 @@ the accepted tokens, then the pair whose output is the new draft), so the catch-
 call. Entries made by chained drafts used the MTP layer's own hidden state, not the main model's,
 and are always trimmed.
 
-Run `python -m mlx_glm4moe.mtp --synthetic 0.8` for the benchmark.
+Run `python -m mlx_glm4moe.bench mtp --synthetic 0.8` for the benchmark.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.models.cache import KVCache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 
@@ -289,145 +281,3 @@ def sampling_for(
     if temp == 0:
         return MatchSampling(greedy_sampler)
     return RejectionSampling(temp, top_p, top_k, min_p)
-
-
-def make_agreeing_checkpoint(
-    out: str | Path, agreement: float = 1.0, preset: str = "air", seed: int = 0, **overrides
-) -> Path:
-    """A tiny HF checkpoint whose MTP layer agrees with the main model on a known share of
-    tokens (for tests and the benchmark, until a trained model exists).
-
-    Every attention output and MLP down projection is zero, so each layer passes its input
-    through and the next token is a function of the current one: `lm_head` makes greedy decoding
-    walk one cycle through all the tokenizer's non-stop tokens. The MTP layer's decoder is zeroed
-    too, `eh_proj` passes the embedding half on, and its embedding, norm and head copy the main
-    model's, so it predicts the token after next exactly. For `round((1 - agreement) * n)` of
-    the cycle's n tokens its embedding row is the next token's, so a draft made from one of them
-    is wrong. The cycle and the wrong tokens are in the config, under "mtp_fixture". `overrides`
-    go to the config (e.g. num_hidden_layers).
-    """
-    from tokenizers import Tokenizer
-
-    from .synthetic import make_checkpoint, random_weights, save_sharded
-
-    if not 0 <= agreement <= 1:
-        raise ValueError("agreement must be between 0 and 1")
-    out = make_checkpoint(out, preset, seed, **overrides)
-    config = json.loads((out / "config.json").read_text())
-    w = random_weights(config, seed)
-    for name in w:
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            w[name] = np.zeros_like(w[name])
-    n_tokens = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
-    rng = np.random.default_rng(seed)
-    cycle = [int(t) for t in rng.permutation(n_tokens) if t not in config["eos_token_id"]]
-    wrong = sorted(int(t) for t in rng.choice(cycle, round((1 - agreement) * len(cycle)), False))
-
-    embed = w["model.embed_tokens.weight"]
-    u = embed / np.sqrt((embed**2).mean(-1, keepdims=True) + config["rms_norm_eps"])
-    u = u * w["model.norm.weight"]
-    successor = dict(zip(cycle, cycle[1:] + cycle[:1], strict=True))
-    head = np.zeros_like(w["lm_head.weight"])
-    for prev, nxt in successor.items():
-        head[nxt] = u[prev] / np.linalg.norm(u[prev])
-    w["lm_head.weight"] = head
-    mtp_embed = embed.copy()
-    mtp_embed[wrong] = embed[[successor[t] for t in wrong]]
-
-    H, p = config["hidden_size"], f"model.layers.{config['num_hidden_layers']}"
-    w[f"{p}.embed_tokens.weight"] = mtp_embed
-    w[f"{p}.enorm.weight"] = np.ones(H, np.float32)
-    w[f"{p}.eh_proj.weight"] = np.eye(H, 2 * H, dtype=np.float32)
-    w[f"{p}.shared_head.norm.weight"] = w["model.norm.weight"]
-    w[f"{p}.shared_head.head.weight"] = head
-    save_sharded(w, out)
-    config["mtp_fixture"] = {"cycle": cycle, "wrong": wrong}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
-
-
-def _decode_run(model, tokenizer, prompt: list[int], n: int, **kwargs) -> tuple[list[int], float]:
-    """(tokens, CPU seconds) of one generation. CPU time, summed over MLX's threads, measures the
-    work done and shrugs off other processes on a shared machine, which wall time does not."""
-    from .generate import stream_generate
-
-    tic = time.process_time()
-    tokens = [r.token for r in stream_generate(model, tokenizer, prompt, n, **kwargs)]
-    return tokens, time.process_time() - tic
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Benchmark: decode work with and without MTP in one run, with acceptance statistics."""
-    from .convert import convert
-    from .generate import stream_generate
-    from .loading import load
-
-    p = argparse.ArgumentParser(description="Measure MTP speculative decoding against plain.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="Model folder or Hugging Face repo.")
-    src.add_argument(
-        "--synthetic",
-        type=float,
-        metavar="AGREEMENT",
-        help="Build a tiny model whose MTP layer is right on this share of tokens (0 to 1).",
-    )
-    p.add_argument("-q", "--quantize", action="store_true", help="4-bit synthetic model.")
-    p.add_argument("--preset", default="air", help="Synthetic model shape: air or glm45.")
-    p.add_argument("--layers", type=int, help="Synthetic model's main layer count.")
-    p.add_argument("--num-draft", type=int, default=1)
-    p.add_argument("--gen-tokens", type=int, default=128)
-    p.add_argument("--prompt", "-p", default="The quick brown fox")
-    p.add_argument("--repeats", type=int, default=7, help="Paired runs (the median counts).")
-    a = p.parse_args(argv)
-    if a.num_draft < 1 or a.gen_tokens < 2 or a.repeats < 1:
-        p.error("need --num-draft >= 1, --gen-tokens >= 2, --repeats >= 1")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = a.model
-        if a.synthetic is not None:
-            if not 0 <= a.synthetic <= 1 or a.preset not in ("air", "glm45"):
-                p.error("--synthetic takes a share between 0 and 1; --preset air or glm45")
-            layers = {"num_hidden_layers": a.layers} if a.layers else {}
-            path = make_agreeing_checkpoint(Path(tmp) / "hf", a.synthetic, a.preset, **layers)
-            path = convert(str(path), str(Path(tmp) / "mlx"), quantize=a.quantize)
-        try:
-            model, tokenizer = load(path, lazy=False)
-        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-            sys.exit(f"error: {e}")
-        if model.mtp is None:
-            sys.exit("error: this checkpoint has no MTP layer")
-        prompt = tokenizer.encode(a.prompt)
-        kwargs = {"num_draft": a.num_draft}
-        for mtp in (False, True):  # warm up
-            _decode_run(model, tokenizer, prompt, 8, mtp=mtp, **kwargs)
-        runs: dict[bool, list] = {False: [], True: []}
-        for i in range(a.repeats):
-            # Alternate the order so that drifting machine load hits both alike.
-            for mtp in (False, True) if i % 2 == 0 else (True, False):
-                tic = time.perf_counter()
-                tokens, cpu = _decode_run(model, tokenizer, prompt, a.gen_tokens, mtp=mtp, **kwargs)
-                runs[mtp].append((tokens, cpu, time.perf_counter() - tic))
-        stats = None
-        for r in stream_generate(model, tokenizer, prompt, a.gen_tokens, mtp=True, **kwargs):
-            stats = r.mtp_stats
-    (plain, *_), (spec, *_) = runs[False][-1], runs[True][-1]
-
-    def median_ratio(i: int) -> tuple[float, float, float]:
-        ratios = [p[i] / m[i] for p, m in zip(runs[False], runs[True], strict=True)]
-        return statistics.median(ratios), min(ratios), max(ratios)
-
-    per_pos = " ".join(f"{x:.3f}" for x in stats["acceptance_per_position"])
-    print(f"model: {a.model or f'synthetic, agreement {a.synthetic}'}, {len(model.layers)} layers")
-    print(f"tokens: {len(spec)} (MTP), {len(plain)} (plain); identical: {spec == plain}")
-    print(f"acceptance per draft position: {per_pos}; overall {stats['acceptance']:.3f}")
-    print(f"tokens per main-model pass: {stats['tokens_per_pass']:.3f}")
-    for name, i in (("CPU time", 1), ("wall time", 2)):
-        tps = {m: statistics.median(len(r[0]) / r[i] for r in runs[m]) for m in runs}
-        med, lo, hi = median_ratio(i)
-        print(
-            f"tokens/s by {name}: plain {tps[False]:.1f}, MTP {tps[True]:.1f}; speed ratio "
-            f"MTP/plain median {med:.3f} (range {lo:.3f}-{hi:.3f}, {a.repeats} paired runs)"
-        )
-
-
-if __name__ == "__main__":
-    main()

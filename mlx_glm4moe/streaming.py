@@ -5,22 +5,17 @@ Everything but the routed experts stays resident. Each MoE layer (the MTP layer 
 experts in use, refilled straight from the safetensors files by byte offset (a converted
 checkpoint stores each projection as one `[E, out, in]` tensor, so an expert is one contiguous
 byte range per tensor). `gather_(q)mm` then runs on the slots with the routing indices remapped
-to slot numbers. Also here: wiring the resident weights on Metal, and the streaming benchmark.
+to slot numbers. Also here: wiring the resident weights on Metal.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from time import perf_counter, process_time
+from time import perf_counter
 from typing import Any
 
 import mlx.core as mx
@@ -403,119 +398,3 @@ def wire_resident(model: nn.Module) -> None:
             stacklevel=3,
         )
     maybe_set_recommended_wired_limit()
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. On Linux from VmHWM: ru_maxrss there carries the
-    parent's peak across fork and exec."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
-
-
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
-
-
-def measure(
-    model_path: str, slots: int | None, max_tokens: int = 32, temp: float = 1.0
-) -> dict[str, float]:
-    """One benchmark row, in this process: generation from a fixed prompt (sampled at `temp`,
-    seed 0) with `slots` expert slots per layer (None: all resident, no streaming). Hit rate and
-    bytes per token are for the decode steps after the first token."""
-    import transformers  # noqa: F401 (part of the baseline, not of the model's memory)
-
-    from .generate import stream_generate
-    from .loading import load
-
-    base = peak_rss_bytes()
-    model, tokenizer = load(model_path, expert_slots=slots)
-    responses = stream_generate(model, tokenizer, PROMPT, max_tokens, temp=temp, seed=0)
-    r = next(responses)
-    start, cpu = stats(model), process_time()
-    for r in responses:  # noqa: B007 (the last response has the totals)
-        pass
-    cpu = process_time() - cpu
-    decode = stats(model) - start
-    return {
-        "slots": slots or 0,
-        "prompt_tokens": r.prompt_tokens,
-        "prompt_tps": r.prompt_tps,
-        "tokens": r.generation_tokens,
-        "tps": r.generation_tps,
-        # Tokens per CPU-second (all threads): steadier than tokens/s on a shared machine.
-        "tokens_per_cpu_s": (r.generation_tokens - 1) / cpu if cpu > 0 else 0.0,
-        "hit_rate": decode.hit_rate if slots else 1.0,
-        "mb_per_token": decode.bytes_read / max(r.generation_tokens - 1, 1) / 1e6,
-        "resident_gb": decode.resident_bytes / 1e9,
-        "peak_rss_gb": peak_rss_bytes() / 1e9,
-        "peak_growth_gb": (peak_rss_bytes() - base) / 1e9,
-    }
-
-
-def benchmark(
-    model_path: str, slots: list[int | None], max_tokens: int = 32, temp: float = 1.0
-) -> list[dict]:
-    """`measure` for each cache size, each in a fresh process so that peak memory is its own."""
-    rows = []
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    for s in slots:
-        cmd = [sys.executable, "-m", "mlx_glm4moe.streaming", "--model", model_path, "--row"]
-        cmd += ["--max-tokens", str(max_tokens), "--temp", str(temp)]
-        cmd += ["--slots", str(s)] if s else []
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        if out.returncode:
-            raise RuntimeError(f"benchmark row {s} failed:\n{out.stderr[-2000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return rows
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .loading import read_config, resolve
-
-    p = argparse.ArgumentParser(description="Benchmark expert streaming against cache size.")
-    p.add_argument("--model", required=True, help="A converted model folder.")
-    p.add_argument(
-        "--slots",
-        type=int,
-        nargs="*",
-        help="Expert slots per layer (default: all resident, then 100%%, 50%%, 25%%, minimum).",
-    )
-    p.add_argument("--max-tokens", "-m", type=int, default=32)
-    p.add_argument("--temp", type=float, default=1.0, help="Sampling temperature (seed 0).")
-    p.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.row:
-        slots = a.slots[0] if a.slots else None
-        print(json.dumps(measure(a.model, slots, a.max_tokens, a.temp)))
-        return
-    config = read_config(resolve(a.model))
-    E, k = config["n_routed_experts"], config["num_experts_per_tok"]
-    if a.max_tokens < 1 or any(s < k for s in a.slots or []):
-        p.error(f"need --max-tokens >= 1 and every --slots >= num_experts_per_tok ({k})")
-    slots = a.slots or [None, E, E // 2, E // 4, k]
-    rows = benchmark(a.model, slots, a.max_tokens, a.temp)
-    size, layers = expert_bytes(resolve(a.model), config)
-    print(f"{a.model}: {E} experts x {layers} MoE layers, {size / 1e6:.2f} MB each, top-{k}")
-    print(f"{rows[0]['prompt_tokens']}-token prompt, {rows[0]['tokens']} tokens at temp {a.temp}")
-    print(
-        "| expert slots | hit rate | MB read/token | decode tok/s | tok/CPU-s | prefill tok/s "
-        "| resident weights GB | peak RSS GB (growth) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        name = f"{r['slots']} ({r['slots'] / E:.0%})" if r["slots"] else "all resident"
-        print(
-            f"| {name} | {r['hit_rate']:.1%} | {r['mb_per_token']:.2f} | {r['tps']:.2f} "
-            f"| {r['tokens_per_cpu_s']:.2f} | {r['prompt_tps']:.1f} | {r['resident_gb']:.3f} "
-            f"| {r['peak_rss_gb']:.3f} ({r['peak_growth_gb']:.3f}) |"
-        )
-
-
-if __name__ == "__main__":
-    # Run the package's copy of this module: the classes that load() uses live there, not in
-    # __main__, and stats() looks for them by type.
-    from mlx_glm4moe.streaming import main as package_main
-
-    package_main()

@@ -289,3 +289,56 @@ def make_checkpoint(
     )
     save_sharded(random_weights(config, seed), out, num_shards, dtype)
     return out
+
+
+def make_agreeing_checkpoint(
+    out: str | Path, agreement: float = 1.0, preset: str = "air", seed: int = 0, **overrides
+) -> Path:
+    """A tiny HF checkpoint whose MTP layer agrees with the main model on a known share of
+    tokens (for tests and the benchmark, until a trained model exists).
+
+    Every attention output and MLP down projection is zero, so each layer passes its input
+    through and the next token is a function of the current one: `lm_head` makes greedy decoding
+    walk one cycle through all the tokenizer's non-stop tokens. The MTP layer's decoder is zeroed
+    too, `eh_proj` passes the embedding half on, and its embedding, norm and head copy the main
+    model's, so it predicts the token after next exactly. For `round((1 - agreement) * n)` of
+    the cycle's n tokens its embedding row is the next token's, so a draft made from one of them
+    is wrong. The cycle and the wrong tokens are in the config, under "mtp_fixture". `overrides`
+    go to the config (e.g. num_hidden_layers).
+    """
+    from tokenizers import Tokenizer
+
+    if not 0 <= agreement <= 1:
+        raise ValueError("agreement must be between 0 and 1")
+    out = make_checkpoint(out, preset, seed, **overrides)
+    config = json.loads((out / "config.json").read_text())
+    w = random_weights(config, seed)
+    for name in w:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w[name] = np.zeros_like(w[name])
+    n_tokens = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
+    rng = np.random.default_rng(seed)
+    cycle = [int(t) for t in rng.permutation(n_tokens) if t not in config["eos_token_id"]]
+    wrong = sorted(int(t) for t in rng.choice(cycle, round((1 - agreement) * len(cycle)), False))
+
+    embed = w["model.embed_tokens.weight"]
+    u = embed / np.sqrt((embed**2).mean(-1, keepdims=True) + config["rms_norm_eps"])
+    u = u * w["model.norm.weight"]
+    successor = dict(zip(cycle, cycle[1:] + cycle[:1], strict=True))
+    head = np.zeros_like(w["lm_head.weight"])
+    for prev, nxt in successor.items():
+        head[nxt] = u[prev] / np.linalg.norm(u[prev])
+    w["lm_head.weight"] = head
+    mtp_embed = embed.copy()
+    mtp_embed[wrong] = embed[[successor[t] for t in wrong]]
+
+    H, p = config["hidden_size"], f"model.layers.{config['num_hidden_layers']}"
+    w[f"{p}.embed_tokens.weight"] = mtp_embed
+    w[f"{p}.enorm.weight"] = np.ones(H, np.float32)
+    w[f"{p}.eh_proj.weight"] = np.eye(H, 2 * H, dtype=np.float32)
+    w[f"{p}.shared_head.norm.weight"] = w["model.norm.weight"]
+    w[f"{p}.shared_head.head.weight"] = head
+    save_sharded(w, out)
+    config["mtp_fixture"] = {"cycle": cycle, "wrong": wrong}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -1,4 +1,5 @@
-"""Checkpoint files and names: Hugging Face layout → ours, FP8 dequantization, expert stacking.
+"""Checkpoint files and names: finding a checkpoint (local or on the Hub) and its config, the
+Hugging Face layout → ours, FP8 dequantization, expert stacking.
 
 Shared by the converter (one layer at a time) and by `load()` (whole HF folders, lazily).
 """
@@ -9,12 +10,55 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+# Enough to load and convert: weights, configs, tokenizer, chat template, and the model card
+# (its license goes into the converted model's card).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "*.model", "README.md"]
 INDEX_FILE = "model.safetensors.index.json"
 _EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def resolve(path_or_repo: str | Path | None) -> Path:
+    """A local folder as is; anything else is a Hugging Face repo id, downloaded (or found in the
+    local hub cache) with huggingface_hub."""
+    if path_or_repo is None:
+        return DEFAULT_MODEL
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is not a model folder")
+        return path
+    if str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).count("/") != 1:
+        raise FileNotFoundError(f"No model folder at {path_or_repo}")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_repo), allow_patterns=HUB_PATTERNS))
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json, with the stop ids of generation_config.json when it has them."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"No config.json in {path}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    gen_file = path / "generation_config.json"
+    if gen_file.exists():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        if eos is not None:
+            config["eos_token_id"] = eos
+    return config
+
+
+def fp8_block(config: dict[str, Any]) -> list[int] | None:
+    return (config.get("quantization_config") or {}).get("weight_block_size")
 
 
 def weight_files(path: Path) -> dict[str, Path]:

@@ -25,16 +25,8 @@ import pytest
 from parser_corpus import CONFIGURE, EDIT, WEATHER
 
 from mlx_glm4moe import load
-from mlx_glm4moe.chat import (
-    PromptCache,
-    ReplyPrinter,
-    chat,
-    encode_messages,
-    interactive,
-    load_tools,
-    stream_chat,
-)
-from mlx_glm4moe.generate import main as generate_main
+from mlx_glm4moe.chat import PromptCache, chat, encode_messages, stream_chat
+from mlx_glm4moe.cli import ReplyPrinter, generate_main, interactive, load_tools
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = [WEATHER]  # each tool adds ~150 prompt tokens to prefill
@@ -457,7 +449,7 @@ def test_interactive_history_and_toggles(loaded, monkeypatch, capsys):
 
     monkeypatch.setattr("builtins.input", fake_input)
     # The module, not the `chat` function the package exports under the same name.
-    monkeypatch.setattr(importlib.import_module("mlx_glm4moe.chat"), "stream_chat", scripted_turn)
+    monkeypatch.setattr(importlib.import_module("mlx_glm4moe.cli"), "stream_chat", scripted_turn)
     pc = PromptCache(model)
     interactive(model, tok, tools=TOOLS, prompt_cache=pc)
     out, err = capsys.readouterr()

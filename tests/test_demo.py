@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 from mlx_lm import load as mlx_lm_load
 
+from mlx_glm4moe.cli import convert_main
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.convert import main as convert_main
-from mlx_glm4moe.evaluate import evaluate
+from mlx_glm4moe.evaluate import evaluate, heldout_text, windows
 from mlx_glm4moe.evaluate import main as evaluate_main
 from mlx_glm4moe.generate import generate
-from mlx_glm4moe.loading import DEFAULT_MODEL, load
+from mlx_glm4moe.loading import load
 from mlx_glm4moe.parsers import parse_assistant
 from mlx_glm4moe.recipes import RECIPES
+from mlx_glm4moe.weights import DEFAULT_MODEL
 
 WEATHER_TOOL = {
     "type": "function",
@@ -70,11 +71,34 @@ def test_default_model_calls_a_given_tool(demo):
     assert list(args) == ["city"] and args["city"].strip(), text
 
 
-def test_evaluate_against_itself(demo):
+class Uniform:
+    """A reference model that gives every token the same probability."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def __call__(self, x):
+        return mx.zeros((*x.shape, self.args.vocab_size))
+
+
+def test_evaluate_against_a_uniform_reference(demo):
+    """Perplexity and KL(uniform || model) recomputed in float64 numpy from the model's logits on
+    the same windows; a uniform reference's perplexity is the vocabulary size."""
     model, tokenizer = demo
-    report = evaluate(model, tokenizer, model, sequence_length=96, num_samples=2)
-    assert report.kl == pytest.approx(0.0, abs=1e-6)
-    assert report.perplexity == pytest.approx(report.reference_perplexity)
+    report = evaluate(model, tokenizer, Uniform(model.args), sequence_length=96, num_samples=2)
+    V = model.args.vocab_size
+    nll = kl = n = 0
+    for ids in windows(tokenizer, heldout_text(), 96, 2):
+        logits = np.array(model(mx.array(ids[:-1])[None])[0].astype(mx.float32), np.float64)
+        lp = logits - logits.max(-1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        nll -= lp[np.arange(len(ids) - 1), ids[1:]].sum()
+        kl += (-np.log(V) - lp.mean(-1)).sum()
+        n += len(ids) - 1
+    assert report.tokens == n
+    assert report.perplexity == pytest.approx(np.exp(nll / n), rel=1e-4)
+    assert report.reference_perplexity == pytest.approx(V, rel=1e-4)
+    assert report.kl == pytest.approx(kl / n, rel=1e-4)
     assert 1 < report.perplexity < 200  # a trained model, not a uniform guess over ~2k tokens
     assert len(report.acceptance) == 2
     assert report.acceptance[0] > 0.3  # the MTP layer was trained: its drafts are often right

@@ -14,8 +14,9 @@ import mlx.core as mx
 import pytest
 
 from mlx_glm4moe import distributed
+from mlx_glm4moe.cli import generate_main as main
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.generate import generate_step, main
+from mlx_glm4moe.generate import generate_step
 from mlx_glm4moe.loading import load
 from mlx_glm4moe.synthetic import make_checkpoint
 
@@ -33,7 +34,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_glm4moe import distributed
-from mlx_glm4moe.generate import generate_step, main
+from mlx_glm4moe.cli import generate_main as main
+from mlx_glm4moe.generate import generate_step
 from mlx_glm4moe.loading import load
 
 group = mx.distributed.init()
@@ -75,7 +77,7 @@ import os, sys
 
 import mlx.core as mx
 
-from mlx_glm4moe.generate import main
+from mlx_glm4moe.cli import generate_main as main
 from mlx_glm4moe.model import Model
 
 if mx.distributed.init().rank() == 1:
@@ -211,17 +213,23 @@ def test_dying_rank_is_a_clear_error(models, tmp_path):
 
 
 def test_watchdog_ends_a_silent_wait():
+    """On a clock the test moves: beats half a timeout apart keep the watchdog quiet through
+    seven and a half timeouts; a silence of two timeouts ends the process."""
     code = textwrap.dedent(
         """
-        import time
-        from mlx_glm4moe.distributed import Watchdog
+        import threading
+        from types import SimpleNamespace
+        from mlx_glm4moe import distributed
 
-        dog = Watchdog(1.0, rank=3)
-        for _ in range(15):  # beating keeps it quiet past its timeout
-            time.sleep(0.2)
+        now = [0.0]
+        distributed.time = SimpleNamespace(monotonic=lambda: now[0])
+        dog = distributed.Watchdog(1.0, rank=3)
+        for _ in range(15):
+            now[0] += 0.5
             dog.beat()
         print("beats done", flush=True)
-        time.sleep(60)
+        now[0] += 2.0
+        threading.Event().wait()  # until the watchdog ends the process
         """
     )
     run = subprocess.run(

@@ -123,7 +123,7 @@ def test_router_matches_reference(n_group, topk_group):
     assert np.allclose(got_w, ref_w, atol=1e-6)
 
 
-def test_router_stays_float32_in_bf16_model(air_checkpoint, tmp_path):
+def test_bf16_model_keeps_a_float32_router_and_matches_float32(air_checkpoint, air_f32, tmp_path):
     out = convert(str(air_checkpoint), str(tmp_path / "bf16"), dtype="bfloat16")
     weights = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     tensors = mx.load(str(out / weights["model.layers.1.mlp.gate.e_score_correction_bias"]))
@@ -131,4 +131,9 @@ def test_router_stays_float32_in_bf16_model(air_checkpoint, tmp_path):
     assert tensors["model.layers.1.mlp.gate.weight"].dtype == mx.float32
     assert tensors["model.layers.1.self_attn.q_proj.weight"].dtype == mx.bfloat16
     model, _ = load(out)
-    assert model(mx.array(IDS[:1, :8])).shape == (1, 8, model.args.vocab_size)
+    reference, _ = load(air_f32)
+    x = mx.array(IDS)
+    got, want = np.array(model(x).astype(mx.float32)), np.array(reference(x))
+    # Rounding the weights to bfloat16 (8 bits of mantissa) moved the logits by at most 4% of
+    # their spread on this fixture (measured); the bound leaves room for that and no more.
+    assert np.abs(got - want).max() < 0.1 * want.std()

@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache, trim_prompt_cache
 
+from mlx_glm4moe.cli import generate_main as main
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.generate import encode, main, stream_generate
+from mlx_glm4moe.generate import encode, stream_generate
 from mlx_glm4moe.loading import load
 from mlx_glm4moe.model import Model, ModelArgs
 from mlx_glm4moe.mtp import (
     MTPStats,
     RejectionSampling,
-    make_agreeing_checkpoint,
     make_cache,
     mtp_generate_step,
 )
+from mlx_glm4moe.synthetic import make_agreeing_checkpoint
 
 
 @pytest.fixture(scope="module")

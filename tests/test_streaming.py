@@ -14,8 +14,8 @@ import pytest
 
 from mlx_glm4moe import load, stream_generate
 from mlx_glm4moe import streaming as st
+from mlx_glm4moe.cli import generate_main
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.generate import main as generate_main
 from mlx_glm4moe.synthetic import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,8 @@ import json, sys
 import mlx.core as mx, numpy as np, transformers
 from mlx_glm4moe import load
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.streaming import peak_rss_bytes, resident_bytes, stats
+from mlx_glm4moe.bench import peak_rss_bytes
+from mlx_glm4moe.streaming import resident_bytes, stats
 base = peak_rss_bytes()
 """
 RESIDENT = """

@@ -22,9 +22,9 @@ from mlx_lm.convert import convert as mlx_lm_convert
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_glm4moe.convert import convert  # noqa: E402
 from mlx_glm4moe.evaluate import evaluate  # noqa: E402
-from mlx_glm4moe.loading import load, read_config  # noqa: E402
+from mlx_glm4moe.loading import load  # noqa: E402
 from mlx_glm4moe.recipes import RECIPES  # noqa: E402
-from mlx_glm4moe.weights import layer_of, weight_files  # noqa: E402
+from mlx_glm4moe.weights import layer_of, read_config, weight_files  # noqa: E402
 
 
 def sizes(path: Path) -> tuple[int, int]:

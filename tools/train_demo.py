@@ -1,7 +1,7 @@
 """Train the bundled demo model: a tiny GLM-4.5-shaped MoE, MTP layer included, on offline text.
 
     python tools/train_demo.py --out /tmp/glm-demo-hf    # 500 steps, about 20 minutes on one core
-    python -m mlx_glm4moe.convert --hf-path /tmp/glm-demo-hf --mlx-path mlx_glm4moe/default_model
+    python convert.py --hf-path /tmp/glm-demo-hf --mlx-path mlx_glm4moe/default_model
 
 Training-only dependencies: torch and transformers (`Glm4MoeForCausalLM`). The data is the Python
 standard library's own documentation (pydoc) plus synthetic conversations in GLM-4.5's chat format,
