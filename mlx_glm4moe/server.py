@@ -747,6 +747,43 @@ def _completion_logprobs(entries: list, offset: int) -> dict | None:
     }
 
 
+def _text_choice(text: str, finish: str | None, logprobs: list | None, offset: int) -> dict:
+    lp = _completion_logprobs(logprobs, offset) if logprobs is not None else None
+    return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+
+
+async def _completion_stream(
+    job: Job, head: dict, echo: str, events: AsyncIterator[dict]
+) -> AsyncIterator[str]:
+    """Server-sent events of a completion: the echoed prompt, then a chunk per text delta
+    (with the log-probabilities of the tokens behind it), the finish reason, usage if asked."""
+    req = job.request
+    pending: list | None = [] if req.logprobs is not None else None
+    offset = len(echo)
+    try:
+        if echo:
+            yield _data({**head, "choices": [_text_choice(echo, None, None, 0)]})
+        async for event in events:
+            kind = event["type"]
+            if kind == "logprobs" and pending is not None:
+                pending.append(event["entry"])
+            elif kind == "text":
+                choice = _text_choice(event["delta"], None, pending, offset)
+                yield _data({**head, "choices": [choice]})
+                offset += len(event["delta"])
+                pending = [] if pending is not None else None
+            elif kind == "done":
+                choice = _text_choice("", event["finish_reason"], pending, offset)
+                yield _data({**head, "choices": [choice]})
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield _data({**head, "choices": [], "usage": _usage(event["usage"])})
+            elif kind == "error":
+                yield _data(APIError(500, event["message"], type="server_error").body())
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel.set()
+
+
 # -- metrics ------------------------------------------------------------------------------------
 
 METRICS = {
@@ -873,7 +910,8 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(metrics_text(engine.batch.metrics), media_type="text/plain")
+        text = metrics_text(engine.batch.metrics)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @v1.get("/models")
     async def models() -> dict:
@@ -940,42 +978,8 @@ def create_app(
             echo = tokenizer.decode(req.prompt)
         events = TextReply(job, engine).events()
 
-        def choice(text: str, finish: str | None, logprobs: list | None, offset: int) -> dict:
-            lp = _completion_logprobs(logprobs, offset) if logprobs is not None else None
-            return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
-
         if req.stream:
-
-            async def stream() -> AsyncIterator[str]:
-                pending: list = []
-                offset = 0
-                try:
-                    if echo:
-                        yield _data({**head, "choices": [choice(echo, None, None, 0)]})
-                    async for event in events:
-                        lp = pending if req.logprobs is not None else None
-                        if event["type"] == "logprobs":
-                            pending.append(event["entry"])
-                        elif event["type"] == "text":
-                            yield _data(
-                                {**head, "choices": [choice(event["delta"], None, lp, offset)]}
-                            )
-                            offset += len(event["delta"])
-                            pending = []
-                        elif event["type"] == "done":
-                            final = choice("", event["finish_reason"], lp, offset)
-                            yield _data({**head, "choices": [final]})
-                            opts = req.stream_options
-                            if opts is not None and opts.include_usage:
-                                usage = _usage(event["usage"])
-                                yield _data({**head, "choices": [], "usage": usage})
-                        elif event["type"] == "error":
-                            yield _data(APIError(500, event["message"], type="server_error").body())
-                    yield "data: [DONE]\n\n"
-                finally:
-                    job.cancel.set()
-
-            return sse(stream(), job)
+            return sse(_completion_stream(job, head, echo, events), job)
         text: list[str] = []
 
         async def texts() -> AsyncIterator[dict]:
@@ -987,7 +991,7 @@ def create_app(
 
         done, logprobs = await _collect(request, job, texts())
         lp = logprobs if req.logprobs is not None else None
-        body = choice(echo + "".join(text), done["finish_reason"], lp, len(echo))
+        body = _text_choice(echo + "".join(text), done["finish_reason"], lp, len(echo))
         return {**head, "choices": [body], "usage": _usage(done["usage"])}
 
     # -- Anthropic ------------------------------------------------------------------------------

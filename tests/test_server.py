@@ -336,10 +336,14 @@ def test_completions(client):
     assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens - stopped
     assert all(len(top) <= 2 for top in lp.top_logprobs)
     assert lp.text_offset[0] == 0
-    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, stream=True)
+    stream = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=6, logprobs=2, stream=True
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == choice.text
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
     # A stop string inside the text cuts it there.
     stop = choice.text[1:3]
     cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, stop=stop)
@@ -434,6 +438,23 @@ def test_bad_request(url, body, param):
     assert set(error) == {"message", "type", "param", "code"}
     if param is not None:
         assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [10**9]}, "prompt"),
+        ({"prompt": "hi", "logprobs": 50}, "logprobs"),
+        ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "stop": [""]}, "stop"),
+    ],
+)
+def test_bad_completion_request(url, body, param):
+    r = httpx.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
 
 
 def test_prompt_longer_than_context(server, client):
