@@ -191,7 +191,7 @@ class BatchEngine:
                 self.metrics.decode_steps_total += 1
                 self.metrics.batch_size = len(responses)
             for r in responses:
-                self._on_token(generator, r)
+                self._on_token(r)
             self._drop_failed(generator)
         for uid in list(self._running):
             self._finish(uid, "cancelled")
@@ -284,7 +284,7 @@ class BatchEngine:
             for uid in failed:
                 self._finish(uid, error="The generation failed.")
 
-    def _on_token(self, generator: BatchGenerator, r: Any) -> None:
+    def _on_token(self, r: Any) -> None:
         state = self._running[r.uid]
         if state.failed:
             return
