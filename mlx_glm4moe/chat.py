@@ -122,17 +122,31 @@ def _nbytes(cache: list) -> int:
     return sum(c.nbytes for c in cache)
 
 
-def encode_messages(
+# apply_chat_template's own arguments: template variables must not replace them.
+_RESERVED = {
+    "conversation",
+    "messages",
+    "tools",
+    "documents",
+    "chat_template",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tokenize",
+    "return_dict",
+}
+
+
+def render_prompt(
     tokenizer: TokenizerWrapper,
     messages: list[dict],
     tools: list[dict] | None = None,
     enable_thinking: bool = True,
     *,
     chat_template_kwargs: dict[str, Any] | None = None,
-) -> list[int]:
-    """Prompt token ids for `messages` (OpenAI shape) through the model's chat template,
-    ending with the assistant generation prompt. `chat_template_kwargs` are extra template
-    variables; an `enable_thinking` among them wins over the argument."""
+) -> str:
+    """The prompt text for `messages` (OpenAI shape) through the model's chat template, ending
+    with the assistant generation prompt. `chat_template_kwargs` are extra template variables
+    (GLM-4.7's `clear_thinking`, ...); an `enable_thinking` among them wins over the argument."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
     for i, m in enumerate(messages):
@@ -142,16 +156,35 @@ def encode_messages(
         isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
     ):
         raise ValueError("tools must be a list of OpenAI tool objects")
+    extra = chat_template_kwargs or {}
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise ValueError("chat_template_kwargs must be an object with string keys")
+    if reserved := sorted(_RESERVED.intersection(extra)):
+        raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}")
     try:
-        prompt = tokenizer.apply_chat_template(
+        return tokenizer.apply_chat_template(
             normalize_messages(messages),
             tools=tools or None,
             add_generation_prompt=True,
             tokenize=False,
-            **{"enable_thinking": enable_thinking, **(chat_template_kwargs or {})},
+            **{"enable_thinking": enable_thinking, **extra},
         )
     except Exception as e:  # jinja errors on malformed messages; say which call failed
         raise ValueError(f"The chat template could not render these messages: {e}") from e
+
+
+def encode_messages(
+    tokenizer: TokenizerWrapper,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    enable_thinking: bool = True,
+    *,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Prompt token ids for `render_prompt`'s text (same arguments)."""
+    prompt = render_prompt(
+        tokenizer, messages, tools, enable_thinking, chat_template_kwargs=chat_template_kwargs
+    )
     return encode(tokenizer, prompt)
 
 
@@ -162,6 +195,7 @@ def stream_chat(
     tools: list[dict] | None = None,
     enable_thinking: bool = True,
     *,
+    chat_template_kwargs: dict[str, Any] | None = None,
     prompt_cache: PromptCache | None = None,
     id_salt: str | None = None,
     **sampling: Any,
@@ -173,18 +207,24 @@ def stream_chat(
     `message` is `{"role": "assistant", "content", "reasoning_content", "tool_calls"}`, ready to
     append to `messages`. `finish_reason` is "stop", "tool_calls", "length" or "cancelled";
     `usage` is `{prompt_tokens, completion_tokens, cached_tokens}`. `tools` (OpenAI list) is
-    offered to the model and types the call arguments. `prompt_cache` reuses and keeps KV caches.
+    offered to the model and types the call arguments. `enable_thinking` and
+    `chat_template_kwargs` go to the chat template (see `render_prompt`); the parser starts where
+    the rendered prompt leaves off (inside reasoning after GLM-4.7's `<think>`, in content after
+    `</think>`). `prompt_cache` reuses and keeps KV caches.
     `id_salt` makes tool-call ids unique per request (random when None). `**sampling` goes to
     `stream_generate` (max_tokens, temp, top_p, top_k, min_p, seed, sampler, cancel, ...).
     Closing the generator early stops generation (the cache is still kept).
     """
-    tokens = encode_messages(tokenizer, messages, tools, enable_thinking)
+    prompt = render_prompt(
+        tokenizer, messages, tools, enable_thinking, chat_template_kwargs=chat_template_kwargs
+    )
+    tokens = encode(tokenizer, prompt)
     if prompt_cache is not None:
         cache, rest, cached = prompt_cache.fetch(tokens)
     else:
         cache, rest, cached = make_cache(model, sampling.get("mtp", False)), tokens, 0
     parser = StreamParser(
-        tools, thinking=enable_thinking, id_salt=uuid.uuid4().hex if id_salt is None else id_salt
+        tools, prompt=prompt, id_salt=uuid.uuid4().hex if id_salt is None else id_salt
     )
     generated: list[int] = []
 

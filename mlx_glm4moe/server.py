@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import anthropic_api as anthropic
 from .batch import BatchEngine
 from .batch import Request as BatchRequest
-from .chat import PromptCache, encode_messages
+from .chat import PromptCache, encode_messages, render_prompt
 from .generate import Sampler, encode
 from .model import Model
 from .parsers import StreamParser
@@ -241,8 +241,10 @@ class Job:
     loop: asyncio.AbstractEventLoop
     seed: int | None = None
     top_logprobs: int | None = None
-    # Chat only: OpenAI-shaped messages and tools, the thinking switch, the tool choice
-    # ("none", "required", a function name, or None for auto) and whether calls may come many.
+    # Chat only: the rendered prompt (where the parser starts), OpenAI-shaped messages and
+    # tools, the thinking switch, the tool choice ("none", "required", a function name, or None
+    # for auto) and whether calls may come many.
+    prompt: str | None = None
     messages: list[dict] | None = None
     tools: list[dict] | None = None
     enable_thinking: bool = True
@@ -399,7 +401,7 @@ class Engine:
         if tool_choice == "required" and not tools:
             raise APIError(400, "tool_choice 'required' needs 'tools'.", "tool_choice")
         try:
-            tokens = encode_messages(
+            prompt = render_prompt(
                 self.tokenizer,
                 messages,
                 tools,
@@ -408,9 +410,11 @@ class Engine:
             )
         except ValueError as e:  # the chat template rejects these messages
             raise APIError(400, str(e), "messages") from None
+        tokens = encode(self.tokenizer, prompt)
         return Job(
             request=request,
             tokens=tokens,
+            prompt=prompt,
             max_tokens=self._room(len(tokens), max_tokens, "messages", "messages"),
             stop=_stops(stop),
             sampling=sampling,
@@ -541,9 +545,7 @@ class ChatReply:
 
     def __init__(self, job: Job, engine: Engine) -> None:
         self.job, self.engine = job, engine
-        self.parser = StreamParser(
-            job.tools, thinking=job.enable_thinking, id_salt=uuid.uuid4().hex
-        )
+        self.parser = StreamParser(job.tools, prompt=job.prompt, id_salt=uuid.uuid4().hex)
         self.stop = StopText(job.stop)
         self.stopped = False
         self.content: list[str] = []

@@ -15,6 +15,7 @@ import json
 import os
 import pty
 import select
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,10 +23,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from parser_corpus import CONFIGURE, EDIT, WEATHER
+from parser_corpus import CONFIGURE, EDIT, TIME, WEATHER
 
 from mlx_glm4moe import load
-from mlx_glm4moe.chat import PromptCache, chat, encode_messages, stream_chat
+from mlx_glm4moe.chat import PromptCache, chat, encode_messages, render_prompt, stream_chat
 from mlx_glm4moe.cli import ReplyPrinter, generate_main, interactive, load_tools
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +146,103 @@ def test_thinking_off(loaded):
         None,
         "stop",
     )
+
+
+GLM47_TEMPLATE = (Path(__file__).parent / "glm47_chat_template.jinja").read_text()
+REPLY_47 = (
+    "The user wants the weather.</think>Let me check."
+    "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
+    "<arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"
+)
+
+
+@pytest.fixture
+def glm47(loaded):
+    """The fixture model with a GLM-4.7-style chat template."""
+    model, tok = loaded
+    hf = tok._tokenizer
+    saved, hf.chat_template = hf.chat_template, GLM47_TEMPLATE
+    yield model, tok
+    hf.chat_template = saved
+
+
+def test_glm47_thinking_on_starts_inside_reasoning(glm47):
+    model, tok = glm47
+    assert render_prompt(tok, USER, TOOLS).endswith("Paris?<|assistant|><think>")
+    events = list(stream_chat(model, tok, USER, TOOLS, sampler=scripted(tok, REPLY_47)))
+    done = events.pop()
+    assert events[0]["type"] == "reasoning"  # from the first token on, not held back
+    assert [e["type"] for e in events].count("reasoning") > 1
+    assert done["message"]["reasoning_content"] == "The user wants the weather."
+    assert done["message"]["content"] == "Let me check."
+    assert [c["function"] for c in done["message"]["tool_calls"]] == [weather()]
+    assert (done["finish_reason"], done["malformed"]) == ("tool_calls", None)
+
+
+def test_glm47_stopped_inside_reasoning_stays_reasoning(glm47):
+    model, tok = glm47
+    r = chat(model, tok, USER, TOOLS, max_tokens=4, sampler=scripted(tok, REPLY_47))
+    assert r["finish_reason"] == "length" and r["content"] == "" and not r["tool_calls"]
+    assert r["reasoning_content"] and "The user wants the weather.".startswith(
+        r["reasoning_content"]
+    )
+    assert r["malformed"] == "unclosed_think"
+
+
+def test_glm47_thinking_off_is_all_content(glm47):
+    model, tok = glm47
+    assert render_prompt(tok, USER, enable_thinking=False).endswith("<|assistant|></think>")
+    reply = "No thinking.<tool_call>get_time</tool_call>"
+    # enable_thinking in chat_template_kwargs wins over the argument (as the server passes it)
+    kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
+    r = chat(model, tok, USER, [TIME], sampler=scripted(tok, reply), **kwargs)
+    assert (r["content"], r["reasoning_content"]) == ("No thinking.", None)
+    assert [c["function"] for c in r["tool_calls"]] == [{"name": "get_time", "arguments": "{}"}]
+
+
+def test_chat_template_kwargs_reach_the_template(glm47):
+    model, tok = glm47
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet back."},
+        *USER,
+    ]
+    cleared = render_prompt(tok, history)
+    kept = render_prompt(tok, history, chat_template_kwargs={"clear_thinking": False})
+    assert "<think>Greet back.</think>Hello." in kept
+    assert "Greet back." not in cleared
+    assert encode_messages(tok, history, chat_template_kwargs={"clear_thinking": False}) == (
+        tok.encode(kept, add_special_tokens=False)
+    )
+    r = chat(
+        model,
+        tok,
+        history,
+        chat_template_kwargs={"clear_thinking": False},
+        sampler=scripted(tok, "Fine.</think>Sunny.", "<|user|>"),
+    )
+    assert r["usage"]["prompt_tokens"] == len(tok.encode(kept, add_special_tokens=False))
+    assert (r["reasoning_content"], r["content"]) == ("Fine.", "Sunny.")
+    for bad in ({"tools": []}, {"add_generation_prompt": False}, ["clear_thinking"]):
+        with pytest.raises(ValueError, match="chat_template_kwargs"):
+            chat(model, tok, USER, chat_template_kwargs=bad)
+
+
+def test_interleaved_thinking_streams_as_reasoning(loaded):
+    model, tok = loaded
+    reply = (
+        "\n<think>Time first.</think>\n<tool_call>get_time\n</tool_call>\n"
+        "<think>Then the weather.</think>\n" + REPLY.split("\n", 3)[3]
+    )
+    events = list(stream_chat(model, tok, USER, [TIME, WEATHER], sampler=scripted(tok, reply)))
+    done = events.pop()
+    kinds = [e["type"] for e in events]
+    first_call = kinds.index("tool_call")
+    assert "reasoning" in kinds[first_call:]  # the second block streams as reasoning
+    msg = done["message"]
+    assert msg["reasoning_content"] == "Time first.\n\nThen the weather."
+    assert "think>" not in msg["content"] and msg["content"] == "Let me check that for you."
+    assert [c["function"]["name"] for c in msg["tool_calls"]] == ["get_time", "get_weather"]
 
 
 def test_length_and_cancel_finish_reasons(loaded):
@@ -428,6 +526,21 @@ def test_cli_single_turn_with_tools(loaded, air_checkpoint, tmp_path, capsys):
     f.write_text("[1]")
     with pytest.raises(SystemExit, match="error: Tool 0"):
         generate_main(["--model", str(air_checkpoint), "--tools", str(f)])
+
+
+def test_cli_follows_a_glm47_template(air_checkpoint, tmp_path, capsys):
+    """The command line hands the rendered prompt to the parser: after GLM-4.7's `<think>` the
+    (random) reply prints as reasoning from its first token; after `</think>` as content."""
+    model_dir = tmp_path / "glm47"
+    shutil.copytree(air_checkpoint, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = GLM47_TEMPLATE
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    generate_main(["--model", str(model_dir), "-m", "6", "-p", "Hi"])
+    assert capsys.readouterr().out.startswith("Thinking: ")
+    generate_main(["--model", str(model_dir), "-m", "6", "-p", "Hi", "--no-think"])
+    out = capsys.readouterr().out
+    assert out.strip() and "Thinking:" not in out
 
 
 def test_interactive_history_and_toggles(loaded, monkeypatch, capsys):

@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from parser_corpus import CASES, TOOLSETS
+from parser_corpus import CASES, P45_OFF, P45_ON, P47_OFF, P47_ON, PEER_CASES, TOOLSETS
 
 from mlx_glm4moe.parsers import StreamParser, normalize_messages, parse_assistant
 
@@ -23,6 +23,11 @@ IDS = [c["name"] for c in CASES]
 
 def _tools(c: dict) -> list | None:
     return TOOLSETS.get(c["tools"])
+
+
+def _start(c: dict) -> dict:
+    """The keyword arguments that say where a case's output starts."""
+    return {"prompt": c["prompt"], "thinking": c["thinking"]}
 
 
 def _calls(result: dict) -> list[tuple[str, dict]]:
@@ -42,7 +47,7 @@ def test_corpus_size():
 
 @pytest.mark.parametrize("c", CASES, ids=IDS)
 def test_corpus_batch(c):
-    r = parse_assistant(c["text"], _tools(c), thinking=c["thinking"])
+    r = parse_assistant(c["text"], _tools(c), **_start(c))
     assert set(r) == {"content", "reasoning_content", "tool_calls", "malformed"}
     assert r["content"] == c["content"]
     assert r["reasoning_content"] == c["reasoning"]
@@ -81,8 +86,8 @@ def test_bare_function_tools_accepted():
 # ---- streaming == batch ------------------------------------------------------------------------
 
 
-def _stream(pieces: list[str], tools, thinking: bool) -> tuple[list[dict], dict]:
-    sp = StreamParser(tools, thinking=thinking)
+def _stream(pieces: list[str], tools, start: dict) -> tuple[list[dict], dict]:
+    sp = StreamParser(tools, **start)
     events = []
     for piece in pieces:
         events += sp.feed(piece)
@@ -90,8 +95,8 @@ def _stream(pieces: list[str], tools, thinking: bool) -> tuple[list[dict], dict]
     return events, sp.result()
 
 
-def _check_stream(pieces: list[str], tools, thinking: bool, batch: dict) -> None:
-    events, result = _stream(pieces, tools, thinking)
+def _check_stream(pieces: list[str], tools, start: dict, batch: dict) -> None:
+    events, result = _stream(pieces, tools, start)
     assert result == batch, pieces
     reasoning = [e["delta"] for e in events if e["type"] == "reasoning"]
     content = [e["delta"] for e in events if e["type"] == "content"]
@@ -105,14 +110,15 @@ def _check_stream(pieces: list[str], tools, thinking: bool, batch: dict) -> None
     assert calls == batch["tool_calls"], pieces
 
 
-def _splits(text: str, seed: int):
-    """Every single cut point, one char at a time, then seeded random chunkings."""
+def _splits(text: str, seed: int, chunkings: int = RANDOM_CHUNKINGS):
+    """Every single cut point, one char at a time, then seeded random chunkings (a fifth of them
+    with pieces of up to 40 chars, the others up to 8)."""
     for i in range(len(text) + 1):
         yield [text[:i], text[i:]]
     yield list(text)
     rng = random.Random(seed)
-    for k in range(RANDOM_CHUNKINGS):
-        top = 8 if k < 120 else 40
+    for k in range(chunkings):
+        top = 8 if k < chunkings * 4 // 5 else 40
         pieces, i = [], 0
         while i < len(text):
             n = rng.randint(1, top)
@@ -125,11 +131,11 @@ SPLIT_COUNTS: dict[str, int] = {}
 
 
 def _check_case_streaming(c: dict) -> int:
-    tools, thinking = _tools(c), c["thinking"]
-    batch = parse_assistant(c["text"], tools, thinking=thinking)
+    tools, start = _tools(c), _start(c)
+    batch = parse_assistant(c["text"], tools, **start)
     n = 0
     for pieces in _splits(c["text"], seed=zlib.crc32(c["name"].encode())):
-        _check_stream(pieces, tools, thinking, batch)
+        _check_stream(pieces, tools, start, batch)
         n += 1
     return n
 
@@ -217,21 +223,134 @@ FRAGMENTS = [
 ]
 
 
-def test_fuzz_streaming_equals_batch_and_never_raises():
+def _rerender(r: dict) -> tuple[str, str]:
+    """(prompt, text): a parse result written back in GLM-4.7's format."""
+    text = "" if r["reasoning_content"] is None else r["reasoning_content"] + "</think>"
+    text += r["content"]
+    for name, args in _calls(r):
+        text += f"<tool_call>{name}"
+        for k, v in args.items():
+            v = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+            text += f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>"
+        text += "</tool_call>"
+    return (P47_OFF if r["reasoning_content"] is None else P47_ON), text
+
+
+FUZZ_STARTS = [{}, {"thinking": False}, {"prompt": P45_ON}, {"prompt": P47_ON}, {"prompt": P47_OFF}]
+
+
+def test_fuzz_streaming_equals_batch_and_round_trips():
     rng = random.Random(1234)
-    n = 0
     for _ in range(300):
         text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 30)))
         tools = rng.choice([None, TOOLSETS["basic"]])
-        thinking = rng.random() < 0.7
-        batch = parse_assistant(text, tools, thinking=thinking)
-        _check_stream(list(text), tools, thinking, batch)
+        start = rng.choice(FUZZ_STARTS)
+        batch = parse_assistant(text, tools, **start)
+        _check_stream(list(text), tools, start, batch)
         for _ in range(3):
             cuts = sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1)))
             pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-            _check_stream(pieces, tools, thinking, batch)
-        n += 4
-    assert n == 1200
+            _check_stream(pieces, tools, start, batch)
+        assert all(isinstance(args, dict) for _, args in _calls(batch))
+        if batch["malformed"] is None:
+            # Every tag was consumed, and the result says everything there is to say: written
+            # back out and parsed again, it gives itself.
+            for tag in ("<think>", "</think>", "<tool_call>"):
+                assert tag not in batch["content"], text
+            assert "<think>" not in (batch["reasoning_content"] or ""), text
+            assert "</think>" not in (batch["reasoning_content"] or ""), text
+            prompt, again = _rerender(batch)
+            r = parse_assistant(again, tools, prompt=prompt)
+            assert (r["content"], r["reasoning_content"], _calls(r), r["malformed"]) == (
+                batch["content"],
+                batch["reasoning_content"],
+                _calls(batch),
+                None,
+            ), text
+
+
+# ---- peers -------------------------------------------------------------------------------------
+
+
+def peer_view(r: dict) -> tuple:
+    """A parse result as the peers' tests compare it (see PEER_CASES)."""
+    return (
+        (r["content"] or "").strip(),
+        (r["reasoning_content"] or "").strip(),
+        [(t["function"]["name"], _typed_json(t["function"]["arguments"])) for t in r["tool_calls"]],
+    )
+
+
+def peer_expected(c: dict, overrides: dict | None = None) -> tuple:
+    e = {**c, **(overrides or {})}
+    calls = [(name, _typed_json(json.dumps(args))) for name, args in e["calls"]]
+    return ((e["content"] or "").strip(), (e["reasoning"] or "").strip(), calls)
+
+
+def _typed_json(arguments: str) -> str:
+    return json.dumps(json.loads(arguments), sort_keys=True)  # 1, 1.0 and true stay apart
+
+
+def emitted_before_close(c: dict) -> dict:
+    sp = StreamParser(c["tools"], prompt=c["prompt"])
+    events = sp.feed(c["text"])
+    return {
+        kind: "".join(e["delta"] for e in events if e["type"] == kind).strip()
+        for kind in ("content", "reasoning")
+    }
+
+
+def test_peer_corpus_size(capsys):
+    assert len(PEER_CASES) >= 280
+    assert len({c["name"] for c in PEER_CASES}) == len(PEER_CASES)
+    differ = sum(bool(c["differs"]) for c in PEER_CASES)
+    with capsys.disabled():
+        print(
+            f"\n[parsers] peer corpus: {len(PEER_CASES)} cases, "
+            f"{len(PEER_CASES) - differ} agree, {differ} differ on purpose"
+        )
+
+
+@pytest.mark.parametrize("c", PEER_CASES, ids=[c["name"] for c in PEER_CASES])
+def test_peer_case(c):
+    r = parse_assistant(c["text"], c["tools"], prompt=c["prompt"])
+    agrees = peer_view(r) == peer_expected(c)
+    if c["differs"]:
+        assert not agrees, "agrees with the peer now: drop its 'differs' note"
+        assert peer_view(r) == peer_expected(c, c["ours"])
+    else:
+        assert agrees
+    if c["emitted"]:
+        emitted = emitted_before_close(c)
+        assert {k: emitted[k] for k in c["emitted"]} == c["emitted"]
+    start = {"prompt": c["prompt"]}
+    for pieces in _splits(c["text"], seed=zlib.crc32(c["name"].encode()), chunkings=20):
+        _check_stream(pieces, c["tools"], start, r)
+
+
+TAGS = ("<think>", "</think>", "<tool_call>")
+
+
+def _given_prompt(c: dict) -> str:
+    return c["prompt"] or (P45_ON if c["thinking"] else P45_OFF)
+
+
+@pytest.mark.parametrize("c", CASES + PEER_CASES, ids=[c["name"] for c in CASES + PEER_CASES])
+def test_streaming_holds_back_only_what_may_be_a_tag(c):
+    """After every character, what close() would still flush is whitespace, the start of a
+    tag, or an unfinished tool call: nothing else waits for the end of the generation."""
+    tools = c["tools"] if isinstance(c["tools"], list) else _tools(c)
+    sp = StreamParser(tools, prompt=_given_prompt(c))
+    for ch in c["text"]:
+        sp.feed(ch)
+        flushed = "".join(
+            e["delta"] for e in copy.deepcopy(sp).close() if e["type"] != "tool_call"
+        ).strip()
+        assert (
+            not flushed
+            or any(t.startswith(flushed) for t in TAGS)
+            or flushed.startswith("<tool_call>")
+        ), (c["text"], flushed)
 
 
 # ---- round trip through the real chat template -------------------------------------------------
@@ -332,7 +451,7 @@ def test_template_round_trip(msg, wire):
     assert [c["function"]["arguments"] for c in r["tool_calls"]] == [
         json.dumps(a, ensure_ascii=False) for _, a in msg["tool_calls"]
     ]
-    _check_stream(list(text), RT_TOOLS, True, r)
+    _check_stream(list(text), RT_TOOLS, {}, r)
 
 
 def test_template_round_trip_without_tools_schema():
