@@ -1,16 +1,21 @@
 """Hugging Face checkpoint → MLX, one layer at a time, in bounded memory.
 
 Each layer's tensors are read lazily from their source shards, renamed and stacked
-(`weights.sanitize`), cast, quantized, written, and released before the next layer. Output goes
-into a temporary folder beside the destination, renamed into place only when complete.
+(`weights.sanitize`), cast, quantized and appended to their output shard one tensor at a time,
+whatever the shard size: every output tensor's shape is planned first, so each shard's header is
+written before its data. Output goes into a temporary folder beside the destination, renamed
+into place only when complete.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import mlx.core as mx
 from tqdm import tqdm
@@ -21,7 +26,7 @@ from .upload import model_card, publish
 from .weights import (
     INDEX_FILE,
     QuantPredicate,
-    fp8_block,
+    fp8_format,
     is_router,
     layer_of,
     load_lazy,
@@ -54,35 +59,84 @@ def _groups(names: list[str]) -> list[list[str]]:
     return [g for g in [top, *(layers[i] for i in sorted(layers)), bottom] if g]
 
 
+# safetensors' names for the dtypes a conversion writes.
+_SAFETENSORS_DTYPES = {
+    mx.bool_: "BOOL",
+    mx.uint8: "U8",
+    mx.uint16: "U16",
+    mx.uint32: "U32",
+    mx.int8: "I8",
+    mx.int32: "I32",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.float32: "F32",
+}
+Planned = tuple[str, tuple[int, ...], mx.Dtype]
+
+
 class _ShardWriter:
-    """Buffers converted tensors and writes a safetensors shard whenever the buffer is full."""
+    """Writes planned tensors, in plan order, into safetensors shards of at most `max_bytes`
+    each (a larger tensor gets a shard of its own). Every tensor's shape and dtype is known
+    before any is computed, so each file's header is written first and each tensor's bytes are
+    appended as it arrives: no shard is ever held in memory."""
 
-    def __init__(self, out: Path, max_bytes: int):
-        self.out, self.max_bytes = out, max_bytes
-        self.buffer: dict[str, mx.array] = {}
-        self.files: list[tuple[str, list[str]]] = []
+    def __init__(self, out: Path, plan: list[Planned], max_bytes: int):
+        self.out = out
+        self.shards: list[list[Planned]] = []
+        size = 0
+        for t in plan:
+            nbytes = math.prod(t[1]) * t[2].size
+            if not self.shards or (size + nbytes > max_bytes and self.shards[-1]):
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(t)
+            size += nbytes
+        n = len(self.shards)
+        self.names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.pending = iter([(i, t) for i, shard in enumerate(self.shards) for t in shard])
+        self.file: BinaryIO | None = None
+        self.shard = -1
 
-    def add(self, tensors: dict[str, mx.array]) -> None:
-        self.buffer.update(tensors)
-        if sum(a.nbytes for a in self.buffer.values()) >= self.max_bytes:
-            self.flush()
+    def _open(self, i: int) -> None:
+        self.close()
+        header, offset = {"__metadata__": {"format": "mlx"}}, 0
+        for name, shape, dtype in self.shards[i]:
+            end = offset + math.prod(shape) * dtype.size
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, end],
+            }
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # tensor data 8-byte aligned, as safetensors writes it
+        self.file = open(self.out / self.names[i], "wb")
+        self.file.write(len(raw).to_bytes(8, "little") + raw)
+        self.shard = i
 
-    def flush(self) -> None:
-        if self.buffer:
-            name = f"part-{len(self.files)}.safetensors"
-            mx.save_safetensors(str(self.out / name), self.buffer, metadata={"format": "mlx"})
-            self.files.append((name, list(self.buffer)))
-            self.buffer = {}
+    def write(self, name: str, a: mx.array) -> None:
+        """Append the next planned tensor (evaluated, row-contiguous)."""
+        i, planned = next(self.pending)
+        if planned != (name, tuple(a.shape), a.dtype):
+            raise RuntimeError(f"Converted {name} {a.shape} {a.dtype}, planned {planned}")
+        if i != self.shard:
+            self._open(i)
+        self.file.write(memoryview(a))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def finish(self) -> int:
-        """Rename parts to the HF shard names and write the index. Returns total bytes."""
-        self.flush()
-        n, weight_map, total = len(self.files), {}, 0
-        for i, (part, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.out / part).rename(self.out / final)
-            total += (self.out / final).stat().st_size
-            weight_map.update(dict.fromkeys(names, final))
+        """Close the last shard and write the index. Returns the total bytes."""
+        self.close()
+        if next(self.pending, None) is not None:
+            raise RuntimeError("Conversion ended before every planned tensor was written")
+        weight_map = {
+            t[0]: f for f, shard in zip(self.names, self.shards, strict=True) for t in shard
+        }
+        total = sum((self.out / f).stat().st_size for f in self.names)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2))
         return total
@@ -133,7 +187,8 @@ def convert(
 ) -> Path:
     """Convert `hf_path` (folder or hub repo) to an MLX checkpoint at `mlx_path`.
 
-    Reads one layer's tensors at a time, so peak memory is about one layer plus one output shard.
+    Converts and writes one tensor at a time, so peak memory is about one source layer and its
+    converted form, whatever `max_shard_bytes`.
     An existing `mlx_path` is only replaced with `force`, and only once the new one is complete.
     `quant_recipe` (a name in `recipes.RECIPES`) quantizes with per-module bits instead of the
     uniform `q_bits`. `upload_repo` names the model in its card and, once the folder is complete,
@@ -154,6 +209,7 @@ def convert(
     src = resolve(hf_path)
     config = read_config(src)
     args = ModelArgs.from_dict(config)
+    fp8 = fp8_format(config)
     files = weight_files(src)
     weights = load_lazy(files)
     dtype = dtype or config.get("torch_dtype") or config.get("dtype") or "bfloat16"
@@ -161,21 +217,34 @@ def convert(
         dtype = "bfloat16"
     default_q = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
 
+    def converted(names: list[str], take: Callable[[str], mx.array]) -> tuple[dict, dict]:
+        group = sanitize(
+            {n: take(n) for n in names}, args.n_routed_experts, fp8, getattr(mx, dtype)
+        )
+        tensors, used = convert_tensors(group, getattr(mx, dtype), quant)
+        return {k: mx.contiguous(a) for k, a in tensors.items()}, used
+
+    # Every output tensor's name, shape and dtype, from lazy arrays (nothing is read yet), so
+    # that the shards can be written front to back as the tensors are made.
+    groups, plan, params = _groups(list(weights)), [], {}
+    for names in groups:
+        tensors, used = converted(names, weights.get)
+        plan += [(k, tuple(a.shape), a.dtype) for k, a in tensors.items()]
+        params.update(used)
+
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the output folder's mode
+    writer = _ShardWriter(tmp, plan, max_shard_bytes)
     try:
-        writer = _ShardWriter(tmp, max_shard_bytes)
-        params: dict[str, dict] = {}
-        for names in tqdm(_groups(list(weights)), desc="Converting", unit="layer"):
-            group = sanitize(
-                {n: weights.pop(n) for n in names}, args.n_routed_experts, fp8_block(config)
-            )
-            tensors, used = convert_tensors(group, getattr(mx, dtype), quant)
-            mx.eval(tensors)
-            writer.add(tensors)
-            params.update(used)
-            del group, tensors
+        for names in tqdm(groups, desc="Converting", unit="layer"):
+            tensors, _ = converted(names, weights.pop)
+            for name in list(tensors):
+                a = tensors.pop(name)
+                mx.eval(a)
+                writer.write(name, a)
+                del a
+            mx.clear_cache()
         writer.finish()
 
         config.pop("quantization_config", None)
@@ -193,6 +262,7 @@ def convert(
             shutil.rmtree(dst)
         tmp.rename(dst)
     except BaseException:
+        writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if upload_repo:

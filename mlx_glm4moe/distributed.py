@@ -272,7 +272,9 @@ def pipeline(model: Model, group: Group | None = None) -> None:
     if rank > 0:
         layers[start] = Receive(layers[start], group)
         embed = model.model.embed_tokens
-        if not model.args.tie_word_embeddings:
+        # The last rank keeps it when its MTP layer reads the main embedding (GLM-4.6 layout).
+        mtp_reads_it = rank == size - 1 and has_mtp and not model.args.mtp_own_embeddings
+        if not model.args.tie_word_embeddings and not mtp_reads_it:
             dtype = (embed["scales"] if "scales" in embed else embed["weight"]).dtype
             model.model.embed_tokens = ShapeOnlyEmbedding(model.args.hidden_size, dtype)
     if rank < size - 1:

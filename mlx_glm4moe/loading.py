@@ -14,7 +14,7 @@ from mlx_lm.utils import infer_quant_config, load_tokenizer
 
 from .model import Model, ModelArgs, MoE
 from .streaming import routed_experts, wire_resident
-from .weights import fp8_block, load_lazy, read_config, resolve, sanitize, weight_files
+from .weights import fp8_format, load_lazy, read_config, resolve, sanitize, weight_files
 
 
 def eos_ids(config: dict[str, Any]) -> list[int]:
@@ -34,6 +34,7 @@ def build_model(
     mtp_prefix = f"model.layers.{args.num_hidden_layers}."
     if not any(k.startswith(mtp_prefix) for k in weights):
         args.num_nextn_predict_layers = 0  # e.g. a checkpoint converted by mlx-lm
+    args.mtp_own_embeddings = f"{mtp_prefix}embed_tokens.weight" in weights
     model = Model(args)
     mode = (config.get("quantization") or {}).get("mode", "affine")
 
@@ -81,7 +82,7 @@ def load(
     config = read_config(path)
     ModelArgs.from_dict(config)  # fail on a wrong model type before touching weights
     weights = load_lazy(weight_files(path))
-    weights = sanitize(weights, config["n_routed_experts"], fp8_block(config))
+    weights = sanitize(weights, config["n_routed_experts"], fp8_format(config))
     experts = None if expert_slots is None else routed_experts(path, config, weights, expert_slots)
     model = build_model(config, weights, experts)
     if not lazy:

@@ -3,6 +3,7 @@ multi-token-prediction (nextn) layer the checkpoints ship."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import MISSING, dataclass, fields
 from functools import partial
 from typing import Any
@@ -44,6 +45,9 @@ class ModelArgs:
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 0
+    # Not a config.json key; loading sets it from the weights. GLM-4.5 and Air ship the nextn
+    # layer with its own embedding and head; GLM-4.6 and later without: it uses the main model's.
+    mtp_own_embeddings: bool = True
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
@@ -52,7 +56,7 @@ class ModelArgs:
         if model_type != "glm4_moe":
             raise ValueError(
                 f"Unsupported model_type {model_type!r}: this package runs 'glm4_moe' "
-                "(GLM-4.5, GLM-4.5-Air, GLM-4.6)."
+                "(GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7)."
             )
         config = dict(config)
         # transformers v5 moves rope_theta and partial_rotary_factor into rope_parameters.
@@ -338,17 +342,24 @@ class SharedHead(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.mtp_own_embeddings:
+            self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
 
 class MTPLayer(DecoderLayer):
     """The nextn layer (checkpoint index `num_hidden_layers`): a full MoE decoder layer with a
     projection in front that joins a token's embedding to the main model's hidden state, and its
-    own head. It predicts the token after the one it is given."""
+    own head. It predicts the token after the one it is given.
+
+    Without `mtp_own_embeddings` (GLM-4.6 and later) it has no embedding or head of its own and
+    reads the main model's through `main`, a weak reference that `Model` sets: not a child
+    module, so those weights are neither listed nor stored twice, and it reaches whatever
+    modules hold them at call time (after quantization or pipeline splitting)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__(args, layer_idx=args.num_hidden_layers)
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        if args.mtp_own_embeddings:
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.enorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.hnorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
@@ -360,10 +371,13 @@ class MTPLayer(DecoderLayer):
         """Logits for the token after each of `tokens`, given the main model's final (normed)
         hidden state at the position before each token. Returns (logits, hidden) where hidden is
         what a chained draft step feeds back in."""
-        x = mx.concatenate([self.enorm(self.embed_tokens(tokens)), self.hnorm(hidden)], axis=-1)
+        own = "embed_tokens" in self
+        embed = self.embed_tokens if own else self.main().model.embed_tokens
+        x = mx.concatenate([self.enorm(embed(tokens)), self.hnorm(hidden)], axis=-1)
         h = self.eh_proj(x)
         h = super().__call__(h, create_attention_mask(h, cache), cache)
-        return self.shared_head.head(self.shared_head.norm(h)), h
+        normed = self.shared_head.norm(h)
+        return (self.shared_head.head(normed) if own else self.main().logits(normed)), h
 
 
 class LanguageModel(nn.Module):
@@ -401,6 +415,14 @@ class Model(nn.Module):
         self.model = LanguageModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if self.mtp is not None and not args.mtp_own_embeddings:
+            self.mtp.main = weakref.ref(self)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """The head on final normed hidden states."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
 
     def __call__(
         self, inputs: mx.array, cache: list | None = None, return_hidden: bool = False
@@ -408,10 +430,7 @@ class Model(nn.Module):
         """With `return_hidden`, also return the final normed hidden states (what MTP reads),
         from the same pass."""
         h = self.model(inputs, cache)
-        if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(h)
-        else:
-            logits = self.lm_head(h)
+        logits = self.logits(h)
         return (logits, h) if return_hidden else logits
 
     @property

@@ -8,12 +8,13 @@ carrying GLM's special tokens and the GLM-4.5 chat template.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from .weights import INDEX_FILE
+from .weights import INDEX_FILE, layer_of
 
 TEMPLATE_FILE = Path(__file__).parent / "chat_template.jinja"
 
@@ -44,6 +45,13 @@ TAG_TOKENS = [
     "/nothink",
 ]
 STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
+# Where the nextn layer is stored. GLM-4.5 and Air: among the shards, with its own embedding and
+# head. GLM-4.6 and 4.7: in its own file, without them (it shares the main model's), listed in
+# the index ("glm46") or not ("glm46-unlisted").
+LAYOUTS = ("glm45", "glm46", "glm46-unlisted")
+MTP_FILE = "mtp.safetensors"
+MTP_SHARED = (".embed_tokens.weight", ".shared_head.head.weight")
+ROUTER = ("mlp.gate.weight", "e_score_correction_bias")
 
 # The tiny presets share their sizes and differ in the switches that matter.
 _TINY = dict(
@@ -180,8 +188,14 @@ def make_config(preset: str = "air", vocab_size: int = 512, **overrides) -> dict
 
 
 def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Random weights under HF names, including the MTP layer. Norm weights and the correction
-    bias are moved off their init values so that a port that ignores them fails."""
+    """Random weights under HF names, including the MTP layer (see `weight_groups`)."""
+    return {k: w for group in weight_groups(config, seed, dtype) for k, w in group.items()}
+
+
+def weight_groups(config: dict, seed: int = 0, dtype=np.float32) -> Iterator[dict[str, np.ndarray]]:
+    """Random weights under HF names, one group at a time: the embedding, final norm and head,
+    then each layer (the MTP layer last). Norm weights and the correction bias are moved off
+    their init values so that a port that ignores them fails."""
     rng = np.random.default_rng(seed)
     H, V, D = config["hidden_size"], config["vocab_size"], config["head_dim"]
     nq, nkv, E = (
@@ -207,14 +221,14 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
             f"{prefix}.down_proj.weight": lin(H, inter),
         }
 
-    w = {
+    yield {
         "model.embed_tokens.weight": rng.standard_normal((V, H)).astype(dtype),
         "model.norm.weight": norm(H),
         "lm_head.weight": lin(V, H),
     }
     n_layers = config["num_hidden_layers"]
     for i in range(n_layers + config.get("num_nextn_predict_layers", 0)):
-        p = f"model.layers.{i}"
+        p, w = f"model.layers.{i}", {}
         w[f"{p}.input_layernorm.weight"] = norm(H)
         w[f"{p}.post_attention_layernorm.weight"] = norm(H)
         for name, out_dim in (("q", nq * D), ("k", nkv * D), ("v", nkv * D)):
@@ -229,6 +243,7 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
             w[f"{p}.self_attn.k_norm.weight"] = norm(D)
         if i < config["first_k_dense_replace"]:
             w.update(mlp(f"{p}.mlp", I))
+            yield w
             continue
         w[f"{p}.mlp.gate.weight"] = (2.0 * lin(E, H)).astype(np.float32)
         w[f"{p}.mlp.gate.e_score_correction_bias"] = (0.1 * rng.standard_normal(E)).astype(
@@ -244,24 +259,51 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
             w[f"{p}.eh_proj.weight"] = lin(H, 2 * H)
             w[f"{p}.shared_head.norm.weight"] = norm(H)
             w[f"{p}.shared_head.head.weight"] = lin(V, H)
-    return w
+        yield w
 
 
-def save_sharded(weights: dict, out: Path, num_shards: int = 2, dtype: str = "float32") -> None:
-    """Write HF-style shards `model-0000i-of-0000n.safetensors` plus the index. The router
-    weight and correction bias stay float32, as in the published checkpoints."""
-    names = list(weights)
+def save_sharded(
+    weights: dict, out: Path, num_shards: int = 2, dtype: str = "float32", layout: str = "glm45"
+) -> None:
+    """Write HF-style shards `model-0000i-of-0000n.safetensors` plus the index, the nextn layer
+    stored as `layout` says (see `LAYOUTS`)."""
+    mtp = {}
+    if layout != "glm45":
+        n = next(layer_of(k) for k in weights if k.endswith(".eh_proj.weight"))
+        mtp = {k: w for k, w in weights.items() if layer_of(k) == n}
+    names = [k for k in weights if k not in mtp]
     chunks = np.array_split(np.arange(len(names)), num_shards)
-    weight_map = {}
-    for i, chunk in enumerate(chunks):
-        fname = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-        arrays = {}
-        for j in chunk:
-            a = mx.array(weights[names[j]])
-            keep_fp32 = names[j].endswith(("mlp.gate.weight", "e_score_correction_bias"))
-            arrays[names[j]] = a if keep_fp32 else a.astype(getattr(mx, dtype))
-            weight_map[names[j]] = fname
+    shards = [{names[j]: weights[names[j]] for j in chunk} for chunk in chunks]
+    write_shards(shards + ([mtp] if mtp else []), num_shards, out, dtype, layout)
+
+
+def write_shards(
+    groups: Iterable[dict[str, np.ndarray]], num_shards: int, out: Path, dtype: str, layout: str
+) -> None:
+    """Write each group as one shard, taking the next only once it is written (a generator then
+    keeps one group in memory), and the index. In GLM-4.6's layouts the group holding the nextn
+    layer goes to `mtp.safetensors` without its own embedding and head; `num_shards` counts the
+    others."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
+    weight_map, i = {}, 0
+    for group in groups:
+        # The router weight and correction bias stay float32, as in the published checkpoints.
+        arrays = {
+            k: mx.array(w) if k.endswith(ROUTER) else mx.array(w).astype(getattr(mx, dtype))
+            for k, w in group.items()
+        }
+        listed = True
+        if layout != "glm45" and any(k.endswith(".eh_proj.weight") for k in group):
+            arrays = {k: a for k, a in arrays.items() if not k.endswith(MTP_SHARED)}
+            fname, listed = MTP_FILE, layout == "glm46"
+        else:
+            i += 1
+            fname = f"model-{i:05d}-of-{num_shards:05d}.safetensors"
         mx.save_safetensors(str(out / fname), arrays, metadata={"format": "pt"})
+        if listed:
+            weight_map.update(dict.fromkeys(arrays, fname))
+        del arrays
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
 
@@ -270,10 +312,14 @@ def make_checkpoint(
     preset: str = "air",
     seed: int = 0,
     dtype: str = "float32",
-    num_shards: int = 2,
+    num_shards: int | None = 2,
+    layout: str = "glm45",
     **overrides,
 ) -> Path:
-    """Build a complete tiny HF checkpoint folder (weights, config, tokenizer) in `out`."""
+    """Build a complete tiny HF checkpoint folder (weights, config, tokenizer) in `out`, its
+    nextn layer stored in `layout` (see `LAYOUTS`). `num_shards` None writes one shard per
+    layer (and one for the embedding and head), each made and written in turn: checkpoints
+    larger than memory."""
     out = Path(out)
     n_tokens = make_tokenizer(out)
     vocab_size = -(-n_tokens // 64) * 64  # padded like GLM's 151552
@@ -287,12 +333,22 @@ def make_checkpoint(
     (out / "generation_config.json").write_text(
         json.dumps({"eos_token_id": eos, "pad_token_id": eos[0]}, indent=2)
     )
-    save_sharded(random_weights(config, seed), out, num_shards, dtype)
+    if num_shards is not None:
+        save_sharded(random_weights(config, seed), out, num_shards, dtype, layout)
+        return out
+    own_mtp_shard = config["num_nextn_predict_layers"] > 0 and layout == "glm45"
+    count = 1 + config["num_hidden_layers"] + own_mtp_shard
+    write_shards(weight_groups(config, seed), count, out, dtype, layout)
     return out
 
 
 def make_agreeing_checkpoint(
-    out: str | Path, agreement: float = 1.0, preset: str = "air", seed: int = 0, **overrides
+    out: str | Path,
+    agreement: float = 1.0,
+    preset: str = "air",
+    seed: int = 0,
+    layout: str = "glm45",
+    **overrides,
 ) -> Path:
     """A tiny HF checkpoint whose MTP layer agrees with the main model on a known share of
     tokens (for tests and the benchmark, until a trained model exists).
@@ -303,13 +359,14 @@ def make_agreeing_checkpoint(
     too, `eh_proj` passes the embedding half on, and its embedding, norm and head copy the main
     model's, so it predicts the token after next exactly. For `round((1 - agreement) * n)` of
     the cycle's n tokens its embedding row is the next token's, so a draft made from one of them
-    is wrong. The cycle and the wrong tokens are in the config, under "mtp_fixture". `overrides`
+    is wrong. The cycle and the wrong tokens are in the config, under "mtp_fixture". In
+    GLM-4.6's `layout` the MTP layer has the main embedding, so agreement must be 1. `overrides`
     go to the config (e.g. num_hidden_layers).
     """
     from tokenizers import Tokenizer
 
-    if not 0 <= agreement <= 1:
-        raise ValueError("agreement must be between 0 and 1")
+    if not 0 <= agreement <= 1 or (layout != "glm45" and agreement != 1):
+        raise ValueError("agreement must be between 0 and 1, and 1 in GLM-4.6's layout")
     out = make_checkpoint(out, preset, seed, **overrides)
     config = json.loads((out / "config.json").read_text())
     w = random_weights(config, seed)
@@ -338,7 +395,7 @@ def make_agreeing_checkpoint(
     w[f"{p}.eh_proj.weight"] = np.eye(H, 2 * H, dtype=np.float32)
     w[f"{p}.shared_head.norm.weight"] = w["model.norm.weight"]
     w[f"{p}.shared_head.head.weight"] = head
-    save_sharded(w, out)
+    save_sharded(w, out, layout=layout)
     config["mtp_fixture"] = {"cycle": cycle, "wrong": wrong}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out

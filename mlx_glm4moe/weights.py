@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,11 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def fp8_block(config: dict[str, Any]) -> list[int] | None:
-    return (config.get("quantization_config") or {}).get("weight_block_size")
-
-
 def weight_files(path: Path) -> dict[str, Path]:
-    """Map every tensor name to the safetensors file that holds it (index when present)."""
+    """Map every tensor name to the safetensors file that holds it: the index's map when there is
+    one, plus the tensors of files it does not list (GLM-4.6 and 4.7 keep their nextn layer in
+    `mtp.safetensors`, which their index may leave out)."""
+    files: dict[str, Path] = {}
     index = path / INDEX_FILE
     if index.exists():
         try:
@@ -73,11 +73,14 @@ def weight_files(path: Path) -> dict[str, Path]:
         for f in sorted(set(files.values())):
             if not f.exists():
                 raise FileNotFoundError(f"Missing weight shard {f.name} (listed in {INDEX_FILE})")
-        return files
-    shards = sorted(path.glob("*.safetensors"))
-    if not shards:
+    listed = set(files.values())
+    for f in sorted(path.glob("*.safetensors")):
+        if f not in listed:
+            for name in open_file(f):
+                files.setdefault(name, f)
+    if not files:
         raise FileNotFoundError(f"No .safetensors weights in {path}")
-    return {name: f for f in shards for name in open_file(f)}
+    return files
 
 
 def open_file(f: Path) -> dict[str, mx.array]:
@@ -106,35 +109,100 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _dequantize_fp8(weight: mx.array, scale: mx.array, block: list[int] | None) -> mx.array:
+@dataclass(frozen=True)
+class FP8Format:
+    """How a checkpoint's FP8 (E4M3) weights are scaled: weight `X.weight` has its scale in
+    `X.weight{suffix}`, one per `block` (rows, columns) of the weight, or (`block` None) one per
+    output channel or per tensor."""
+
+    suffix: str
+    block: tuple[int, int] | None
+
+
+def fp8_format(config: dict[str, Any]) -> FP8Format | None:
+    """The FP8 format that config.json's `quantization_config` declares; None when it declares
+    none (MLX's own quantization, also written there for mlx-lm, is not FP8).
+
+    `quant_method: fp8` with `weight_block_size` is DeepSeek-style block FP8 (scales in
+    `weight_scale_inv`); without it, per-tensor `weight_scale`. compressed-tensors (GLM-4.5-FP8
+    and later zai-org FP8 repos) keeps `weight_scale` per channel, or per block with strategy
+    "block" and its `block_structure`."""
+    q = config.get("quantization_config") or {}
+    method = q.get("quant_method")
+    if method is None:
+        return None
+    if method == "fp8":
+        block = q.get("weight_block_size")
+        return FP8Format("_scale_inv", tuple(block)) if block else FP8Format("_scale", None)
+    if method == "compressed-tensors":
+        schemes = [g.get("weights") or {} for g in (q.get("config_groups") or {}).values()]
+        if q.get("format", "float-quantized") != "float-quantized" or any(
+            (w.get("type"), w.get("num_bits")) != ("float", 8) for w in schemes
+        ):
+            raise ValueError(
+                "Unsupported compressed-tensors checkpoint: only FP8 weights (format "
+                "float-quantized, 8-bit float) can be converted"
+            )
+        blocks = {tuple(w["block_structure"]) for w in schemes if w.get("strategy") == "block"}
+        if len(blocks) > 1:
+            raise ValueError(f"compressed-tensors with several block sizes: {sorted(blocks)}")
+        return FP8Format("_scale", blocks.pop() if blocks else None)
+    raise ValueError(
+        f"Unsupported quantization_config quant_method {method!r}: this converter reads "
+        "bfloat16, float16, float32 and FP8 (fp8, compressed-tensors) checkpoints"
+    )
+
+
+def dequantize_fp8(name: str, weight: mx.array, scale: mx.array, fp8: FP8Format) -> mx.array:
+    """FP8 E4M3 `weight` [out, in] (as MLX reads it: uint8) times its scales, in float32."""
     w = mx.from_fp8(weight, dtype=mx.float32)
     scale = scale.astype(mx.float32)
-    if scale.ndim == 2 and scale.shape[-1] > 1 and block:
-        # Block FP8 (weight_scale_inv): one scale per block of the weight.
-        b0, b1 = block
-        scale = mx.repeat(mx.repeat(scale, b0, axis=0), b1, axis=1)
-        scale = scale[: w.shape[0], : w.shape[1]]
+    rows, cols = w.shape
+    if fp8.block is not None:
+        b0, b1 = fp8.block
+        grid = (-(-rows // b0), -(-cols // b1))
+        if tuple(scale.shape) != grid:
+            raise ValueError(
+                f"{name}{fp8.suffix} has shape {tuple(scale.shape)}; a {rows}x{cols} weight in "
+                f"blocks of {b0}x{b1} needs {grid}"
+            )
+        # Each scale covers its block; edge blocks may be partial (GLM-4.5-Air's 10944 columns
+        # are 85.5 blocks of 128), so the repeated grid is cut to the weight's shape.
+        scale = mx.repeat(mx.repeat(scale, b0, axis=0), b1, axis=1)[:rows, :cols]
+    elif scale.size in (1, rows):
+        scale = scale.reshape(-1, 1)
     else:
-        # compressed-tensors: one scale per output channel, shape [out, 1] or [out].
-        scale = scale.reshape(w.shape[0], -1)
+        raise ValueError(
+            f"{name}{fp8.suffix} has shape {tuple(scale.shape)}: neither one scale per output "
+            f"channel ({rows}) nor one for the tensor"
+        )
     return w * scale
 
 
 def sanitize(
-    weights: dict[str, mx.array], n_routed_experts: int, fp8_block: list[int] | None = None
+    weights: dict[str, mx.array],
+    n_routed_experts: int,
+    fp8: FP8Format | None = None,
+    dtype: mx.Dtype = mx.float32,
 ) -> dict[str, mx.array]:
-    """HF names → ours. Dequantizes FP8 weights, stacks per-expert tensors into
-    `mlp.switch_mlp.{gate,up,down}_proj.weight` of shape [E, out, in], and drops what the model
-    does not use. Works on any subset of whole layers; the MTP layer is kept."""
+    """HF names → ours. Dequantizes FP8 weights (scaled as `fp8` says) to `dtype` (the router
+    to float32), stacks per-expert tensors into `mlp.switch_mlp.{gate,up,down}_proj.weight` of
+    shape [E, out, in], and drops what the model does not use. Works on any subset of whole
+    layers; the MTP layer is kept."""
     out = {}
     for name, w in weights.items():
         if name.endswith(
             ("weight_scale", "weight_scale_inv", "input_scale", "rotary_emb.inv_freq")
         ):
             continue
-        for suffix in ("_scale", "_scale_inv"):
-            if (scale := weights.get(name + suffix)) is not None:
-                w = _dequantize_fp8(w, scale, fp8_block)
+        if name.endswith(".weight") and w.dtype == mx.uint8:  # FP8 E4M3, as MLX reads it
+            scale = weights.get(name + fp8.suffix) if fp8 else None
+            if scale is None:
+                how = f"no {name}{fp8.suffix}" if fp8 else "no FP8 quantization_config"
+                raise ValueError(f"{name} is FP8 but the checkpoint has {how} to scale it")
+            w = dequantize_fp8(name, w, scale, fp8)
+            # Cast before experts are stacked: a float32 stack would double the converter's peak.
+            w = w if is_router(name) else w.astype(dtype)
         out[name] = w
 
     experts: dict[tuple[str, str], dict[int, mx.array]] = {}

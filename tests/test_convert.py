@@ -1,6 +1,7 @@
 """The converter: round trips, mlx-lm compatibility, FP8 sources, the hub paths, bad input."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -10,12 +11,16 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
+from mlx_glm4moe import convert as convert_module
 from mlx_glm4moe import load
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.weights import HUB_PATTERNS, resolve
+from mlx_glm4moe.synthetic import make_checkpoint
+from mlx_glm4moe.weights import HUB_PATTERNS, FP8Format, dequantize_fp8, fp8_format, resolve
 
 IDS = mx.array(np.random.default_rng(3).integers(0, 380, size=(1, 32)))
 
@@ -43,19 +48,84 @@ def test_round_trip_keeps_everything(air_checkpoint, air_f32, air_q4):
     assert "model.layers.1.mlp.gate.scales" not in index
 
 
-@pytest.mark.parametrize("out", ["air_f32", "air_q4"])
+def test_small_shards_hold_the_same_tensors(air_checkpoint, air_q4, tmp_path):
+    """Shards written header first, tensor by tensor, read back with the safetensors library:
+    each within the size limit (or one tensor), the same tensors as one big shard."""
+    out = convert(
+        str(air_checkpoint), str(tmp_path / "out"), quantize=True, max_shard_bytes=1 << 15
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    whole = {k: v for f in air_q4.glob("*.safetensors") for k, v in mx.load(str(f)).items()}
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 4 and set(index.values()) == {f.name for f in files}
+    seen = {}
+    for f in files:
+        tensors = safetensors.numpy.load_file(f)
+        assert sum(t.nbytes for t in tensors.values()) <= 1 << 15 or len(tensors) == 1
+        seen.update({k: (f.name, t) for k, t in tensors.items()})
+    assert seen.keys() == whole.keys() == index.keys()
+    for name, (f, t) in seen.items():
+        assert index[name] == f
+        np.testing.assert_array_equal(t, np.array(whole[name]))
+
+
+def test_failure_while_writing_leaves_nothing(air_checkpoint, tmp_path, monkeypatch):
+    writes, write = [], convert_module._ShardWriter.write
+
+    def disk_full(self, name, a):
+        writes.append(name)
+        if len(writes) == 20:
+            raise OSError(28, "No space left on device")
+        write(self, name, a)
+
+    monkeypatch.setattr(convert_module._ShardWriter, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert(str(air_checkpoint), str(tmp_path / "out"), max_shard_bytes=1 << 15)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def glm46_q4(tmp_path_factory):
+    """GLM-4.6's layout, 4-bit: no MTP embedding or head in the source or the output."""
+    hf = make_checkpoint(tmp_path_factory.mktemp("hf-glm46"), "glm45", layout="glm46")
+    out = convert(str(hf), str(hf.parent / "q4"), quantize=True)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.4.eh_proj.weight" in index
+    assert not [k for k in index if k.startswith("model.layers.4.") and "embed" in k]
+    assert "model.layers.4.shared_head.head.weight" not in index
+    return out
+
+
+@pytest.mark.parametrize("out", ["air_f32", "air_q4", "glm46_q4"])
 def test_mlx_lm_loads_output_with_equal_logits(out, request):
     path = request.getfixturevalue(out)
     model, _ = mlx_lm.load(str(path))
     assert np.abs(np.array(model(IDS)) - logits(path)).max() <= 1e-5
 
 
+def _fp8(w, block):
+    """`w` in FP8 E4M3 with its scales (per block, edge blocks partial; or per output channel),
+    and the float32 it dequantizes to, computed in torch."""
+    if block:
+        (b0, b1), (rows, cols) = block, w.shape
+        padded = torch.nn.functional.pad(w, (0, -cols % b1, 0, -rows % b0))
+        scale = padded.unflatten(0, (-1, b0)).unflatten(-1, (-1, b1)).abs().amax(dim=(1, 3)) / 448
+        full = scale.repeat_interleave(b0, 0).repeat_interleave(b1, 1)[:rows, :cols]
+    else:
+        scale = full = (w.abs().amax(dim=1, keepdim=True) / 448).to(torch.bfloat16).float()
+    q = (w / full).to(torch.float8_e4m3fn)
+    return q, scale, q.float() * full
+
+
 def _fp8_checkpoint(src, dst, block=None):
-    """Rewrite a float32 checkpoint as FP8 (per-channel compressed-tensors, or block scales),
-    and a float32 reference holding exactly the dequantized weights."""
+    """Rewrite a float32 checkpoint as FP8: block FP8 (`quant_method: fp8`, `weight_scale_inv`)
+    or per-channel compressed-tensors (`weight_scale`), and a float32 reference holding exactly
+    the dequantized weights."""
     shutil.copytree(src, dst)
     ref = dst.parent / f"{dst.name}-ref"
     shutil.copytree(src, ref)
+    suffix = "_scale_inv" if block else "_scale"
+    index = json.loads((src / "model.safetensors.index.json").read_text())
     for shard in sorted(src.glob("*.safetensors")):
         tensors, deq, fp8 = load_file(shard), {}, {}
         for name, w in tensors.items():
@@ -63,42 +133,119 @@ def _fp8_checkpoint(src, dst, block=None):
             if not linear or name.endswith("mlp.gate.weight") or "shared_head.head" in name:
                 fp8[name] = deq[name] = w
                 continue
-            if block:
-                b0, b1 = block
-                blocks = w.unflatten(0, (-1, b0)).unflatten(-1, (-1, b1))
-                scale = blocks.abs().amax(dim=(1, 3)) / 448
-                q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
-                deq[name] = (q.float() * scale[:, None, :, None]).flatten(-2).flatten(0, 1)
-                fp8[name], fp8[f"{name}_scale_inv"] = q.flatten(-2).flatten(0, 1), scale
-            else:
-                scale = w.abs().amax(dim=1, keepdim=True) / 448
-                q = (w / scale).to(torch.float8_e4m3fn)
-                fp8[name], fp8[f"{name}_scale"] = q, scale.to(torch.bfloat16).float()
-                deq[name] = q.float() * fp8[f"{name}_scale"]
+            fp8[name], fp8[name + suffix], deq[name] = _fp8(w, block)
+            index["weight_map"][name + suffix] = shard.name
         save_file(fp8, dst / shard.name, metadata={"format": "pt"})
         save_file(deq, ref / shard.name, metadata={"format": "pt"})
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    for name, f in list(index["weight_map"].items()):
-        suffix = "_scale_inv" if block else "_scale"
-        if f"{name}{suffix}" in load_file(dst / f):
-            index["weight_map"][f"{name}{suffix}"] = f
     (dst / "model.safetensors.index.json").write_text(json.dumps(index))
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = (
-        {"quant_method": "fp8", "weight_block_size": list(block)}
+        {"quant_method": "fp8", "weight_block_size": list(block), "activation_scheme": "dynamic"}
         if block
-        else {"quant_method": "compressed-tensors", "format": "float-quantized"}
+        else {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+                }
+            },
+        }
     )
     (dst / "config.json").write_text(json.dumps(config))
     return ref
 
 
-@pytest.mark.parametrize("block", [None, (32, 32)], ids=["per-channel", "block"])
-def test_fp8_sources_are_dequantized(air_checkpoint, tmp_path, block):
-    ref = _fp8_checkpoint(air_checkpoint, tmp_path / "fp8", block)
+@pytest.fixture(scope="module")
+def fp8_source(tmp_path_factory):
+    """Dense width 160: with 128-wide blocks, input and output dimensions below (64), equal to
+    (q_proj's 128 outputs) and not a multiple of (160 = 1.25 blocks) the block."""
+    return make_checkpoint(tmp_path_factory.mktemp("hf-fp8"), "air", intermediate_size=160)
+
+
+def hf_logits(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(np.array(IDS))).logits.numpy()
+
+
+@pytest.mark.parametrize(
+    "block", [None, (128, 128), (32, 48)], ids=["per-channel", "block128", "block32x48"]
+)
+def test_fp8_sources_match_transformers_on_their_dequantized_weights(fp8_source, tmp_path, block):
+    """transformers cannot read block FP8 with partial blocks on the CPU, so it runs the float32
+    checkpoint of exactly the weights the FP8 one stands for (dequantized in torch): the float32
+    product of an FP8 value and a float32 scale is the same in torch and MLX, so the float32
+    parity bound holds. The FP8 error itself (against the source) is printed."""
+    ref = _fp8_checkpoint(fp8_source, tmp_path / "fp8", block)
     out = convert(str(tmp_path / "fp8"), str(tmp_path / "out"), dtype="float32")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
-    assert np.abs(logits(out) - logits(ref)).max() <= 1e-4
+    ours, expected, source = logits(out), hf_logits(ref), hf_logits(fp8_source)
+    diff = np.abs(ours - expected).max()
+    fp8_error = np.abs(ours - source).max()
+    print(f"FP8 {block}: max |logit diff| vs transformers {diff:.2e}, vs source {fp8_error:.3f}")
+    assert diff <= 1e-4 and np.abs(expected).max() > 1
+    np.testing.assert_array_equal(logits(tmp_path / "fp8"), ours)  # a raw FP8 folder loads too
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (None, "is FP8 but the checkpoint has no FP8 quantization_config"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "has no model.layers.0."),
+    ],
+)
+def test_fp8_that_the_config_does_not_describe_fails_clearly(fp8_source, tmp_path, config, message):
+    _fp8_checkpoint(fp8_source, tmp_path / "bad")  # per-channel weight_scale
+    cfg = json.loads((tmp_path / "bad" / "config.json").read_text())
+    cfg["quantization_config"] = config
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        convert(str(tmp_path / "bad"), str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "bad-ref"]
+
+
+@pytest.mark.parametrize(
+    "shape,block",
+    [
+        ((64, 64), (128, 128)),
+        ((128, 128), (128, 128)),
+        ((300, 160), (128, 128)),
+        ((7, 50), (3, 16)),
+    ],
+)
+def test_block_fp8_of_every_shape(shape, block):
+    w = torch.randn(shape)
+    q, scale, deq = _fp8(w, block)
+    ours = dequantize_fp8(
+        "w", mx.array(q.view(torch.uint8).numpy()), mx.array(scale.numpy()), FP8Format("_s", block)
+    )
+    np.testing.assert_array_equal(np.array(ours), deq.numpy())
+    with pytest.raises(ValueError, match=r"w_s has shape .* needs"):
+        dequantize_fp8("w", mx.zeros(shape, mx.uint8), mx.ones((1, 1, 1)), FP8Format("_s", block))
+
+
+def test_fp8_format_comes_from_the_config():
+    def fmt(q):
+        return fp8_format({"quantization_config": q})
+
+    assert fmt({"quant_method": "fp8", "weight_block_size": [128, 64]}) == FP8Format(
+        "_scale_inv", (128, 64)
+    )
+    assert fmt({"quant_method": "fp8"}) == FP8Format("_scale", None)  # per tensor
+    ct = {"quant_method": "compressed-tensors", "format": "float-quantized"}
+    channel = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}
+    assert fmt({**ct, "config_groups": {"g": channel}}) == FP8Format("_scale", None)
+    block = {"weights": {**channel["weights"], "strategy": "block", "block_structure": [64, 64]}}
+    assert fmt({**ct, "config_groups": {"g": block}}) == FP8Format("_scale", (64, 64))
+    assert fmt({"group_size": 64, "bits": 4}) is None  # MLX's own, as convert writes it
+    assert fp8_format({}) is None
+    int4 = {"weights": {"num_bits": 4, "type": "int", "strategy": "group"}}
+    with pytest.raises(ValueError, match="only FP8"):
+        fmt({**ct, "format": "pack-quantized", "config_groups": {"g": int4}})
+    with pytest.raises(ValueError, match="quant_method 'gptq'"):
+        fmt({"quant_method": "gptq", "bits": 4})
 
 
 def test_hub_repo_id_goes_through_snapshot_download(air_checkpoint, monkeypatch):

@@ -109,7 +109,8 @@ def launch(script: Path, args: list[str], timeout: float) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     """Converted float32 and 4-bit checkpoints of both presets, sized so that the 4-bit MLPs have
-    quantization groups to split; glm45 gets an uneven split (3 KV heads, 3 and 5 groups)."""
+    quantization groups to split; glm45 gets an uneven split (3 KV heads, 3 and 5 groups) and
+    GLM-4.6's layout (its MTP layer reads the main embedding and head)."""
     root = tmp_path_factory.mktemp("dist")
     shapes = {
         "air": dict(moe_intermediate_size=128, intermediate_size=256),
@@ -122,7 +123,8 @@ def models(tmp_path_factory) -> dict[str, str]:
     }
     out = {}
     for preset, overrides in shapes.items():
-        hf = make_checkpoint(root / f"hf-{preset}", preset, **overrides)
+        layout = "glm46" if preset == "glm45" else "glm45"
+        hf = make_checkpoint(root / f"hf-{preset}", preset, layout=layout, **overrides)
         out[f"{preset}-f32"] = str(convert(str(hf), str(root / f"{preset}-f32")))
         out[f"{preset}-q4"] = str(convert(str(hf), str(root / f"{preset}-q4"), quantize=True))
     # Big enough that the weights dominate peak memory: 6 MoE-heavy layers, read from HF files.

@@ -1,17 +1,19 @@
 """The model against transformers' Glm4MoeForCausalLM, and its parts against the math."""
 
 import json
+import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from transformers import AutoModelForCausalLM
 
 from mlx_glm4moe import load
 from mlx_glm4moe.convert import convert
 from mlx_glm4moe.model import ModelArgs, select_experts
-from mlx_glm4moe.synthetic import make_config
+from mlx_glm4moe.synthetic import make_checkpoint, make_config, random_weights, save_sharded
 
 IDS = np.random.default_rng(0).integers(0, 380, size=(2, 48))
 
@@ -67,6 +69,35 @@ def test_mtp_layer_loads_and_predicts(hf_checkpoint):
     assert draft_logits.shape == (1, IDS.shape[1] - 1, model.args.vocab_size)
     eh = model.mtp.eh_proj.weight
     assert float(mx.abs(eh).sum()) > 0
+    # GLM-4.6's layout: no embedding or head of its own, and no copy of the main ones.
+    glm46 = (hf_checkpoint / "mtp.safetensors").exists()
+    assert ("embed_tokens" in model.mtp) == ("head" in model.mtp.shared_head) == (not glm46)
+    names = [n for n, _ in tree_flatten(model.parameters())]
+    assert sum(n.endswith("embed_tokens.weight") for n in names) == 1 + (not glm46)
+
+
+@pytest.mark.parametrize("layout", ["glm46", "glm46-unlisted"])
+def test_glm46_mtp_layer_uses_the_main_embedding_and_head(tmp_path, layout):
+    """The same weights in GLM-4.5's layout, with the MTP embedding and head set to copies of
+    the main ones, and in GLM-4.6's, without them: the same drafts, float32 or 4-bit."""
+    hf = {"glm45": make_checkpoint(tmp_path / "glm45", "glm45")}
+    config = json.loads((hf["glm45"] / "config.json").read_text())
+    w = random_weights(config)
+    p = f"model.layers.{config['num_hidden_layers']}"
+    w[f"{p}.embed_tokens.weight"] = w["model.embed_tokens.weight"]
+    w[f"{p}.shared_head.head.weight"] = w["lm_head.weight"]
+    hf[layout] = shutil.copytree(hf["glm45"], tmp_path / layout)
+    drafts = {}
+    for name, path in hf.items():
+        for f in path.glob("*.safetensors"):
+            f.unlink()
+        save_sharded(w, path, layout=name)
+        for q in (False, True):
+            model, _ = load(convert(str(path), str(tmp_path / f"{name}-{q}"), quantize=q))
+            logits, hidden = model(mx.array(IDS), return_hidden=True)
+            drafts[name, q] = np.array(model.mtp.predict(mx.array(IDS[:, 1:]), hidden[:, :-1])[0])
+    for q in (False, True):
+        np.testing.assert_array_equal(drafts["glm45", q], drafts[layout, q])
 
 
 def test_config_layouts():

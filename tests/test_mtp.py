@@ -31,8 +31,9 @@ def random_models(air_f32, air_q4):
     return {"f32": load(air_f32), "q4": load(air_q4)}
 
 
-def _agreeing(tmp_path_factory, agreement, quantize=False):
-    hf = make_agreeing_checkpoint(tmp_path_factory.mktemp(f"agree{agreement}") / "hf", agreement)
+def _agreeing(tmp_path_factory, agreement, quantize=False, layout="glm45"):
+    root = tmp_path_factory.mktemp(f"agree{agreement}")
+    hf = make_agreeing_checkpoint(root / "hf", agreement, layout=layout)
     path = convert(str(hf), str(hf.parent / "mlx"), quantize=quantize)
     fixture = json.loads((hf / "config.json").read_text())["mtp_fixture"]
     return (*load(path), fixture)
@@ -46,6 +47,12 @@ def agree_all(tmp_path_factory):
 @pytest.fixture(scope="module")
 def agree_all_q4(tmp_path_factory):
     return _agreeing(tmp_path_factory, 1.0, quantize=True)
+
+
+@pytest.fixture(scope="module")
+def agree_all_glm46(tmp_path_factory):
+    """GLM-4.6's layout: drafts agree only if the MTP layer reads the main embedding and head."""
+    return _agreeing(tmp_path_factory, 1.0, quantize=True, layout="glm46")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,7 @@ def test_greedy_matches_plain_on_random_weights(random_models, quant):
         check_same_as_plain(model, tokenizer, prompt, rng.randrange(1, 24), rng.choice([1, 2]))
 
 
-@pytest.mark.parametrize("fixture", ["agree_all", "agree_all_q4", "agree_half"])
+@pytest.mark.parametrize("fixture", ["agree_all", "agree_all_q4", "agree_all_glm46", "agree_half"])
 def test_greedy_matches_plain_when_drafts_agree(fixture, request):
     model, tokenizer, _ = request.getfixturevalue(fixture)
     rng = random.Random(1)
@@ -140,8 +147,9 @@ def test_acceptance_is_the_designed_fraction(agree_half, num_draft):
     assert stats["tokens_per_pass"] > 1.2
 
 
-def test_full_agreement_chains(agree_all):
-    model, tokenizer, _ = agree_all
+@pytest.mark.parametrize("fixture", ["agree_all", "agree_all_glm46"])
+def test_full_agreement_chains(fixture, request):
+    model, tokenizer, _ = request.getfixturevalue(fixture)
     tokens, rs = run(model, tokenizer, "Hello", 61, mtp=True, num_draft=2)
     stats = rs[-1].mtp_stats
     assert stats["acceptance_per_position"] == [1.0, 1.0]
