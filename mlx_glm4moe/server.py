@@ -108,17 +108,12 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class ChatRequest(_Strict):
-    """The body of ``POST /v1/chat/completions`` (the fields this server acts on)."""
+class _Generation(_Strict):
+    """The fields both OpenAI generation endpoints share."""
 
     model: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    tools: list[Tool] | None = None
-    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
@@ -126,27 +121,27 @@ class ChatRequest(_Strict):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
+
+
+class ChatRequest(_Generation):
+    """The body of ``POST /v1/chat/completions`` (the fields this server acts on)."""
+
+    messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class CompletionRequest(_Strict):
+class CompletionRequest(_Generation):
     """The body of ``POST /v1/completions``: a raw prompt (text or token ids), no template."""
 
-    model: str | None = None
     prompt: str | list[int]
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
 
