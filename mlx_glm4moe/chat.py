@@ -113,7 +113,9 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def _offset(cache: list) -> int:
-    return min(c.offset for c in cache) if cache else 0
+    """Tokens in the main layers' caches (an MTP cache after them holds one entry fewer, and
+    is trimmed by the same count)."""
+    return cache[0].offset if cache else 0
 
 
 def _nbytes(cache: list) -> int:

@@ -11,12 +11,12 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_glm4moe"
 FLOORS = [
-    {"model", "weights", "parsers"},
+    {"model", "weights", "parsers", "anthropic_api"},
     {"recipes", "synthetic", "streaming", "distributed", "upload"},
     {"loading", "convert"},
     {"mtp"},
     {"generate"},
-    {"chat"},
+    {"chat", "batch"},
     {"server", "cli", "bench", "evaluate"},
 ]
 FLOOR = {name: i for i, floor in enumerate(FLOORS) for name in floor}

@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import anthropic
 import httpx
 import mlx.core as mx
 import openai
@@ -63,8 +64,8 @@ class Scripts:
         self.eos = min(tokenizer.eos_token_ids)
         self.forever_steps = 0
 
-    def __call__(self, request):
-        prompt = request.messages[-1].content
+    def __call__(self, job):
+        prompt = job.messages[-1]["content"] if job.messages else None
         if prompt == BROKEN:
             raise RuntimeError("scripted failure")
         if prompt == FOREVER:
@@ -299,6 +300,81 @@ def test_length_and_sampling_fields(client):
     assert r.choices[0].message == again.choices[0].message  # seeded: the same draw
 
 
+def test_chat_logprobs(client):
+    kwargs = dict(model="tiny", messages=user("say hello world"), logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(**kwargs)
+    entries = r.choices[0].logprobs.content
+    # Every generated token but the stop token, reasoning and tags included.
+    assert len(entries) == r.usage.completion_tokens - 1
+    assert "".join(e.token for e in entries) == SCRIPTS["say hello world"]
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 2
+        assert e.top_logprobs[0].logprob >= max(e.logprob, e.top_logprobs[1].logprob)
+        assert bytes(e.bytes).decode() == e.token
+    streamed = [
+        e
+        for chunk in client.chat.completions.create(**kwargs, stream=True)
+        for choice in chunk.choices
+        if choice.logprobs
+        for e in choice.logprobs.content
+    ]
+    assert streamed == entries
+    plain = client.chat.completions.create(model="tiny", messages=user("say hello world"))
+    assert plain.choices[0].logprobs is None
+
+
+def test_completions(client):
+    prompt = "The quick brown fox"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, logprobs=2)
+    [choice] = r.choices
+    assert r.object == "text_completion" and r.usage.completion_tokens <= 6
+    assert choice.finish_reason in ("stop", "length") and choice.text
+    lp = choice.logprobs
+    # One entry per generated token but a stop token. (Joined, the entries need not spell the
+    # text here: the tiny model's vocabulary is larger than its tokenizer's.)
+    stopped = choice.finish_reason == "stop"
+    assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens - stopped
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0
+    stream = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=6, logprobs=2, stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
+    # A stop string inside the text cuts it there.
+    stop = choice.text[1:3]
+    cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, stop=stop)
+    assert cut.choices[0].text == choice.text[: choice.text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    echoed = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, echo=True)
+    assert echoed.choices[0].text == prompt + choice.text
+
+
+def test_parallel_tool_calls_false_keeps_one_call(client):
+    one = SCRIPTS["call the weather tool"]
+    two = one + "\n" + one[one.index("<tool_call>") :]
+    assert two.count("<tool_call>") == 2
+    SCRIPTS["call twice"] = two
+    try:
+
+        def calls(parallel):
+            r = client.chat.completions.create(
+                model="tiny",
+                messages=user("call twice"),
+                tools=[WEATHER_TOOL],
+                parallel_tool_calls=parallel,
+                max_tokens=400,
+            )
+            return r.choices[0].message.tool_calls
+
+        assert len(calls(True)) == 2 and len(calls(False)) == 1
+    finally:
+        del SCRIPTS["call twice"]
+
+
 def test_conversation_reuses_prompt_cache(client):
     first = [{"role": "system", "content": "You are terse."}] + user("call the weather tool")
     r1 = client.chat.completions.create(model="tiny", messages=first, tools=[WEATHER_TOOL])
@@ -364,6 +440,23 @@ def test_bad_request(url, body, param):
         assert error["param"] == param
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [10**9]}, "prompt"),
+        ({"prompt": "hi", "logprobs": 50}, "logprobs"),
+        ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "stop": [""]}, "stop"),
+    ],
+)
+def test_bad_completion_request(url, body, param):
+    r = httpx.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
 def test_prompt_longer_than_context(server, client):
     context = server[2]
     long = " ".join(f"word{i}" for i in range(context))  # at least one token per word
@@ -400,7 +493,6 @@ def test_disconnect_mid_stream_cancels(server, client):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(8)]  # a few chunks, then hang up
     assert all(line.startswith("data: ") or not line for line in got)
-    # The worker serves one request at a time, so this one starts after the cancelled one ended.
     assert client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=2)
     assert 0 < scripts.forever_steps < 4000
 
@@ -458,6 +550,256 @@ def test_concurrent_streaming_clients(url):
     )
 
 
+def metrics(url):
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_concurrent_requests_decode_together(url):
+    """8 clients × 64 tokens: at least 4 tokens generated per decode step (the metrics say)."""
+    names = {
+        f"glm4moe_{n}"
+        for n in (
+            "requests_total",
+            "requests_running",
+            "requests_waiting",
+            "prompt_tokens_total",
+            "generation_tokens_total",
+            "decode_steps_total",
+            "batch_size",
+        )
+    }
+    before = metrics(url)
+    assert names <= set(before) and before["glm4moe_requests_running"] == 0
+
+    def ask(_):
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as c:
+            return c.chat.completions.create(model="tiny", messages=user(FOREVER), max_tokens=64)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert all(a.usage.completion_tokens == 64 for a in answers)
+    after = metrics(url)
+    steps = after["glm4moe_decode_steps_total"] - before["glm4moe_decode_steps_total"]
+    tokens = after["glm4moe_generation_tokens_total"] - before["glm4moe_generation_tokens_total"]
+    assert tokens == 8 * 64 and tokens / steps >= 4
+    assert after["glm4moe_requests_total"] - before["glm4moe_requests_total"] == 8
+    assert after["glm4moe_requests_running"] == after["glm4moe_requests_waiting"] == 0
+    assert after["glm4moe_prompt_tokens_total"] > before["glm4moe_prompt_tokens_total"]
+
+
+# -- the Anthropic Messages API -----------------------------------------------------------------
+
+ANTHROPIC_WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather in a city.",
+    "input_schema": WEATHER_TOOL["function"]["parameters"],
+}
+
+
+@pytest.fixture
+def claude(url):
+    with anthropic.Anthropic(base_url=url, api_key="none", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def blocks(message):
+    return [b.model_dump(exclude_none=True) for b in message.content]
+
+
+def test_anthropic_text_and_thinking(claude):
+    r = claude.messages.create(
+        model="tiny",
+        max_tokens=64,
+        system="You are kind.",
+        messages=[{"role": "user", "content": "think then answer"}],
+        metadata={"user_id": "u1"},
+    )
+    assert r.type == "message" and r.role == "assistant" and r.model == "tiny"
+    assert r.stop_reason == "end_turn" and r.stop_sequence is None
+    [thinking, text] = r.content
+    assert thinking.type == "thinking" and thinking.thinking == "The user wants a greeting."
+    assert thinking.signature
+    assert (text.type, text.text) == ("text", "Hello there, friend!")
+    assert r.usage.output_tokens > 0 and r.usage.input_tokens > 0
+
+    with claude.messages.stream(
+        model="tiny",
+        max_tokens=64,
+        system="You are kind.",
+        messages=[{"role": "user", "content": "think then answer"}],
+    ) as stream:
+        kinds = {event.type for event in stream}
+        final = stream.get_final_message()
+    assert blocks(final) == blocks(r) and final.stop_reason == "end_turn"
+    assert kinds >= {"message_start", "content_block_stop", "message_delta", "message_stop"}
+
+    def ask(thinking):
+        return claude.messages.create(
+            model="tiny",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "think then answer"}],
+            thinking=thinking,
+        )
+
+    on, off = ask({"type": "enabled", "budget_tokens": 1024}), ask({"type": "disabled"})
+
+    # GLM's switch: "/nothink" and an empty think block close the prompt. (A think block the
+    # model writes anyway is still returned as thinking.)
+    def prompt_tokens(r):
+        return r.usage.input_tokens + r.usage.cache_read_input_tokens
+
+    assert prompt_tokens(off) > prompt_tokens(on)
+    assert [b.type for b in on.content] == ["thinking", "text"]
+
+
+def test_anthropic_stream_events(url):
+    body = {
+        "model": "tiny",
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "user", "content": "call the weather tool"}],
+        "tools": [ANTHROPIC_WEATHER],
+    }
+    with httpx.stream("POST", f"{url}/v1/messages", json=body, timeout=60) as r:
+        events = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
+    assert events[:2] == ["message_start", "ping"]
+    assert events[-2:] == ["message_delta", "message_stop"]
+    assert events.count("content_block_start") == events.count("content_block_stop") == 2
+
+
+def test_anthropic_tool_round_trip(claude):
+    ask = [{"role": "user", "content": "call the weather tool"}]
+    r = claude.messages.create(model="tiny", max_tokens=64, messages=ask, tools=[ANTHROPIC_WEATHER])
+    assert r.stop_reason == "tool_use"
+    [thinking, call] = r.content
+    assert thinking.type == "thinking"
+    assert (call.type, call.name, call.input) == (
+        "tool_use",
+        "get_weather",
+        {"city": "Paris", "days": 3},
+    )
+    with claude.messages.stream(
+        model="tiny", max_tokens=64, messages=ask, tools=[ANTHROPIC_WEATHER]
+    ) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.stop_reason == "tool_use"
+    assert [(b.type, getattr(b, "input", None)) for b in streamed.content] == [
+        ("thinking", None),
+        ("tool_use", {"city": "Paris", "days": 3}),
+    ]
+    history = ask + [
+        {"role": "assistant", "content": blocks(r)},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": call.id, "content": '{"temp_c": 21}'},
+                {"type": "text", "text": "And tomorrow?"},
+            ],
+        },
+    ]
+    again = claude.messages.create(
+        model="tiny", max_tokens=8, messages=history, tools=[ANTHROPIC_WEATHER]
+    )
+    assert again.usage.cache_read_input_tokens >= r.usage.input_tokens
+    failed = history[:-1] + [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": call.id,
+                    "content": [{"type": "text", "text": "city not found"}],
+                    "is_error": True,
+                }
+            ],
+        }
+    ]
+    assert claude.messages.create(
+        model="tiny", max_tokens=4, messages=failed, tools=[ANTHROPIC_WEATHER]
+    ).usage.output_tokens
+
+
+def test_anthropic_tool_choice_and_stop_sequences(claude):
+    def ask(prompt, **kwargs):
+        return claude.messages.create(
+            **{"model": "tiny", "max_tokens": 64, **kwargs},
+            messages=[{"role": "user", "content": prompt}],
+        )
+
+    forced = ask("name it yourself", tools=[ANTHROPIC_WEATHER], tool_choice={"type": "any"})
+    assert forced.stop_reason == "tool_use" and forced.content[-1].input == {"city": "Rome"}
+    named = ask(
+        "arguments only",
+        tools=[ANTHROPIC_WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        thinking={"type": "disabled"},
+    )
+    assert named.content[-1].name == "get_weather"
+    none = ask("call the weather tool", tools=[ANTHROPIC_WEATHER], tool_choice={"type": "none"})
+    assert none.stop_reason == "end_turn" and "tool_use" not in {b.type for b in none.content}
+    stopped = ask("say hello world", stop_sequences=["world"])
+    assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", "world")
+    assert stopped.content[-1].text == "Hello "
+    short = ask("count forever", max_tokens=3)
+    assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3
+
+
+def test_anthropic_count_tokens(claude):
+    messages = [{"role": "user", "content": "think then answer"}]
+    count = claude.messages.count_tokens(model="tiny", messages=messages, system="Be brief.")
+    r = claude.messages.create(model="tiny", max_tokens=2, messages=messages, system="Be brief.")
+    assert count.input_tokens == r.usage.input_tokens + r.usage.cache_read_input_tokens
+
+
+MESSAGES = {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[1]",
+        {k: v for k, v in MESSAGES.items() if k != "max_tokens"},
+        {**MESSAGES, "max_tokens": 0},
+        {**MESSAGES, "messages": []},
+        {**MESSAGES, "messages": [{"role": "system", "content": "hi"}]},
+        {**MESSAGES, "messages": [{"role": "user", "content": 5}]},
+        {**MESSAGES, "messages": [{"role": "user", "content": [{"type": "image"}]}]},
+        {**MESSAGES, "temperature": "hot"},
+        {**MESSAGES, "tools": [{"name": "x"}]},
+        {**MESSAGES, "tool_choice": {"type": "tool"}, "tools": [ANTHROPIC_WEATHER]},
+        {**MESSAGES, "tool_choice": {"type": "tool", "name": "nope"}, "tools": [ANTHROPIC_WEATHER]},
+        {**MESSAGES, "tool_choice": {"type": "any"}},
+        {**MESSAGES, "thinking": {"type": "sometimes"}},
+        {**MESSAGES, "stop_sequences": [""]},
+    ],
+)
+def test_anthropic_bad_request(url, body):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{url}/v1/messages", content=content)
+    assert r.status_code == 400
+    error = r.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["message"]
+
+
+def test_anthropic_client_errors(claude):
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(
+            model="tiny", max_tokens=0, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert e.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.InternalServerError):
+        claude.messages.create(
+            model="tiny", max_tokens=8, messages=[{"role": "user", "content": BROKEN}]
+        )
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
@@ -500,6 +842,18 @@ def test_command_line_with_api_key(air_q4):
         with openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0) as c:
             r = c.chat.completions.create(model="x", messages=user("hi"))
             assert r.usage.completion_tokens <= 4 and r.model == air_q4.name
+        hi = {"model": "x", "max_tokens": 2, "messages": user("hi")}
+        with anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0) as c:
+            with pytest.raises(anthropic.AuthenticationError) as e:
+                c.messages.create(**hi)
+            assert e.value.body["error"]["type"] == "authentication_error"
+        r = httpx.post(f"{url}/v1/messages", json=hi)  # no key at all
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        with anthropic.Anthropic(base_url=url, api_key="sesame", max_retries=0) as c:
+            assert c.messages.create(**hi).usage.output_tokens <= 2
+        r = httpx.post(f"{url}/v1/messages", json=hi, headers={"authorization": "Bearer sesame"})
+        assert r.status_code == 200 and r.json()["type"] == "message"
+        assert httpx.get(f"{url}/metrics").status_code == 200
     finally:
         proc.terminate()
         proc.wait(timeout=30)

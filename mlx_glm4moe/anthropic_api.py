@@ -1,0 +1,334 @@
+"""The Anthropic Messages API on top of our chat: request schema, translation of its messages,
+tools and thinking switch to the OpenAI-shaped chat that the template renders, and of our reply
+events back to Anthropic's message and server-sent events. `server.py` mounts the routes.
+
+Reasoning comes back as `thinking` blocks. Their `signature` is an opaque string clients must
+send back unchanged; a local model has nothing to sign, so it is a digest of the thinking text,
+and a thinking block sent back in the history becomes the assistant turn's reasoning whatever its
+signature says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# -- request schema -----------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class TextBlock(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ThinkingBlock(_Strict):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(_Strict):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+class ToolUseBlock(_Strict):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(_Strict):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock] | None = None
+    is_error: bool = False
+
+
+Block = TextBlock | ThinkingBlock | RedactedThinkingBlock | ToolUseBlock | ToolResultBlock
+
+
+class Message(_Strict):
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class Tool(_Strict):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+
+class ToolChoice(_Strict):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
+
+
+class Thinking(_Strict):
+    type: Literal["enabled", "disabled"]
+    budget_tokens: int | None = Field(None, ge=1)
+
+
+class MessagesRequest(_Strict):
+    """The body of ``POST /v1/messages`` (the fields this server acts on)."""
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    system: str | list[TextBlock] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    metadata: dict[str, Any] | None = None
+
+
+class CountTokensRequest(_Strict):
+    """The body of ``POST /v1/messages/count_tokens``."""
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
+
+
+# -- requests → our chat ------------------------------------------------------------------------
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+def error_body(status: int, message: str) -> dict:
+    """Anthropic's error shape for an HTTP status."""
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _text(content: str | list[TextBlock] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(b.text for b in content)
+
+
+def to_chat(req: MessagesRequest | CountTokensRequest) -> dict:
+    """The request as our chat: ``{messages, tools, tool_choice, enable_thinking, parallel}``
+    (OpenAI shapes; tool_choice is "auto", "none", "required" or a tool name)."""
+    messages: list[dict] = []
+    if req.system:
+        messages.append({"role": "system", "content": _text(req.system)})
+    for m in req.messages:
+        blocks = (
+            [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+        )
+        if m.role == "assistant":
+            messages.append(_assistant(blocks))
+            continue
+        text: list[str] = []
+        for b in blocks:
+            if isinstance(b, ToolResultBlock):
+                result = _text(b.content)
+                if b.is_error:
+                    result = f"Error: {result}"
+                messages.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": result})
+            elif isinstance(b, TextBlock):
+                text.append(b.text)
+        if text:
+            messages.append({"role": "user", "content": "".join(text)})
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": t.name,
+                "description": t.description or "",
+                "parameters": t.input_schema,
+            },
+        }
+        for t in req.tools or ()
+    ] or None
+    choice = req.tool_choice
+    kind = choice.type if choice else "auto"
+    return {
+        "messages": messages,
+        "tools": tools,
+        "tool_choice": {"auto": "auto", "any": "required", "none": "none"}.get(kind) or choice.name,
+        "enable_thinking": req.thinking is None or req.thinking.type == "enabled",
+        "parallel": not (choice and choice.disable_parallel_tool_use),
+    }
+
+
+def _assistant(blocks: list) -> dict:
+    reasoning = "".join(b.thinking for b in blocks if isinstance(b, ThinkingBlock))
+    calls = [
+        {
+            "id": b.id,
+            "type": "function",
+            "function": {"name": b.name, "arguments": json.dumps(b.input, ensure_ascii=False)},
+        }
+        for b in blocks
+        if isinstance(b, ToolUseBlock)
+    ]
+    message: dict = {
+        "role": "assistant",
+        "content": "".join(b.text for b in blocks if isinstance(b, TextBlock)),
+    }
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+# -- our reply → Anthropic ----------------------------------------------------------------------
+
+STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens"}
+
+
+def signature(thinking: str) -> str:
+    """The `signature` of a thinking block (see the module docstring)."""
+    return hashlib.sha256(thinking.encode()).hexdigest()
+
+
+def _tool_use(call: dict) -> dict:
+    fn = call["function"]
+    return {
+        "type": "tool_use",
+        "id": call["id"],
+        "name": fn["name"],
+        "input": json.loads(fn["arguments"]),
+    }
+
+
+def stop_reason(done: dict) -> str:
+    return (
+        "stop_sequence"
+        if done.get("stop_sequence")
+        else STOP_REASONS.get(done["finish_reason"], "end_turn")
+    )
+
+
+def _usage(usage: dict) -> dict:
+    cached = usage.get("cached_tokens", 0)
+    return {
+        "input_tokens": usage["prompt_tokens"] - cached,
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
+        "output_tokens": usage["completion_tokens"],
+    }
+
+
+def message(head: dict, done: dict) -> dict:
+    """The whole reply as an Anthropic message (`head`: id and model)."""
+    msg = done["message"]
+    content: list[dict] = []
+    if msg["reasoning_content"]:
+        thinking = msg["reasoning_content"]
+        content.append({"type": "thinking", "thinking": thinking, "signature": signature(thinking)})
+    if msg["content"]:
+        content.append({"type": "text", "text": msg["content"]})
+    content += [_tool_use(c) for c in msg["tool_calls"] or ()]
+    return {
+        **head,
+        "type": "message",
+        "role": "assistant",
+        "content": content,
+        "stop_reason": stop_reason(done),
+        "stop_sequence": done.get("stop_sequence"),
+        "usage": _usage(done["usage"]),
+    }
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps({'type': event, **data}, ensure_ascii=False)}\n\n"
+
+
+async def stream(head: dict, prompt_tokens: int, events: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Anthropic's server-sent events for a stream of our chat events (reasoning, content and
+    tool_call deltas, then done or error)."""
+    start = {
+        **head,
+        "type": "message",
+        "role": "assistant",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+    }
+    yield _sse("message_start", {"message": start})
+    yield _sse("ping", {})
+    index, open_kind, thinking = -1, None, ""
+
+    def close() -> list[str]:
+        out = []
+        if open_kind == "thinking":
+            delta = {"type": "signature_delta", "signature": signature(thinking)}
+            out.append(_sse("content_block_delta", {"index": index, "delta": delta}))
+        if open_kind is not None:
+            out.append(_sse("content_block_stop", {"index": index}))
+        return out
+
+    async for event in events:
+        kind = event["type"]
+        if kind in ("reasoning", "content"):
+            block = "thinking" if kind == "reasoning" else "text"
+            if open_kind != block:
+                for s in close():
+                    yield s
+                index, open_kind, thinking = index + 1, block, ""
+                empty = (
+                    {"type": "thinking", "thinking": ""}
+                    if block == "thinking"
+                    else {
+                        "type": "text",
+                        "text": "",
+                    }
+                )
+                yield _sse("content_block_start", {"index": index, "content_block": empty})
+            if block == "thinking":
+                thinking += event["delta"]
+                delta = {"type": "thinking_delta", "thinking": event["delta"]}
+            else:
+                delta = {"type": "text_delta", "text": event["delta"]}
+            yield _sse("content_block_delta", {"index": index, "delta": delta})
+        elif kind == "tool_call":
+            for s in close():
+                yield s
+            index, open_kind = index + 1, "tool_use"
+            block = {**_tool_use(event["tool_call"]), "input": {}}
+            yield _sse("content_block_start", {"index": index, "content_block": block})
+            partial = event["tool_call"]["function"]["arguments"]
+            delta = {"type": "input_json_delta", "partial_json": partial}
+            yield _sse("content_block_delta", {"index": index, "delta": delta})
+        elif kind == "done":
+            for s in close():
+                yield s
+            open_kind = None
+            delta = {"stop_reason": stop_reason(event), "stop_sequence": event.get("stop_sequence")}
+            usage = _usage(event["usage"])
+            yield _sse("message_delta", {"delta": delta, "usage": usage})
+            yield _sse("message_stop", {})
+        elif kind == "error":
+            yield _sse("error", {"error": error_body(500, event["message"])["error"]})
