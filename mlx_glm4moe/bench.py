@@ -34,7 +34,7 @@ from .generate import generate_step, stream_generate
 from .loading import load
 from .model import ACTIVATIONS, activation_dtype
 from .synthetic import make_agreeing_checkpoint, make_checkpoint
-from .weights import read_config, resolve, weight_files
+from .weights import read_config, resolve
 
 METRICS = ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb")
 # The weights each decoded token reads, by where they sit in the model.
@@ -310,24 +310,6 @@ def device_summary() -> dict:
     }
 
 
-def disk_read_gbs(path: Path, limit: int = 1 << 30) -> float:
-    """Sequential read speed of the checkpoint's largest weight file (up to `limit` bytes, in
-    16 MiB reads), after asking the OS to drop the file from its page cache (Linux); where it
-    cannot, a cached file reads at memory speed and this overstates the disk."""
-    f = max(set(weight_files(path).values()), key=lambda f: f.stat().st_size)
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        size, chunk, done = min(f.stat().st_size, limit), 1 << 24, 0
-        tic = perf_counter()
-        while done < size:
-            done += len(os.pread(fd, min(chunk, size - done), done)) or size
-        return done / (perf_counter() - tic) / 1e9
-    finally:
-        os.close(fd)
-
-
 def agreement(ours, theirs, prompt: mx.array, steps: int) -> dict:
     """Ours against mlx-lm on one prompt: the largest logit difference over the prompt's
     positions (one forward pass each), and how many of `steps` greedy tokens are the same."""
@@ -419,7 +401,7 @@ def device_report(
         streaming_row(str(path), s, gen_tokens, 0.0, activations)
         for s in sorted({E // 2, max(E // 8, k)}, reverse=True)
     ]
-    out["disk_read_gbs"] = disk_read_gbs(path)
+    out["disk_read_gbs"] = streaming.disk_read_gbs(path)
     out["copy_bandwidth_gbs"] = copy_bandwidth()
     out["roofline_decode_tps"] = out["copy_bandwidth_gbs"] * 1e9 / out["decode_bytes_per_token"]
     return out

@@ -177,7 +177,11 @@ def generate_main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
     if slots is not None:  # prompt reads included
-        print(streaming.summary(streaming.stats(model), u["completion_tokens"]), file=sys.stderr)
+        disk = streaming.disk_read_gbs(resolve(a.model), limit=256 << 20)
+        print(
+            streaming.summary(streaming.stats(model), u["completion_tokens"], disk),
+            file=sys.stderr,
+        )
 
 
 def convert_main(argv: list[str] | None = None) -> None:

@@ -447,16 +447,36 @@ def stats(model: nn.Module) -> StreamStats:
     return s
 
 
-def summary(delta: StreamStats, tokens: int) -> str:
+def disk_read_gbs(path: Path, limit: int = 1 << 30) -> float:
+    """Sequential read speed of the checkpoint's largest weight file (up to `limit` bytes, in
+    16 MiB reads), after asking the OS to drop the file from its page cache (Linux); where it
+    cannot, a cached file reads at memory speed and this overstates the disk."""
+    f = max(set(weight_files(path).values()), key=lambda f: f.stat().st_size)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        size, chunk, done = min(f.stat().st_size, limit), 1 << 24, 0
+        tic = perf_counter()
+        while done < size:
+            done += len(os.pread(fd, min(chunk, size - done), done)) or size
+        return done / (perf_counter() - tic) / 1e9
+    finally:
+        os.close(fd)
+
+
+def summary(delta: StreamStats, tokens: int, disk_gbs: float | None = None) -> str:
     """One line for the command line: hit rate, bytes read per prompt token and per generated
-    token (`tokens` of them), and the read speed achieved."""
+    token (`tokens` of them), and the read speed achieved, beside the disk's sequential read
+    speed (`disk_read_gbs`) when given."""
     decode = delta.bytes_read - delta.prefill_bytes_read
     speed = delta.bytes_read / delta.read_s / 1e9 if delta.read_s else 0.0
     return (
         f"Expert streaming: {delta.slots} slots/layer, hit rate {delta.hit_rate:.1%}, read "
         f"{delta.prefill_bytes_read / max(delta.prefill_tokens, 1) / 1e6:.3g} MB/prompt token "
-        f"and {decode / max(tokens, 1) / 1e6:.3g} MB/generated token at {speed:.3g} GB/s, "
-        f"resident weights {delta.resident_bytes / 1e9:.3g} GB"
+        f"and {decode / max(tokens, 1) / 1e6:.3g} MB/generated token at {speed:.3g} GB/s"
+        + (f" (disk sequential read: {disk_gbs:.3g} GB/s)" if disk_gbs is not None else "")
+        + f", resident weights {delta.resident_bytes / 1e9:.3g} GB"
     )
 
 

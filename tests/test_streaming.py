@@ -202,7 +202,9 @@ def test_generate_cli_with_expert_slots(small, capsys):
     assert streamed.out == resident.out
     assert f"Expert streaming: {K} slots/layer, hit rate" in streamed.err
     line = re.search(
-        r"read (\S+) MB/prompt token and (\S+) MB/generated token at (\S+) GB/s", streamed.err
+        r"read (\S+) MB/prompt token and (\S+) MB/generated token at (\S+) GB/s "
+        r"\(disk sequential read: (\S+) GB/s\)",
+        streamed.err,
     )
     assert line and all(float(x) > 0 for x in line.groups())
 
