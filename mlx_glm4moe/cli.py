@@ -104,13 +104,13 @@ def generate_main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
     try:
+        path = resolve(a.model)
         slots = a.expert_slots
         if a.expert_cache_gb is not None:
-            path = resolve(a.model)
             slots = streaming.slots_for_budget(path, read_config(path), a.expert_cache_gb)
         # Under mlx.launch each rank keeps only its share: the whole need not fit in one.
         model, tokenizer = load(
-            a.model, expert_slots=slots, activations=a.activations, force=ranks > 1
+            path, expert_slots=slots, activations=a.activations, force=ranks > 1
         )
         if ranks > 1:
             distributed.setup(model, group, a.parallel)
@@ -177,7 +177,7 @@ def generate_main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
     if slots is not None:  # prompt reads included
-        disk = streaming.disk_read_gbs(resolve(a.model), limit=256 << 20)
+        disk = streaming.disk_read_gbs(path, limit=256 << 20)
         print(
             streaming.summary(streaming.stats(model), u["completion_tokens"], disk),
             file=sys.stderr,
