@@ -188,6 +188,107 @@ def encode_messages(
     return encode(tokenizer, prompt)
 
 
+class StopText:
+    """Cuts a text stream before the first of the `stops` strings, holding back any tail that
+    could still grow into one. `matched` is the stop string found, if any."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.held = ""
+        self.matched: str | None = None
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(the text that is safe to emit, whether a stop string was found)."""
+        text = self.held + text
+        hits = sorted((i, s) for s in self.stops if (i := text.find(s)) >= 0)
+        if hits:
+            self.held, self.matched = "", hits[0][1]
+            return text[: hits[0][0]], True
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), keep, -1):
+                if text.endswith(stop[:k]):
+                    keep = k
+                    break
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+class Reply:
+    """One generation's text → chat events, and at the end the assistant message.
+
+    `feed(text)` returns the parser's events (`reasoning` / `content` deltas, whole
+    `tool_call`s) with stop strings cut from the content (`stopped` turns true at the first
+    one: the caller ends the generation) and, without `parallel`, only the first tool call.
+    `close(finish_reason, usage)` returns what was held back and then the `done` event:
+    `{"type": "done", "message", "finish_reason", "stop_sequence", "usage", "malformed"}`.
+    `stream_chat` and the server both assemble replies with it.
+    """
+
+    def __init__(
+        self,
+        tools: list[dict] | None,
+        prompt: str | None,
+        *,
+        stop: list[str] | None = None,
+        parallel: bool = True,
+        id_salt: str | None = None,
+    ) -> None:
+        salt = uuid.uuid4().hex if id_salt is None else id_salt
+        self.parser = StreamParser(tools, prompt=prompt, id_salt=salt)
+        self.stop = StopText(stop or [])
+        self.parallel = parallel
+        self.stopped = False
+        self.content: list[str] = []
+        self.calls: list[dict] = []
+
+    def feed(self, text: str) -> list[dict]:
+        return self._kept(self.parser.feed(text))
+
+    def close(self, finish_reason: str | None, usage: dict) -> list[dict]:
+        events = self._kept(self.parser.close())
+        if not self.stopped and self.stop.held:
+            text = self.stop.flush()
+            self.content.append(text)
+            events.append({"type": "content", "delta": text})
+        result = self.parser.result()
+        finish = "stop" if self.stopped else finish_reason or "length"
+        if finish == "stop" and self.calls:
+            finish = "tool_calls"
+        message = {
+            "role": "assistant",
+            "content": "".join(self.content),
+            "reasoning_content": result["reasoning_content"],
+            "tool_calls": self.calls,
+        }
+        done = {"type": "done", "message": message, "finish_reason": finish}
+        done |= {"stop_sequence": self.stop.matched, "usage": usage}
+        return events + [{**done, "malformed": result["malformed"]}]
+
+    def _kept(self, events: list[dict]) -> list[dict]:
+        out = []
+        for e in events:
+            if self.stopped:
+                break
+            if e["type"] == "content" and self.stop.stops:
+                text, self.stopped = self.stop.feed(e["delta"])
+                e = {"type": "content", "delta": text}
+            if e["type"] == "content":
+                if not e["delta"]:
+                    continue
+                self.content.append(e["delta"])
+            elif e["type"] == "tool_call":
+                if self.calls and not self.parallel:
+                    continue
+                self.calls.append({k: v for k, v in e["tool_call"].items() if k != "index"})
+            out.append(e)
+        return out
+
+
 def stream_chat(
     model: Model,
     tokenizer: TokenizerWrapper,
@@ -223,9 +324,7 @@ def stream_chat(
         cache, rest, cached = prompt_cache.fetch(tokens)
     else:
         cache, rest, cached = make_cache(model, sampling.get("mtp", False)), tokens, 0
-    parser = StreamParser(
-        tools, prompt=prompt, id_salt=uuid.uuid4().hex if id_salt is None else id_salt
-    )
+    reply = Reply(tools, prompt, id_salt=id_salt)
     generated: list[int] = []
 
     def keep_cache() -> None:
@@ -236,39 +335,21 @@ def stream_chat(
     try:
         for r in stream_generate(model, tokenizer, rest, prompt_cache=cache, **sampling):
             generated.append(r.token)
-            yield from parser.feed(r.text)
+            yield from reply.feed(r.text)
     except GeneratorExit:
         keep_cache()  # stopped between tokens, so the cache is consistent
         raise
     keep_cache()
-    yield from parser.close()
-
-    result = parser.result()
-    finish = r.finish_reason if r is not None and r.finish_reason else "length"
-    if finish == "stop" and result["tool_calls"]:
-        finish = "tool_calls"
-    yield {
-        "type": "done",
-        "message": {
-            "role": "assistant",
-            "content": result["content"],
-            "reasoning_content": result["reasoning_content"],
-            "tool_calls": result["tool_calls"],
-        },
-        "finish_reason": finish,
-        "usage": {
-            "prompt_tokens": len(tokens),
-            "completion_tokens": len(generated),
-            "cached_tokens": cached,
-        },
-        "malformed": result["malformed"],
-        "stats": {
-            "prompt_tps": r.prompt_tps if r else 0.0,
-            "generation_tps": r.generation_tps if r else 0.0,
-            "peak_memory": r.peak_memory if r else 0.0,
-            "mtp": r.mtp_stats if r else None,
-        },
+    usage = {"prompt_tokens": len(tokens), "completion_tokens": len(generated)}
+    *events, done = reply.close(r.finish_reason if r else None, usage | {"cached_tokens": cached})
+    yield from events
+    stats = {
+        "prompt_tps": r.prompt_tps if r else 0.0,
+        "generation_tps": r.generation_tps if r else 0.0,
+        "peak_memory": r.peak_memory if r else 0.0,
+        "mtp": r.mtp_stats if r else None,
     }
+    yield {**done, "stats": stats}
 
 
 def chat(

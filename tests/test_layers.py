@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_glm4moe"
 FLOORS = [
-    {"model", "weights", "parsers", "anthropic_api"},
+    {"model", "weights", "parsers"},
     {"recipes", "synthetic", "streaming", "distributed", "upload"},
     {"loading", "convert"},
     {"mtp"},
@@ -20,40 +20,74 @@ FLOORS = [
     {"server", "cli", "bench", "evaluate"},
 ]
 FLOOR = {name: i for i, floor in enumerate(FLOORS) for name in floor}
+# Subpackages keep the same rule among their own modules: in the server, the shared core sits
+# under the API modules, and they under the app that mounts them.
+SUBFLOORS = {
+    "server": [{"core"}, {"openai", "anthropic"}, {"app"}, {"__init__", "__main__"}],
+}
+SUBFLOOR = {
+    (pkg, name): i for pkg, floors in SUBFLOORS.items() for i, f in enumerate(floors) for name in f
+}
 
 
-def our_imports(path: Path) -> set[str]:
-    """The package modules that `path` imports (relative or absolute), anywhere in the file."""
+def our_imports(path: Path, package: str | None = None) -> set[str]:
+    """The package modules that `path` imports (relative or absolute), anywhere in the file:
+    top-level modules by name, modules of `path`'s own subpackage `package` as "package.name"."""
+
+    def named(parts: list[str]) -> str:
+        return ".".join(parts[:2]) if parts[0] == package and len(parts) > 1 else parts[0]
+
+    base = [package] if package else []
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:  # from .x import y
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:  # from . import x, y
-                found.update(a.name for a in node.names)
+            if node.level:  # relative: .x from a subpackage is its sibling, ..x a top module
+                where = base[: len(base) - node.level + 1]
+                if node.module:
+                    found.add(named(where + node.module.split(".")))
+                else:
+                    found.update(named(where + [a.name]) for a in node.names)
             elif node.module and node.module.startswith("mlx_glm4moe."):
-                found.add(node.module.split(".")[1])
+                found.add(named(node.module.split(".")[1:]))
             elif node.module == "mlx_glm4moe":
                 found.update(a.name for a in node.names if a.name in FLOOR)
         elif isinstance(node, ast.Import):
             found.update(
-                a.name.split(".")[1] for a in node.names if a.name.startswith("mlx_glm4moe.")
+                named(a.name.split(".")[1:])
+                for a in node.names
+                if a.name.startswith("mlx_glm4moe.")
             )
     return found
 
 
 def modules() -> list[str]:
-    return sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    top = [p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"]
+    sub = [f"{pkg}/{p.stem}" for pkg in SUBFLOORS for p in (PACKAGE / pkg).glob("*.py")]
+    return sorted(top + sub)
 
 
 def test_every_module_has_a_floor():
-    assert set(modules()) == set(FLOOR), "place new modules in FLOORS"
+    top = {m for m in modules() if "/" not in m} | set(SUBFLOORS)
+    assert top == set(FLOOR), "place new modules in FLOORS"
+    sub = {tuple(m.split("/")) for m in modules() if "/" in m}
+    assert sub == set(SUBFLOOR), "place new subpackage modules in SUBFLOORS"
 
 
 @pytest.mark.parametrize("name", modules())
 def test_imports_point_down(name):
-    upward = {m: FLOOR[m] for m in our_imports(PACKAGE / f"{name}.py") if FLOOR[m] >= FLOOR[name]}
-    assert not upward, f"{name} (floor {FLOOR[name]}) imports from its floor or above: {upward}"
+    package, _, stem = name.rpartition("/")
+    owner = package or name
+    imports = our_imports(PACKAGE / f"{name}.py", package or None)
+    upward = {m: FLOOR[m] for m in imports if "." not in m and FLOOR[m] >= FLOOR[owner]}
+    if package:
+        mine = SUBFLOOR[package, stem]
+        upward |= {
+            m: SUBFLOOR[tuple(m.split("."))]
+            for m in imports
+            if "." in m and SUBFLOOR[tuple(m.split("."))] >= mine
+        }
+        upward.pop(package, None)  # `from . import x` names the package's own modules
+    assert not upward, f"{name} imports from its floor or above: {upward}"
 
 
 def test_the_checker_sees_every_form(tmp_path):
@@ -64,6 +98,17 @@ def test_the_checker_sees_every_form(tmp_path):
         "import mlx_glm4moe.cli\nfrom mlx_glm4moe import generate\n"
     )
     assert our_imports(f) == {"model", "chat", "weights", "server", "cli", "generate"}
+    f.write_text(
+        "from .core import Job\nfrom . import openai\nfrom ..chat import Reply\n"
+        "from .. import model\nimport mlx_glm4moe.server.app\n"
+    )
+    assert our_imports(f, "server") == {
+        "server.core",
+        "server.openai",
+        "chat",
+        "model",
+        "server.app",
+    }
 
 
 @pytest.mark.parametrize(

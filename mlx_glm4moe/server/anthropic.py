@@ -1,6 +1,7 @@
-"""The Anthropic Messages API on top of our chat: request schema, translation of its messages,
-tools and thinking switch to the OpenAI-shaped chat that the template renders, and of our reply
-events back to Anthropic's message and server-sent events. `server.py` mounts the routes.
+"""Anthropic's Messages API (``/v1/messages``, ``/v1/messages/count_tokens``): request schema,
+translation of its messages, tools and thinking switch to the OpenAI-shaped chat that the
+template renders, and of the core's reply events back to Anthropic's message and server-sent
+events.
 
 Reasoning comes back as `thinking` blocks. Their `signature` is an opaque string clients must
 send back unchanged; a local model has nothing to sign, so it is a digest of the thinking text,
@@ -10,44 +11,58 @@ signature says.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Request
+from pydantic import Field
+from starlette.concurrency import run_in_threadpool
+
+from ..chat import encode_messages
+from .core import (
+    APIError,
+    Engine,
+    Job,
+    Strict,
+    anthropic_error_body,
+    chat_events,
+    collect,
+    parse_request,
+    sse,
+    stop_list,
+)
 
 # -- request schema -----------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
-
-class TextBlock(_Strict):
+class TextBlock(Strict):
     type: Literal["text"]
     text: str
 
 
-class ThinkingBlock(_Strict):
+class ThinkingBlock(Strict):
     type: Literal["thinking"]
     thinking: str
     signature: str | None = None
 
 
-class RedactedThinkingBlock(_Strict):
+class RedactedThinkingBlock(Strict):
     type: Literal["redacted_thinking"]
     data: str
 
 
-class ToolUseBlock(_Strict):
+class ToolUseBlock(Strict):
     type: Literal["tool_use"]
     id: str
     name: str
     input: dict[str, Any]
 
 
-class ToolResultBlock(_Strict):
+class ToolResultBlock(Strict):
     type: Literal["tool_result"]
     tool_use_id: str
     content: str | list[TextBlock] | None = None
@@ -57,29 +72,29 @@ class ToolResultBlock(_Strict):
 Block = TextBlock | ThinkingBlock | RedactedThinkingBlock | ToolUseBlock | ToolResultBlock
 
 
-class Message(_Strict):
+class Message(Strict):
     role: Literal["user", "assistant"]
     content: str | list[Block]
 
 
-class Tool(_Strict):
+class Tool(Strict):
     name: str = Field(min_length=1)
     description: str | None = None
     input_schema: dict[str, Any]
 
 
-class ToolChoice(_Strict):
+class ToolChoice(Strict):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool = False
 
 
-class Thinking(_Strict):
+class Thinking(Strict):
     type: Literal["enabled", "disabled"]
     budget_tokens: int | None = Field(None, ge=1)
 
 
-class MessagesRequest(_Strict):
+class MessagesRequest(Strict):
     """The body of ``POST /v1/messages`` (the fields this server acts on)."""
 
     model: str
@@ -97,7 +112,7 @@ class MessagesRequest(_Strict):
     metadata: dict[str, Any] | None = None
 
 
-class CountTokensRequest(_Strict):
+class CountTokensRequest(Strict):
     """The body of ``POST /v1/messages/count_tokens``."""
 
     model: str
@@ -109,23 +124,6 @@ class CountTokensRequest(_Strict):
 
 
 # -- requests → our chat ------------------------------------------------------------------------
-
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    529: "overloaded_error",
-}
-
-
-def error_body(status: int, message: str) -> dict:
-    """Anthropic's error shape for an HTTP status."""
-    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def _text(content: str | list[TextBlock] | None) -> str:
@@ -331,4 +329,61 @@ async def stream(head: dict, prompt_tokens: int, events: AsyncIterator[dict]) ->
             yield _sse("message_delta", {"delta": delta, "usage": usage})
             yield _sse("message_stop", {})
         elif kind == "error":
-            yield _sse("error", {"error": error_body(500, event["message"])["error"]})
+            yield _sse("error", {"error": anthropic_error_body(500, event["message"])["error"]})
+
+
+# -- routes -------------------------------------------------------------------------------------
+
+
+def prepare(engine: Engine, req: MessagesRequest, loop: asyncio.AbstractEventLoop) -> Job:
+    chat = to_chat(req)
+    if req.tool_choice and req.tool_choice.type == "tool" and not req.tool_choice.name:
+        raise APIError(400, "tool_choice.name: a tool name is required.", "tool_choice")
+    return engine.prepare_chat(
+        req,
+        loop,
+        messages=chat["messages"],
+        tools=chat["tools"],
+        tool_choice=chat["tool_choice"],
+        enable_thinking=chat["enable_thinking"],
+        max_tokens=req.max_tokens,
+        stop=stop_list(req.stop_sequences),
+        sampling={"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": None},
+        parallel=chat["parallel"],
+    )
+
+
+def routes(engine: Engine) -> APIRouter:
+    """``POST /messages`` and ``POST /messages/count_tokens`` (mounted under ``/v1``)."""
+    router = APIRouter()
+
+    @router.post("/messages")
+    async def messages(request: Request):
+        req = parse_request(await request.body(), MessagesRequest)
+        job = await run_in_threadpool(prepare, engine, req, asyncio.get_running_loop())
+        engine.submit(job)
+        head = {"id": f"msg_{uuid.uuid4().hex}", "model": req.model}
+        events = chat_events(job, engine)
+        if req.stream:
+            return sse(stream(head, len(job.tokens), events), job)
+        done, _ = await collect(request, job, events)
+        return message(head, done)
+
+    @router.post("/messages/count_tokens")
+    async def count_tokens(request: Request) -> dict:
+        req = parse_request(await request.body(), CountTokensRequest)
+        chat = to_chat(req)
+
+        def count() -> int:
+            try:
+                return len(
+                    encode_messages(
+                        engine.tokenizer, chat["messages"], chat["tools"], chat["enable_thinking"]
+                    )
+                )
+            except ValueError as e:
+                raise APIError(400, str(e), "messages") from None
+
+        return {"input_tokens": await run_in_threadpool(count)}
+
+    return router

@@ -1,0 +1,272 @@
+"""The app: the API modules' routes under ``/v1`` behind the key check, error bodies in each
+API's shape, ``/health`` and ``/metrics``; and the ``glm4moe-server`` command line.
+
+Generation runs on the continuous-batching engine (`batch.py`): concurrent requests decode
+together, one forward pass per step, and new ones join between steps. A client that goes away
+sets its request's cancel event, which ends its generation at the next step. A prompt cache
+shared by the requests reuses the longest cached prefix of each new prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat import PromptCache
+from ..model import Model
+from . import anthropic, openai
+from .core import APIError, Engine, SamplerFactory
+
+# -- metrics ------------------------------------------------------------------------------------
+
+METRICS = {
+    "requests_total": ("counter", "Requests received."),
+    "requests_running": ("gauge", "Requests being prefilled or decoded."),
+    "requests_waiting": ("gauge", "Requests waiting for a decode slot."),
+    "prompt_tokens_total": ("counter", "Prompt tokens prefilled (cached prefixes not counted)."),
+    "generation_tokens_total": ("counter", "Tokens generated."),
+    "decode_steps_total": ("counter", "Forward passes of the decode loop (one per batched step)."),
+    "batch_size": ("gauge", "Sequences in the latest decode step."),
+}
+
+
+def metrics_text(metrics: Any) -> str:
+    """The engine's metrics in Prometheus' text format."""
+    lines = []
+    for name, (kind, help) in METRICS.items():
+        lines += [
+            f"# HELP glm4moe_{name} {help}",
+            f"# TYPE glm4moe_{name} {kind}",
+            f"glm4moe_{name} {getattr(metrics, name)}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# -- the app ------------------------------------------------------------------------------------
+
+
+def create_app(
+    model: Model,
+    tokenizer: TokenizerWrapper,
+    *,
+    model_id: str = "glm4moe",
+    api_key: str | None = None,
+    max_tokens: int = 512,
+    sampling: dict[str, Any] | None = None,
+    prompt_cache_bytes: int = 4 << 30,
+    prompt_cache_size: int = 8,
+    sampler_factory: SamplerFactory | None = None,
+    decode_concurrency: int = 8,
+    prompt_concurrency: int = 1,
+    prefill_step_size: int = 512,
+    mtp: bool = False,
+    num_draft: int = 1,
+) -> FastAPI:
+    """The server as an ASGI app (serve it with uvicorn).
+
+    Args:
+        model, tokenizer: from `load`; call this in the thread that loaded them.
+        model_id: the name `/v1/models` lists and responses carry.
+        api_key: when set, `/v1/*` requires ``Authorization: Bearer <api_key>`` or
+            ``x-api-key: <api_key>``.
+        max_tokens: the completion length when a chat request gives none (capped by the
+            context).
+        sampling: default temp, top_p, top_k, min_p for requests that give none.
+        prompt_cache_bytes, prompt_cache_size: the prompt cache's caps (bytes, entries);
+            0 bytes turns it off.
+        sampler_factory: builds a job's sampler (None = the usual one from its fields): a seam
+            for scripted output in tests and for custom sampling. Called on the engine thread.
+        decode_concurrency, prompt_concurrency, prefill_step_size: the batching engine's
+            limits (`batch.BatchEngine`).
+        mtp, num_draft: MTP speculative decoding, one request at a time.
+    """
+    engine = Engine(
+        model,
+        tokenizer,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        prompt_cache=PromptCache(model, prompt_cache_bytes, prompt_cache_size, mtp=mtp)
+        if prompt_cache_bytes > 0
+        else None,
+        sampler_factory=sampler_factory,
+        batch_kwargs={
+            "decode_concurrency": decode_concurrency,
+            "prompt_concurrency": prompt_concurrency,
+            "prefill_step_size": prefill_step_size,
+            "mtp": mtp,
+            "num_draft": num_draft,
+        },
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(engine.batch.close)
+
+    app = FastAPI(
+        title="mlx-glm4moe", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
+    app.state.engine = engine
+    created = int(time.time())
+
+    def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("x-api-key")
+        if given is None:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key.", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    def anthropic_route(request: Request) -> bool:
+        return request.url.path.startswith("/v1/messages")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response(anthropic_route(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail)).response(anthropic_route(request))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises it after this answer, for uvicorn to log; the process stays up.
+        error = APIError(500, "Internal server error.", type="server_error")
+        return error.response(anthropic_route(request))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        text = metrics_text(engine.batch.metrics)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @v1.get("/models")
+    async def models() -> dict:
+        entry = {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-glm4moe"}
+        return {"object": "list", "data": [entry]}
+
+    for router in (openai.routes(engine, model_id), anthropic.routes(engine)):
+        v1.include_router(router)
+    app.include_router(v1)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from ..loading import load
+
+    p = argparse.ArgumentParser(
+        description="OpenAI- and Anthropic-compatible server for GLM-4.5 models."
+    )
+    p.add_argument("--model", help="Model folder or Hugging Face repo (default: bundled demo).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: loopback).")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("GLM4MOE_API_KEY"),
+        help="Require this key on /v1/* as a bearer token or x-api-key "
+        "(default: $GLM4MOE_API_KEY, else none).",
+    )
+    p.add_argument(
+        "--max-tokens",
+        "--max-tokens-default",
+        type=int,
+        default=512,
+        help="Completion length for requests that give no max_tokens.",
+    )
+    p.add_argument("--temp", type=float, default=0.0, help="Default sampling temperature.")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument(
+        "--prompt-cache-gb", type=float, default=4.0, help="Prompt cache size cap; 0 = off."
+    )
+    p.add_argument("--prompt-cache-size", type=int, default=8, help="Most prompts the cache keeps.")
+    p.add_argument(
+        "--decode-concurrency",
+        type=int,
+        help="Most requests decoded together in one batch (default 8; 1 with --mtp).",
+    )
+    p.add_argument(
+        "--prompt-concurrency", type=int, default=1, help="Most prompts prefilled together."
+    )
+    p.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=512,
+        help="Prompt tokens prefilled per step, between decode steps.",
+    )
+    p.add_argument(
+        "--mtp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="MTP speculative decoding, one request at a time (default: off, batched decoding).",
+    )
+    p.add_argument("--num-draft", type=int, default=1, help="Tokens drafted per MTP step.")
+    p.add_argument(
+        "--expert-slots", type=int, help="Stream routed experts from disk, N per layer in memory."
+    )
+    p.add_argument("--log-level", default="info")
+    a = p.parse_args(argv)
+    if a.max_tokens < 1:
+        p.error("--max-tokens must be at least 1")
+    if a.temp < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or not 0 <= a.min_p <= 1:
+        p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
+    if a.num_draft < 1:
+        p.error("--num-draft must be at least 1")
+    if a.prompt_cache_gb < 0 or a.prompt_cache_size < 1:
+        p.error("need --prompt-cache-gb >= 0 and --prompt-cache-size >= 1")
+    if a.mtp and (a.decode_concurrency or 1) > 1:
+        p.error("--mtp decodes one request at a time: it cannot go with --decode-concurrency > 1")
+    decode_concurrency = a.decode_concurrency or (1 if a.mtp else 8)
+    if min(decode_concurrency, a.prompt_concurrency, a.prefill_step_size) < 1:
+        p.error("--decode-concurrency, --prompt-concurrency, --prefill-step-size must be >= 1")
+
+    if a.api_key is None and a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {a.host} without --api-key", file=sys.stderr)
+    try:
+        model, tokenizer = load(a.model, expert_slots=a.expert_slots)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if a.mtp and model.mtp is None:
+        raise SystemExit("error: --mtp: this checkpoint has no MTP layer")
+    app = create_app(
+        model,
+        tokenizer,
+        model_id=Path(a.model).name if a.model else "glm4moe-demo",
+        api_key=a.api_key,
+        max_tokens=a.max_tokens,
+        sampling={"temp": a.temp, "top_p": a.top_p, "top_k": a.top_k, "min_p": a.min_p},
+        prompt_cache_bytes=int(a.prompt_cache_gb * (1 << 30)),
+        prompt_cache_size=a.prompt_cache_size,
+        decode_concurrency=decode_concurrency,
+        prompt_concurrency=a.prompt_concurrency,
+        prefill_step_size=a.prefill_step_size,
+        mtp=a.mtp,
+        num_draft=a.num_draft,
+    )
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+
+
+if __name__ == "__main__":
+    main()
