@@ -38,6 +38,20 @@ def test_raw_hf_folder_loads_directly(hf_checkpoint):
     assert np.abs(np.array(model(mx.array(IDS))) - hf_logits(hf_checkpoint)).max() <= 1e-4
 
 
+def test_unnormalized_routing_matches_transformers(tmp_path):
+    """`norm_topk_prob: false`: the experts' weights are their raw sigmoid scores (times the
+    scaling factor), not renormalized to sum to one, as transformers has it."""
+    hf = make_checkpoint(tmp_path / "hf", "glm45", norm_topk_prob=False)
+    ref = hf_logits(hf)
+    for path in (hf, convert(str(hf), str(tmp_path / "f32"), dtype="float32")):
+        model, _ = load(path)
+        assert model.args.norm_topk_prob is False
+        assert np.abs(np.array(model(mx.array(IDS))) - ref).max() <= 1e-4
+    # The switch matters on this checkpoint: normalizing moves the logits far past the bound.
+    normalized = make_checkpoint(tmp_path / "normalized", "glm45", norm_topk_prob=True)
+    assert np.abs(hf_logits(normalized) - ref).max() > 0.1
+
+
 @pytest.mark.parametrize("bits,bound", [(4, 0.25), (8, 0.02)])
 def test_quantized_stays_close(hf_checkpoint, tmp_path, bits, bound):
     """Random weights are harder on quantization than trained ones, so the 4-bit bound is loose;

@@ -83,6 +83,37 @@ def test_bare_function_tools_accepted():
     assert _calls(parse_assistant(text, tools)) == [("f", {"a": "1"})]
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"type": ["string", "integer"]},
+        {"type": ["integer", "string"]},
+        {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+        {"oneOf": [{"type": "integer"}, {"type": "string"}]},
+    ],
+)
+def test_quoted_number_stays_a_string_where_strings_are_allowed(field):
+    """`"123"` is a string the model quoted: where the field may be a string it is kept byte for
+    byte, not unquoted into the integer 123 (only an integer field reads it as 123). A bare 123
+    is still the integer."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": _value_schema(field)}}]
+    for raw, value in (('"123"', '"123"'), ("123", 123)):
+        text = f"<tool_call>f\n<arg_key>value</arg_key>\n<arg_value>{raw}</arg_value>\n</tool_call>"
+        r = parse_assistant(text, tools, thinking=False)
+        assert r["malformed"] is None
+        [call] = r["tool_calls"]
+        assert call["function"]["arguments"] == json.dumps({"value": value})
+        _check_stream(list(text), tools, {"thinking": False}, r)
+    schema = _value_schema({"type": "integer"})
+    integer = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    text = '<tool_call>f\n<arg_key>value</arg_key>\n<arg_value>"123"</arg_value>\n</tool_call>'
+    assert _calls(parse_assistant(text, integer, thinking=False)) == [("f", {"value": 123})]
+
+
+def _value_schema(field: dict) -> dict:
+    return {"type": "object", "properties": {"value": field}}
+
+
 # ---- streaming == batch ------------------------------------------------------------------------
 
 

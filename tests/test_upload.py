@@ -1,6 +1,7 @@
 """Publishing: the folder check, every upload failure as one line, the model card. Offline: the
 Hub is a fake `HfApi`, or an endpoint nothing listens on."""
 
+import errno
 import json
 import os
 import re
@@ -26,6 +27,8 @@ except ImportError:
 REPO = "me/air-4bit"
 ROOT = Path(__file__).resolve().parents[1]
 NO_HUB = "http://127.0.0.1:9"  # nothing listens there: refused at once, on any machine
+# How this platform words that refusal (errno 111 on Linux, 61 on macOS).
+REFUSED = f"[Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)}"
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -252,7 +255,7 @@ def test_real_hub_client_without_network_fails_fast_and_cleanly(air_q4):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"error: upload of {air_q4} to {REPO} failed, cannot reach {NO_HUB} (ConnectError: "
-        f"[Errno 111] Connection refused): check the network connection; the folder is "
+        f"{REFUSED}): check the network connection; the folder is "
         f"unchanged, {RETRY.format(path=air_q4)}"
     ]
 
