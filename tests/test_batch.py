@@ -3,6 +3,8 @@
 import queue
 import threading
 
+import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.sample_utils import make_sampler
 
@@ -42,11 +44,13 @@ class Collector:
     def __init__(self, tokens, max_tokens, **kwargs):
         self.events = queue.SimpleQueue()
         self.request = Request(tokens, max_tokens, self.events.put, **kwargs)
+        self.logprobs = []
 
     def result(self):
         tokens = []
         while (event := self.events.get(timeout=120))["type"] == "token":
             tokens.append(event["token"])
+            self.logprobs.append(event["logprobs"])
         return tokens, event
 
 
@@ -87,6 +91,90 @@ def test_batched_equals_alone(any_loaded):
         assert tokens == expected[2] and done["usage"]["cached_tokens"] == len(asks[2]) - 1
     finally:
         engine.close()
+
+
+def test_batched_logprobs_equal_alone(loaded):
+    """Several requests decoded together, finishing at different steps: each token's
+    log-probability and top alternatives are those of its own sequence, as it gets alone."""
+    model, tokenizer = loaded
+    asks = prompts(tokenizer, 4)
+    max_tokens = [6, 3, 8, 5]
+    expected = []
+    for p, m in zip(asks, max_tokens, strict=True):
+        steps = list(stream_generate(model, tokenizer, p, m))
+        top = [np.argsort(-np.array(r.logprobs), kind="stable")[:3] for r in steps]
+        expected.append(
+            (
+                [r.token for r in steps],
+                [float(r.logprobs[r.token]) for r in steps],
+                [t.tolist() for t in top],
+                [np.array(r.logprobs)[t] for r, t in zip(steps, top, strict=True)],
+            )
+        )
+    engine = BatchEngine(model, tokenizer, decode_concurrency=4, prompt_concurrency=2)
+    try:
+        collectors = [
+            Collector(p, m, top_logprobs=3) for p, m in zip(asks, max_tokens, strict=True)
+        ]
+        for c in collectors:
+            engine.submit(c.request)
+        results = [c.result()[0] for c in collectors]
+    finally:
+        engine.close()
+    assert len({tuple(lp) for _, lp, _, _ in expected}) == len(asks)  # the rows differ
+    for c, tokens, (want_tokens, want_lp, want_top, want_top_lp) in zip(
+        collectors, results, expected, strict=True
+    ):
+        assert tokens == want_tokens
+        np.testing.assert_allclose([e["logprob"] for e in c.logprobs], want_lp, atol=1e-5)
+        assert [[t for t, _ in e["top"]] for e in c.logprobs] == want_top
+        got_top_lp = [[v for _, v in e["top"]] for e in c.logprobs]
+        np.testing.assert_allclose(got_top_lp, want_top_lp, atol=1e-5)
+
+
+def test_stop_token_finishes_with_stop(loaded):
+    """Each of GLM's stop tokens, drawn mid-answer, ends its request with finish_reason "stop":
+    the stop token is the last token event (with no text), as `stream_generate` has it alone."""
+    model, tokenizer = loaded
+    asks = prompts(tokenizer, 3)
+    stops = sorted(tokenizer.eos_token_ids)
+    assert len(stops) == 3
+
+    def stop_after(n, stop):
+        def make():
+            steps = 0
+
+            def sample(logprobs):
+                nonlocal steps
+                steps += 1
+                if steps > n:
+                    return mx.array([stop], dtype=mx.uint32)
+                return mx.argmax(logprobs, axis=-1)
+
+            return sample
+
+        return make
+
+    scripts = [stop_after(n, stop) for n, stop in zip((2, 4, 3), stops, strict=True)]
+    expected = []
+    for p, make in zip(asks, scripts, strict=True):
+        steps = list(stream_generate(model, tokenizer, p, 50, sampler=make()))
+        assert steps[-1].finish_reason == "stop" and steps[-1].token in stops
+        expected.append([r.token for r in steps])
+    engine = BatchEngine(model, tokenizer, decode_concurrency=3, prompt_concurrency=3)
+    try:
+        collectors = [
+            Collector(p, 50, make_sampler=make) for p, make in zip(asks, scripts, strict=True)
+        ]
+        for c in collectors:
+            engine.submit(c.request)
+        results = [c.result() for c in collectors]
+    finally:
+        engine.close()
+    for (tokens, done), want in zip(results, expected, strict=True):
+        assert tokens == want
+        assert done["finish_reason"] == "stop"
+        assert done["usage"]["completion_tokens"] == len(want)
 
 
 def test_seeded_sampling_is_independent_of_the_batch(loaded):
