@@ -5,6 +5,7 @@ stop strings) script it through `create_app(sampler_factory=...)`: a request who
 message names a script gets that text's tokens, then the stop token.
 """
 
+import inspect
 import json
 import socket
 import statistics
@@ -20,6 +21,7 @@ import mlx.core as mx
 import openai
 import pytest
 import uvicorn
+from mlx_lm import sample_utils
 
 from mlx_glm4moe.loading import load
 from mlx_glm4moe.server import create_app
@@ -213,6 +215,28 @@ def test_tool_call_streams_whole(client):
     assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
 
 
+def script_length(server, prompt):
+    """Tokens in a script (the stop token that follows it not counted)."""
+    return len(server[1].tokenizer.encode(SCRIPTS[prompt], add_special_tokens=False))
+
+
+def test_length_after_a_complete_tool_call(server, client):
+    """The token budget runs out right after `</tool_call>`: the call is returned whole, and
+    the finish reason is still "length" (the model did not end its turn)."""
+    ask = dict(
+        model="tiny",
+        messages=user("call the weather tool"),
+        tools=[WEATHER_TOOL],
+        max_tokens=script_length(server, "call the weather tool"),
+    )
+    r = client.chat.completions.create(**ask)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", ask["max_tokens"])
+    [call] = r.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 3}
+    _, _, _, calls, finish, _ = collect(client.chat.completions.create(**ask, stream=True))
+    assert finish == "length" and len(calls) == 1
+
+
 def test_tool_choice_none_forbids_calls(client):
     r = client.chat.completions.create(
         model="tiny",
@@ -298,6 +322,50 @@ def test_length_and_sampling_fields(client):
     )
     assert r.usage.completion_tokens <= 3
     assert r.choices[0].message == again.choices[0].message  # seeded: the same draw
+
+
+@pytest.fixture
+def sampler_args(monkeypatch):
+    """The temp, top_p, top_k and min_p of every mlx-lm `make_sampler` call the server makes
+    (it still makes the sampler)."""
+    real = sample_utils.make_sampler
+    calls = []
+
+    def spy(*args, **kwargs):
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append({k: bound.arguments[k] for k in ("temp", "top_p", "top_k", "min_p")})
+        return real(*args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("mlx_glm4moe") and getattr(module, "make_sampler", None) is real:
+            monkeypatch.setattr(module, "make_sampler", spy)
+    return calls
+
+
+def test_sampling_fields_reach_the_sampler(client, claude, sampler_args):
+    """Each request's temperature, top_p, top_k and min_p are what its sampler is made with;
+    a field left out takes the server's default (temp 0, top_p 1, top_k 0, min_p 0)."""
+    fields = dict(temperature=0.7, top_p=0.9, extra_body={"top_k": 5, "min_p": 0.05})
+    asked = {"temp": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.05}
+    client.chat.completions.create(model="tiny", messages=user("anything"), max_tokens=2, **fields)
+    assert sampler_args.pop() == asked
+    stream = client.chat.completions.create(
+        model="tiny", messages=user("anything"), max_tokens=2, stream=True, **fields
+    )
+    collect(stream)
+    assert sampler_args.pop() == asked
+    client.completions.create(model="tiny", prompt="The quick", max_tokens=2, **fields)
+    assert sampler_args.pop() == asked
+    client.completions.create(model="tiny", prompt="The quick", max_tokens=2, temperature=0.3)
+    assert sampler_args.pop() == {"temp": 0.3, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+    # (The anthropic client no longer takes these as arguments; the API still does.)
+    anthropic_fields = {"temperature": 0.7, "top_p": 0.9, "top_k": 5}
+    claude.messages.create(
+        model="tiny", max_tokens=2, messages=user("anything"), extra_body=anthropic_fields
+    )
+    assert sampler_args.pop() == {**asked, "min_p": 0.0}
+    assert sampler_args == []
 
 
 def test_chat_logprobs(client):
@@ -493,8 +561,9 @@ def test_disconnect_mid_stream_cancels(server, client):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(8)]  # a few chunks, then hang up
     assert all(line.startswith("data: ") or not line for line in got)
+    wait_until_idle(url)
+    assert 0 < scripts.forever_steps < 4000  # cancelled, not run to its length
     assert client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=2)
-    assert 0 < scripts.forever_steps < 4000
 
     scripts.forever_steps = 0
     with pytest.raises(httpx.ReadTimeout):  # a non-streamed request given up by its client
@@ -503,8 +572,22 @@ def test_disconnect_mid_stream_cancels(server, client):
             json={**body, "stream": False},
             timeout=httpx.Timeout(30, read=0.5),
         )
-    assert client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=2)
+    wait_until_idle(url)
     assert scripts.forever_steps < 4000  # 0 if it was cancelled before it started
+    assert client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=2)
+
+
+def wait_until_idle(url, within=30.0):
+    """Poll the engine until it runs and holds no request; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        m = metrics(url)
+        if m["glm4moe_requests_running"] == m["glm4moe_requests_waiting"] == 0:
+            return
+        assert time.monotonic() < deadline, (
+            "the request still runs: the disconnect did not cancel it"
+        )
+        time.sleep(0.05)
 
 
 def test_concurrent_streaming_clients(url):
@@ -749,11 +832,52 @@ def test_anthropic_tool_choice_and_stop_sequences(claude):
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3
 
 
+def test_anthropic_streamed_stop_sequence(claude):
+    """The streamed `message_delta` names the stop sequence that ended the message."""
+    with claude.messages.stream(
+        model="tiny",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "say hello world"}],
+        stop_sequences=["xyz", "world"],
+    ) as stream:
+        [delta] = [event.delta for event in stream if event.type == "message_delta"]
+        final = stream.get_final_message()
+    assert (delta.stop_reason, delta.stop_sequence) == ("stop_sequence", "world")
+    assert (final.stop_sequence, final.content[-1].text) == ("world", "Hello ")
+
+
+def test_anthropic_max_tokens_after_a_complete_tool_call(server, claude):
+    """The budget runs out right after `</tool_call>`: the call is there, and the stop reason
+    is "max_tokens", not "tool_use"."""
+    ask = dict(
+        model="tiny",
+        max_tokens=script_length(server, "call the weather tool"),
+        messages=[{"role": "user", "content": "call the weather tool"}],
+        tools=[ANTHROPIC_WEATHER],
+    )
+    r = claude.messages.create(**ask)
+    assert (r.stop_reason, r.usage.output_tokens) == ("max_tokens", ask["max_tokens"])
+    assert r.content[-1].input == {"city": "Paris", "days": 3}
+    with claude.messages.stream(**ask) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.stop_reason == "max_tokens"
+    assert streamed.content[-1].input == {"city": "Paris", "days": 3}
+
+
 def test_anthropic_count_tokens(claude):
     messages = [{"role": "user", "content": "think then answer"}]
     count = claude.messages.count_tokens(model="tiny", messages=messages, system="Be brief.")
     r = claude.messages.create(model="tiny", max_tokens=2, messages=messages, system="Be brief.")
     assert count.input_tokens == r.usage.input_tokens + r.usage.cache_read_input_tokens
+    # Tools are part of the prompt, and of the count.
+    tools = claude.messages.count_tokens(
+        model="tiny", messages=messages, system="Be brief.", tools=[ANTHROPIC_WEATHER]
+    )
+    assert tools.input_tokens > count.input_tokens
+    r = claude.messages.create(
+        model="tiny", max_tokens=2, messages=messages, system="Be brief.", tools=[ANTHROPIC_WEATHER]
+    )
+    assert tools.input_tokens == r.usage.input_tokens + r.usage.cache_read_input_tokens
 
 
 MESSAGES = {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
