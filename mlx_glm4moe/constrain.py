@@ -80,12 +80,7 @@ class _Grammar:
         return "\n".join([f"start: {start}", *self.lines])
 
     def raw_string(self, name: str, schema: Any, root: Any) -> str:
-        """A string value written raw: its enum, pattern and length bounds, no tag text."""
-        values = _schema_enum(schema, root)
-        if values is not None:
-            if not values:
-                raise ValueError("an empty enum")
-            return "(" + " | ".join(_lit(str(v)) for v in values) + ")"
+        """A string value written raw: its pattern and length bounds, no tag text."""
         schema = _resolve(schema, root) or {}
         parts = []
         if "pattern" in schema:
@@ -117,10 +112,16 @@ class _Grammar:
         body = [f"<tool_call> {_lit(fn['name'])}"]
         for j, (key, schema) in enumerate(props.items()):
             types = _schema_types(schema, root)
-            if types is None or "string" in types and types != {"string"}:
-                value = "RAW"  # the parser reads JSON of another allowed type, else the text
+            values = _schema_enum(schema, root)
+            if values is not None:  # strings raw, other values JSON, as the template writes
+                if not values:
+                    raise ValueError(f"'{key}' has an empty enum")
+                texts = [v if isinstance(v, str) else json.dumps(v) for v in values]
+                value = "(" + " | ".join(_lit(t) for t in texts) + ")"
             elif types == {"string"}:
                 value = self.raw_string(f"v{i}_{j}", schema, root)
+            elif types is None or "string" in types:
+                value = "RAW"  # the parser reads JSON of another allowed type, else the text
             else:
                 value = self.add(f"v{i}_{j}", _json(schema, root))
             arg = self.add(

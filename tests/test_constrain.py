@@ -304,6 +304,16 @@ def test_what_cannot_be_enforced_is_a_400(client, extra, param):
     assert e.value.body["param"].startswith(param), e.value.body
 
 
+def sample_text(constraints, grammar, tokenizer, vocab, seed):
+    """Tokens drawn from random logits under `grammar` (thinking off), until the end token."""
+    rng = np.random.default_rng(seed)
+    sampler = constraints.sampler(grammar, lambda lp: mx.argmax(lp, -1), "</think>", False)
+    tokens: list[int] = []
+    while not tokens or tokens[-1] not in tokenizer.eos_token_ids:
+        tokens.append(sampler(mx.array(rng.normal(size=(1, vocab)) * 4)).item())
+    return tokenizer.decode(tokens[:-1])
+
+
 def test_glm47_calls_have_no_newlines(demo):
     """GLM-4.7's template writes calls without newlines; the grammar follows the template."""
     model, tokenizer = demo
@@ -314,13 +324,46 @@ def test_glm47_calls_have_no_newlines(demo):
     finally:
         tokenizer.chat_template = original
     grammar = constraints.grammar(None, TOOLS, "get_weather")
-    rng = np.random.default_rng(0)
-    greedy = constraints.sampler(grammar, lambda lp: mx.argmax(lp, -1), "</think>", True)
-    tokens: list[int] = []
-    while not tokens or tokens[-1] not in tokenizer.eos_token_ids:
-        tokens.append(greedy(mx.array(rng.normal(size=(1, model.args.vocab_size)))).item())
-    text = tokenizer.decode(tokens[:-1])
+    text = sample_text(constraints, grammar, tokenizer, model.args.vocab_size, seed=0)
     assert text.lstrip("\n").startswith("<tool_call>get_weather<arg_key>city</arg_key><arg_value>")
     assert "\n<" not in text.lstrip("\n")
     [call] = parse_assistant(text, TOOLS, thinking=False)["tool_calls"]
     jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+
+
+def test_arguments_read_back_as_their_schema_says(demo):
+    """Whatever the grammar lets through, the parser reads back as arguments that fit: raw
+    strings (bounded by pattern, length), enums mixing strings and numbers, local $refs,
+    nullable numbers, nested objects and arrays as JSON."""
+    model, tokenizer = demo
+    schema = {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{1,3}$"},
+            "note": {"type": "string", "minLength": 1, "maxLength": 8},
+            "level": {"enum": ["low", 2, None]},
+            "color": {"$ref": "#/$defs/Color"},
+            "size": {"type": ["integer", "null"], "minimum": 0, "maximum": 99},
+            "box": {"$ref": "#/$defs/Box"},
+            "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2},
+        },
+        "required": ["code", "level", "color", "box"],
+        "$defs": {
+            "Color": {"type": "string", "enum": ["red", "dark blue"]},
+            "Box": {
+                "type": "object",
+                "properties": {"w": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["w"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    tools = [{"type": "function", "function": {"name": "paint", "parameters": schema}}]
+    constraints = Constraints(tokenizer, model.args.vocab_size)
+    grammar = constraints.grammar(None, tools, "required", parallel=False)
+    for seed in range(8):
+        text = sample_text(constraints, grammar, tokenizer, model.args.vocab_size, seed)
+        reply = parse_assistant(text, tools, thinking=False)
+        assert reply["malformed"] is None, text
+        [call] = reply["tool_calls"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
