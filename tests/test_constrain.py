@@ -17,6 +17,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 
 from mlx_glm4moe.constrain import Constraints
 from mlx_glm4moe.loading import load
@@ -367,3 +368,17 @@ def test_arguments_read_back_as_their_schema_says(demo):
         assert reply["malformed"] is None, text
         [call] = reply["tool_calls"]
         jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+
+
+def test_no_constraint_with_mtp(demo):
+    """MTP drafts tokens ahead of the grammar: a constrained request is a 400, not ignored."""
+    model, tokenizer = demo
+    app = create_app(model, tokenizer, mtp=True, decode_concurrency=1, prompt_cache_bytes=0)
+    with TestClient(app) as http:
+        body = {"messages": ASK_WEATHER, "max_tokens": 4}
+        forced = http.post(
+            "/v1/chat/completions", json={**body, "tools": TOOLS, "tool_choice": "required"}
+        )
+        assert forced.status_code == 400 and forced.json()["error"]["param"] == "tools"
+        plain = http.post("/v1/chat/completions", json=body)
+        assert plain.status_code == 200
