@@ -28,6 +28,7 @@ the model, an answer that starts without it is held from its first token).
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -79,16 +80,20 @@ class _Grammar:
     def text(self, start: str) -> str:
         return "\n".join([f"start: {start}", *self.lines])
 
-    def raw_string(self, name: str, schema: Any, root: Any) -> str:
+    def raw_string(self, name: str, key: str, schema: Any, root: Any) -> str:
         """A string value written raw: its pattern and length bounds, no tag text."""
         schema = _resolve(schema, root) or {}
         parts = []
         if "pattern" in schema:
+            if not isinstance(schema["pattern"], str):
+                raise ValueError(f"the pattern of '{key}' is not a string")
             # Matched whole: text that fits the anchored pattern fits it unanchored too.
             pattern = schema["pattern"].removeprefix("^").removesuffix("$")
             parts.append("/" + llguidance.regex_to_lark(pattern, "dw") + "/")
         if "minLength" in schema or "maxLength" in schema:
             low, high = schema.get("minLength", 0), schema.get("maxLength", "")
+            if not all(isinstance(n, int) and n >= 0 for n in (low, high or 0)):
+                raise ValueError(f"minLength and maxLength of '{key}' must be counts")
             parts.append(f"/(?s:.{{{low},{high}}})/")
         if not parts:
             return "RAW"
@@ -119,7 +124,7 @@ class _Grammar:
                 texts = [v if isinstance(v, str) else json.dumps(v) for v in values]
                 value = "(" + " | ".join(_lit(t) for t in texts) + ")"
             elif types == {"string"}:
-                value = self.raw_string(f"v{i}_{j}", schema, root)
+                value = self.raw_string(f"v{i}_{j}", key, schema, root)
             elif types is None or "string" in types:
                 value = "RAW"  # the parser reads JSON of another allowed type, else the text
             else:
@@ -238,7 +243,7 @@ class Constraints:
                 return compiled.deep_copy()
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise ValueError(_first_line(matcher.get_error()))
+            raise ValueError(_message(matcher.get_error()))
         with self._lock:
             self._compiled[grammar] = matcher
             if len(self._compiled) > self.keep:
@@ -283,9 +288,11 @@ def _answer_schema(response_format: dict | None) -> dict | None:
     return schema
 
 
-def _first_line(error: str) -> str:
-    line = error.strip().splitlines()[0] if error.strip() else "invalid grammar"
-    return line.split(": ", 1)[1] if line.startswith("at ") and ": " in line else line
+def _message(error: str) -> str:
+    """llguidance's error without its position and the grammar listing that follows it."""
+    text = re.sub(r"^at \d+\(\d+\): ", "", error.strip())
+    text = re.split(r"\n\s*\d+ \| ", text)[0]  # the listing of our grammar
+    return " ".join(text.split()) or "invalid grammar"
 
 
 class ConstrainedSampler:

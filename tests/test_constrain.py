@@ -303,6 +303,7 @@ def test_what_cannot_be_enforced_is_a_400(client, extra, param):
         client.chat.completions.create(model="demo", messages=ASK_WEATHER, **extra)
     assert e.value.status_code == 400
     assert e.value.body["param"].startswith(param), e.value.body
+    assert "cannot" in e.value.body["message"]
 
 
 def sample_text(constraints, grammar, tokenizer, vocab, seed):
