@@ -383,3 +383,35 @@ def test_no_constraint_with_mtp(demo):
         assert forced.status_code == 400 and forced.json()["error"]["param"] == "tools"
         plain = http.post("/v1/chat/completions", json=body)
         assert plain.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("prompt_end", "thinking", "script"),
+    [
+        # GLM-4.7 opens <think> in the prompt: free until </think>.
+        ("<|assistant|><think>", True, "Plain words, no call.</think>"),
+        # GLM-4.5 leaves <think> to the model: free once it opens it.
+        ("<|assistant|>", True, "\n<think>Plain words.</think>"),
+    ],
+)
+def test_reasoning_stays_free(demo, prompt_end, thinking, script):
+    """A model that reasons in words the answer's grammar forbids keeps them, and the call
+    comes after (the scripted sampler prefers its next token among those allowed)."""
+    model, tokenizer = demo
+    constraints = Constraints(tokenizer, model.args.vocab_size)
+    call = "\n<tool_call>search\n<arg_key>query</arg_key>\n<arg_value>x</arg_value>\n"
+    call += "<arg_key>limit</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"
+    ids = iter(tokenizer.encode(script + call, add_special_tokens=False))
+    eos = min(tokenizer.eos_token_ids)
+
+    def scripted(lp):
+        bonus = mx.where(mx.arange(lp.shape[-1]) == next(ids, eos), 1e9, 0.0)
+        return mx.argmax(lp + bonus, -1)
+
+    grammar = constraints.grammar(None, TOOLS, "required")
+    sampler = constraints.sampler(grammar, scripted, prompt_end, thinking)
+    flat = mx.zeros((1, model.args.vocab_size))
+    tokens = [sampler(flat).item()]
+    while tokens[-1] != eos:
+        tokens.append(sampler(flat).item())
+    assert tokenizer.decode(tokens[:-1]) == script + call
