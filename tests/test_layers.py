@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_glm4moe"
 FLOORS = [
     {"model", "weights", "parsers"},
-    {"recipes", "synthetic", "streaming", "distributed", "upload"},
+    {"recipes", "synthetic", "streaming", "distributed", "upload", "constrain"},
     {"loading", "convert"},
     {"mtp"},
     {"generate"},

@@ -46,12 +46,15 @@ SCRIPTS = {
         "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"
     ),
     "say hello world": "\n<think></think>\nHello world. Goodbye world.",
-    # Scripts that leave the opening of the call (and the name) to a forced tool_choice.
-    "name it yourself": (
-        "\n<think>Let me see.</think>get_weather\n"
+    # Calls that fit a forced tool_choice's grammar token for token (test_constrain.py shows
+    # the grammar forcing calls out of a model that would not write them).
+    "call for rome": (
+        "\n<think>Let me see.</think>\n<tool_call>get_weather\n"
         "<arg_key>city</arg_key>\n<arg_value>Rome</arg_value>\n</tool_call>"
     ),
-    "arguments only": "<arg_key>city</arg_key>\n<arg_value>Rome</arg_value>\n</tool_call>",
+    "call for rome at once": (
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Rome</arg_value>\n</tool_call>"
+    ),
 }
 FOREVER = "count forever"  # a script that never ends (for disconnects)
 BROKEN = "break the sampler"  # the sampler factory raises
@@ -255,8 +258,8 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 @pytest.mark.parametrize(
     ("prompt", "tool_choice", "thinking"),
     [
-        ("name it yourself", "required", True),
-        ("arguments only", NAMED, False),
+        ("call for rome", "required", True),
+        ("call for rome at once", NAMED, False),
     ],
 )
 def test_tool_choice_forces_a_call(client, prompt, tool_choice, thinking):
@@ -276,7 +279,8 @@ def test_tool_choice_forces_a_call(client, prompt, tool_choice, thinking):
         "get_weather",
         {"city": "Rome"},
     )
-    assert ask("auto").message.tool_calls is None  # the script alone opens no call
+    # "none" masks the opening tag: the script's call is left as text.
+    assert ask("none").message.tool_calls is None
 
 
 def test_thinking_off(client):
@@ -814,10 +818,10 @@ def test_anthropic_tool_choice_and_stop_sequences(claude):
             messages=[{"role": "user", "content": prompt}],
         )
 
-    forced = ask("name it yourself", tools=[ANTHROPIC_WEATHER], tool_choice={"type": "any"})
+    forced = ask("call for rome", tools=[ANTHROPIC_WEATHER], tool_choice={"type": "any"})
     assert forced.stop_reason == "tool_use" and forced.content[-1].input == {"city": "Rome"}
     named = ask(
-        "arguments only",
+        "call for rome at once",
         tools=[ANTHROPIC_WEATHER],
         tool_choice={"type": "tool", "name": "get_weather"},
         thinking={"type": "disabled"},

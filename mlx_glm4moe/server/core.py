@@ -24,6 +24,7 @@ from starlette.background import BackgroundTask
 from ..batch import BatchEngine
 from ..batch import Request as BatchRequest
 from ..chat import PromptCache, Reply, render_prompt
+from ..constrain import ConstraintError, Constraints
 from ..generate import Sampler, encode
 from ..model import Model
 
@@ -145,13 +146,17 @@ class Job:
     top_logprobs: int | None = None
     # Chat only: the rendered prompt (where the parser starts), OpenAI-shaped messages and
     # tools, the thinking switch, the tool choice ("none", "required", a function name, or None
-    # for auto) and whether calls may come many.
+    # for auto), whether calls may come many, and the answer's format in chat completions'
+    # `response_format` shape (json_object / json_schema; None: free). The constraint that
+    # enforces the format, the tool choice and strict tools is built from these
+    # (`constrain.Constraints`).
     prompt: str | None = None
     messages: list[dict] | None = None
     tools: list[dict] | None = None
     enable_thinking: bool = True
     tool_choice: str | None = None
     parallel: bool = True
+    response_format: dict | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -178,28 +183,6 @@ def forbid_token(sampler: Sampler, token_id: int) -> Sampler:
         return sampler(mx.where(banned, -mx.inf, logprobs))
 
     return sample
-
-
-class ForceAfter:
-    """A sampler that draws from `sampler`, except that right after the token `trigger` (from
-    the first token when None) it emits the tokens `forced`."""
-
-    def __init__(self, sampler: Sampler, forced: list[int], trigger: int | None) -> None:
-        self.sampler, self.forced, self.trigger = sampler, forced, trigger
-        self.pending = list(forced) if trigger is None else None
-        self.last: mx.array | None = None
-
-    def __call__(self, logprobs: mx.array) -> mx.array:
-        # Reading the last token waits for it, which pauses the pipelined decode, but only
-        # until the forced tokens are out.
-        if self.pending is None and self.last is not None and self.last.item() == self.trigger:
-            self.pending = list(self.forced)
-        if self.pending:
-            return mx.array(self.pending.pop(0), dtype=mx.uint32)
-        y = self.sampler(logprobs)
-        if self.pending is None:
-            self.last = y
-        return y
 
 
 SamplerFactory = Callable[[Job], "Sampler | None"]
@@ -233,7 +216,7 @@ class Engine:
         self.sampling = {"temp": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, **(sampling or {})}
         self.sampler_factory = sampler_factory
         self.tool_call_token = tokenizer.convert_tokens_to_ids("<tool_call>")
-        self.think_end_token = tokenizer.convert_tokens_to_ids("</think>")
+        self.constraints = Constraints(tokenizer, model.args.vocab_size)
         self.batch = BatchEngine(
             model, tokenizer, prompt_cache=prompt_cache, **(batch_kwargs or {})
         )
@@ -268,9 +251,11 @@ class Engine:
         template_kwargs: dict[str, Any] | None = None,
         top_logprobs: int | None = None,
         parallel: bool = True,
+        response_format: dict | None = None,
     ) -> Job:
-        """Check a chat request against the model (tools, context length) and make its job.
-        `tool_choice` is "auto", "none", "required" or a function name."""
+        """Check a chat request against the model (tools, context length, what it asks to
+        enforce) and make its job. `tool_choice` is "auto", "none", "required" or a function
+        name; `response_format` is chat completions' (see `Job`)."""
         names = {t["function"]["name"] for t in tools or ()}
         if tool_choice not in (None, "auto", "none", "required") and tool_choice not in names:
             raise APIError(
@@ -280,6 +265,19 @@ class Engine:
             )
         if tool_choice == "required" and not tools:
             raise APIError(400, "tool_choice 'required' needs 'tools'.", "tool_choice")
+        choice = None if tool_choice == "auto" else tool_choice
+        try:
+            constrained = self.constraints.check(response_format, tools, choice, parallel)
+        except ConstraintError as e:
+            raise APIError(400, e.message, e.param) from None
+        if constrained and self.batch.mtp:
+            # MTP drafts and verifies several tokens per step; the grammar follows one at a time.
+            raise APIError(
+                400,
+                "Structured output, forced tool calls and strict tools are not available "
+                "with --mtp.",
+                "response_format" if response_format else "tools",
+            )
         try:
             prompt = render_prompt(
                 self.tokenizer,
@@ -304,8 +302,9 @@ class Engine:
             messages=messages,
             tools=tools,
             enable_thinking=enable_thinking,
-            tool_choice=None if tool_choice == "auto" else tool_choice,
+            tool_choice=choice,
             parallel=parallel,
+            response_format=response_format,
         )
 
     def submit(self, job: Job) -> None:
@@ -326,18 +325,14 @@ class Engine:
         custom = self.sampler_factory(job) if self.sampler_factory else None
         s = {k: v if v is not None else self.sampling[k] for k, v in job.sampling.items()}
         sampler = custom or make_sampler(s["temp"], s["top_p"], s["min_p"], top_k=s["top_k"])
-        choice = job.tool_choice
-        if choice == "none":
+        grammar = self.constraints.grammar(
+            job.response_format, job.tools, job.tool_choice, job.parallel
+        )
+        if grammar is not None:
+            return self.constraints.sampler(grammar, sampler, job.prompt, job.enable_thinking)
+        if job.tool_choice == "none":
             return forbid_token(sampler, self.tool_call_token)
-        if choice is None:
-            return sampler
-        # "required" or a named function: the call is opened for the model once its reasoning
-        # is over (it writes the arguments itself).
-        forced = [self.tool_call_token]
-        if choice != "required":
-            forced += self.tokenizer.encode(choice + "\n", add_special_tokens=False)
-        trigger = self.think_end_token if job.enable_thinking else None
-        return ForceAfter(sampler, forced, trigger)
+        return sampler
 
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])

@@ -61,6 +61,7 @@ class FunctionDef(Strict):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # true: calls are held to `parameters` while sampling
 
 
 class Tool(Strict):
@@ -75,6 +76,14 @@ class FunctionName(Strict):
 class NamedToolChoice(Strict):
     type: Literal["function"]
     function: FunctionName
+
+
+class ResponseFormat(Strict):
+    """``text``, ``json_object``, or ``json_schema`` with ``{name, schema, strict}`` (held to the
+    schema while sampling, strict or not)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class StreamOptions(Strict):
@@ -107,6 +116,7 @@ class ChatRequest(_Generation):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -162,6 +172,9 @@ def prepare_chat(engine: Engine, req: ChatRequest, loop: asyncio.AbstractEventLo
         template_kwargs=kwargs,
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         parallel=req.parallel_tool_calls,
+        response_format=req.response_format.model_dump(exclude_none=True)
+        if req.response_format
+        else None,
     )
 
 
