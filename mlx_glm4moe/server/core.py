@@ -128,8 +128,8 @@ def text_only(messages: Any, text_types: set[str]) -> None:
             if isinstance(kind, str) and kind not in text_types:
                 raise APIError(
                     400,
-                    f"{where}[{j}] is a '{kind}' block: this model reads text only "
-                    f"(blocks of type {', '.join(sorted(text_types))}).",
+                    f"{where}[{j}]: '{kind}' blocks are not supported: this model reads text "
+                    f"only (blocks of type {', '.join(sorted(text_types))}).",
                     f"{where}[{j}]",
                 )
             if isinstance(block, dict):
@@ -153,6 +153,7 @@ def _extra_fields(model: BaseModel, path: str = "") -> list[str]:
 
 
 _logged_fields: set[str] = set()
+_MOST_LOGGED = 1000  # names a client makes up must not grow the set (or the log) without end
 
 
 def parse_request(
@@ -177,7 +178,7 @@ def parse_request(
         param = _param(err["loc"], data)
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}.", param) from None
     for name in _extra_fields(req):
-        if name not in _logged_fields:
+        if name not in _logged_fields and len(_logged_fields) < _MOST_LOGGED:
             _logged_fields.add(name)
             log.warning("%s: field '%s' accepted and ignored", schema.__name__, name)
     return req
