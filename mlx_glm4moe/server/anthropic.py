@@ -7,6 +7,11 @@ Reasoning comes back as `thinking` blocks. Their `signature` is an opaque string
 send back unchanged; a local model has nothing to sign, so it is a digest of the thinking text,
 and a thinking block sent back in the history becomes the assistant turn's reasoning whatever its
 signature says.
+
+Claude Code opens its system prompt with a block ``x-anthropic-billing-header: cc_version=...;
+...`` that changes with every request: billing metadata, not an instruction. It is left out of
+the prompt, which would otherwise differ from the previous request's at its first token and
+miss the prompt cache.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from .core import (
     anthropic_error_body,
     chat_events,
     collect,
+    keepalive,
     parse_request,
     sse,
     stop_list,
+    text_only,
 )
 
 # -- request schema -----------------------------------------------------------------------------
@@ -73,11 +80,16 @@ Block = TextBlock | ThinkingBlock | RedactedThinkingBlock | ToolUseBlock | ToolR
 
 
 class Message(Strict):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # a system turn where it stands
     content: str | list[Block]
 
 
+# The block types a request may hold; anything else (image, document, ...) is refused by name.
+TEXT_BLOCKS = {"text", "thinking", "redacted_thinking", "tool_use", "tool_result"}
+
+
 class Tool(Strict):
+    type: Literal["custom"] = "custom"  # tools the API would run itself are not ours to run
     name: str = Field(min_length=1)
     description: str | None = None
     input_schema: dict[str, Any]
@@ -90,20 +102,33 @@ class ToolChoice(Strict):
 
 
 class Thinking(Strict):
-    type: Literal["enabled", "disabled"]
+    type: Literal["enabled", "adaptive", "disabled"]  # adaptive: the model decides, so on
     budget_tokens: int | None = Field(None, ge=1)
 
 
-class MessagesRequest(Strict):
-    """The body of ``POST /v1/messages`` (the fields this server acts on)."""
+class OutputConfig(Strict):
+    format: dict[str, Any] | None = None  # refused: structured output is not enforced here
+
+
+class CountTokensRequest(Strict):
+    """The body of ``POST /v1/messages/count_tokens``. Fields that would change the form of the
+    answer and cannot be honoured are declared to be refused (`refuse_unhonoured`)."""
 
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int = Field(ge=1)
     system: str | list[TextBlock] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
+    mcp_servers: list[Any] | None = None
+    container: Any = None
+
+
+class MessagesRequest(CountTokensRequest):
+    """The body of ``POST /v1/messages`` (the fields this server acts on)."""
+
+    max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
     stream: bool = False
     temperature: float | None = Field(None, ge=0, le=1)
@@ -112,18 +137,27 @@ class MessagesRequest(Strict):
     metadata: dict[str, Any] | None = None
 
 
-class CountTokensRequest(Strict):
-    """The body of ``POST /v1/messages/count_tokens``."""
+def check_blocks(data: dict) -> None:
+    """Refuse blocks the model cannot read, by name (`core.text_only`)."""
+    text_only(data.get("messages"), TEXT_BLOCKS)
 
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    system: str | list[TextBlock] | None = None
-    tools: list[Tool] | None = None
-    tool_choice: ToolChoice | None = None
-    thinking: Thinking | None = None
+
+def refuse_unhonoured(req: CountTokensRequest) -> None:
+    """400 for a field that would change the form of the answer, which this server cannot
+    give: structured output, MCP servers, a code-execution container."""
+    fields = {
+        "output_config.format": req.output_config and req.output_config.format,
+        "mcp_servers": req.mcp_servers,
+        "container": req.container,
+    }
+    for name, value in fields.items():
+        if value is not None:
+            raise APIError(400, f"'{name}' is not supported by this server.", name)
 
 
 # -- requests → our chat ------------------------------------------------------------------------
+
+BILLING_HEADER = "x-anthropic-billing-header:"
 
 
 def _text(content: str | list[TextBlock] | None) -> str:
@@ -132,18 +166,28 @@ def _text(content: str | list[TextBlock] | None) -> str:
     return "".join(b.text for b in content)
 
 
-def to_chat(req: MessagesRequest | CountTokensRequest) -> dict:
+def to_chat(req: CountTokensRequest) -> dict:
     """The request as our chat: ``{messages, tools, tool_choice, enable_thinking, parallel}``
     (OpenAI shapes; tool_choice is "auto", "none", "required" or a tool name)."""
+    refuse_unhonoured(req)
+    if all(m.role == "system" for m in req.messages):
+        raise APIError(400, "'messages' holds no user or assistant message.", "messages")
     messages: list[dict] = []
-    if req.system:
-        messages.append({"role": "system", "content": _text(req.system)})
+    system = req.system
+    if isinstance(system, list):  # see the module docstring
+        system = [b for b in system if not b.text.startswith(BILLING_HEADER)]
+    if system:
+        messages.append({"role": "system", "content": _text(system)})
     for m in req.messages:
         blocks = (
             [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
         )
         if m.role == "assistant":
             messages.append(_assistant(blocks))
+            continue
+        if m.role == "system":
+            text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
+            messages.append({"role": "system", "content": text})
             continue
         text: list[str] = []
         for b in blocks:
@@ -173,7 +217,7 @@ def to_chat(req: MessagesRequest | CountTokensRequest) -> dict:
         "messages": messages,
         "tools": tools,
         "tool_choice": {"auto": "auto", "any": "required", "none": "none"}.get(kind) or choice.name,
-        "enable_thinking": req.thinking is None or req.thinking.type == "enabled",
+        "enable_thinking": req.thinking is None or req.thinking.type != "disabled",
         "parallel": not (choice and choice.disable_parallel_tool_use),
     }
 
@@ -263,6 +307,10 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps({'type': event, **data}, ensure_ascii=False)}\n\n"
 
 
+def ping() -> str:
+    return _sse("ping", {})
+
+
 async def stream(head: dict, prompt_tokens: int, events: AsyncIterator[dict]) -> AsyncIterator[str]:
     """Anthropic's server-sent events for a stream of our chat events (reasoning, content and
     tool_call deltas, then done or error)."""
@@ -276,7 +324,7 @@ async def stream(head: dict, prompt_tokens: int, events: AsyncIterator[dict]) ->
         "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
     }
     yield _sse("message_start", {"message": start})
-    yield _sse("ping", {})
+    yield ping()
     index, open_kind, thinking = -1, None, ""
 
     def close() -> list[str]:
@@ -359,19 +407,20 @@ def routes(engine: Engine) -> APIRouter:
 
     @router.post("/messages")
     async def messages(request: Request):
-        req = parse_request(await request.body(), MessagesRequest)
+        req = parse_request(await request.body(), MessagesRequest, check_blocks)
         job = await run_in_threadpool(prepare, engine, req, asyncio.get_running_loop())
         engine.submit(job)
         head = {"id": f"msg_{uuid.uuid4().hex}", "model": req.model}
         events = chat_events(job, engine)
         if req.stream:
-            return sse(stream(head, len(job.tokens), events), job)
+            events = stream(head, len(job.tokens), events)
+            return sse(keepalive(events, ping, engine.keepalive_interval), job)
         done, _ = await collect(request, job, events)
         return message(head, done)
 
     @router.post("/messages/count_tokens")
     async def count_tokens(request: Request) -> dict:
-        req = parse_request(await request.body(), CountTokensRequest)
+        req = parse_request(await request.body(), CountTokensRequest, check_blocks)
         chat = to_chat(req)
 
         def count() -> int:

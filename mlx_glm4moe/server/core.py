@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,10 +29,16 @@ from ..constrain import ConstraintError, Constraints
 from ..generate import Sampler, encode
 from ..model import Model
 
+log = logging.getLogger(__name__)
+
+# The longest a stream stays silent: a client with an idle timeout (Claude Code's is 300 s)
+# must not take a long prefill for a dead server.
+KEEPALIVE_INTERVAL = 2.0
+
 
 class Strict(BaseModel):
     """Request schemas: a wrong type is an error, not a coercion ("5" is not a number). Unknown
-    fields are accepted and ignored, as OpenAI-compatible servers do."""
+    fields are accepted, ignored and logged once each (see `parse_request`)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -111,21 +118,71 @@ def _param(loc: tuple, data: Any) -> str | None:
     return path or None
 
 
-def parse_request(body: bytes, schema: type[BaseModel]) -> Any:
-    """Validate a request body against `schema`; raises `APIError` (400) on invalid JSON or
-    fields."""
+def text_only(messages: Any, text_types: set[str]) -> None:
+    """Refuse (400) a content block, in a message or in a block's own content (a tool result),
+    whose type is not in `text_types` (an image, a document, ...), saying where it is: the
+    schema's error for it would only say that the content is not a string."""
+
+    def check(content: Any, where: str) -> None:
+        for j, block in enumerate(content if isinstance(content, list) else ()):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if isinstance(kind, str) and kind not in text_types:
+                raise APIError(
+                    400,
+                    f"{where}[{j}]: '{kind}' blocks are not supported: this model reads text "
+                    f"only (blocks of type {', '.join(sorted(text_types))}).",
+                    f"{where}[{j}]",
+                )
+            if isinstance(block, dict):
+                check(block.get("content"), f"{where}[{j}].content")
+
+    for i, m in enumerate(messages if isinstance(messages, list) else ()):
+        if isinstance(m, dict):
+            check(m.get("content"), f"messages[{i}].content")
+
+
+def _extra_fields(model: BaseModel, path: str = "") -> list[str]:
+    """The names (dotted, without list indexes) of the fields in `model` and the models in it
+    that no schema declares."""
+    names = [path + name for name in model.model_extra or ()]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, BaseModel):
+                names += _extra_fields(item, f"{path}{name}.")
+    return names
+
+
+_logged_fields: set[str] = set()
+_MOST_LOGGED = 1000  # names a client makes up must not grow the set (or the log) without end
+
+
+def parse_request(
+    body: bytes, schema: type[BaseModel], check: Callable[[dict], None] | None = None
+) -> Any:
+    """Validate a request body against `schema` (after `check`, given the JSON object); raises
+    `APIError` (400) on invalid JSON or fields. Fields the schema does not know are hints this
+    server does not act on (fields that would change the form of the answer are declared, and
+    refused where they are read): they are accepted, and logged once per name."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    if check is not None:
+        check(data)
     try:
-        return schema.model_validate(data)
+        req = schema.model_validate(data)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         param = _param(err["loc"], data)
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}.", param) from None
+    for name in _extra_fields(req):
+        if name not in _logged_fields and len(_logged_fields) < _MOST_LOGGED:
+            _logged_fields.add(name)
+            log.warning("%s: field '%s' accepted and ignored", schema.__name__, name)
+    return req
 
 
 # -- generation ---------------------------------------------------------------------------------
@@ -199,6 +256,8 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 class Engine:
     """The model, its prompt cache and the batching engine behind the HTTP routes."""
 
+    keepalive_interval = KEEPALIVE_INTERVAL  # seconds between pings of a silent stream
+
     def __init__(
         self,
         model: Model,
@@ -222,18 +281,19 @@ class Engine:
         )
 
     def room(self, n_prompt: int, requested: int | None, what: str, param: str) -> int:
-        """The completion length: `requested`, else the default, within the context."""
+        """The completion length: `requested`, else the default, cut to what the context
+        leaves after the prompt (the reply then ends for length). A prompt that leaves no room
+        is an error."""
         room = self.context_length - n_prompt
-        if room < 1 or (requested is not None and requested > room):
+        if room < 1:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.context_length} tokens. "
-                f"However, your {what} resulted in {n_prompt} tokens"
-                + (f" and {requested} were requested for the completion." if requested else "."),
+                f"However, your {what} resulted in {n_prompt} tokens.",
                 param,
                 "context_length_exceeded",
             )
-        return requested or min(self.max_tokens, room)
+        return min(requested or self.max_tokens, room)
 
     def prepare_chat(
         self,
@@ -396,6 +456,30 @@ async def collect(request: Request, job: Job, events: AsyncIterator[dict]) -> tu
     finally:
         watcher.cancel()
     raise APIError(500, "The generation ended without an answer.", type="server_error")
+
+
+async def keepalive(
+    events: AsyncIterator[str], ping: Callable[[], str], interval: float
+) -> AsyncIterator[str]:
+    """`events` (formatted server-sent events), with `ping()` sent whenever `interval` seconds
+    pass without one: a long prefill, or a long wait for a decode slot, then does not look like
+    a dead connection."""
+    events = aiter(events)
+    pending = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield ping()
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(anext(events))
+    finally:
+        pending.cancel()
 
 
 def sse(events: AsyncIterator[str], job: Job) -> StreamingResponse:

@@ -24,9 +24,11 @@ from .core import (
     Strict,
     chat_events,
     collect,
+    keepalive,
     parse_request,
     sse,
     stop_list,
+    text_only,
 )
 
 # -- request schema -----------------------------------------------------------------------------
@@ -217,6 +219,15 @@ def data(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
+def comment() -> str:
+    """An SSE comment line, which clients skip: sent while nothing else is (`core.keepalive`)."""
+    return ": keepalive\n\n"
+
+
+def _check_parts(data: dict) -> None:
+    text_only(data.get("messages"), {"text"})
+
+
 def _server_error(event: dict) -> str:
     return data(APIError(500, event["message"], type="server_error").body())
 
@@ -329,6 +340,7 @@ async def completion_stream(
     req = job.request
     pending: list | None = [] if req.logprobs is not None else None
     offset = len(echo)
+    yield comment()  # the first bytes, before the prefill ends
     if echo:
         yield data({**head, "choices": [_text_choice(echo, None, None, 0)]})
     async for event in events:
@@ -367,13 +379,14 @@ def routes(engine: Engine, model_id: str) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(await request.body(), ChatRequest)
+        req = parse_request(await request.body(), ChatRequest, _check_parts)
         job = await run_in_threadpool(prepare_chat, engine, req, asyncio.get_running_loop())
         engine.submit(job)
         chunk_head = head("chatcmpl", "chat.completion.chunk")
         events = chat_events(job, engine)
         if req.stream:
-            return sse(chat_stream(job, chunk_head, events), job)
+            events = chat_stream(job, chunk_head, events)
+            return sse(keepalive(events, comment, engine.keepalive_interval), job)
         done, logprobs = await collect(request, job, events)
         return chat_completion(chunk_head, done, logprobs if req.logprobs else None)
 
@@ -388,7 +401,8 @@ def routes(engine: Engine, model_id: str) -> APIRouter:
             echo = engine.tokenizer.decode(req.prompt)
         events = text_events(job, engine)
         if req.stream:
-            return sse(completion_stream(job, text_head, echo, events), job)
+            events = completion_stream(job, text_head, echo, events)
+            return sse(keepalive(events, comment, engine.keepalive_interval), job)
         text: list[str] = []
 
         async def texts() -> AsyncIterator[dict]:
