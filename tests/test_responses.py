@@ -8,6 +8,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 from test_server import SCRIPTS, WEATHER_TOOL, client, server, url  # noqa: F401 (fixtures)
 
 from mlx_glm4moe.server.responses import (
@@ -46,11 +48,27 @@ SCRIPTS["call the agent tool"] = (
 CODEX = json.loads((Path(__file__).parent / "fixtures" / "codex_responses.json").read_text())
 
 
+def stream_events(base, body):
+    """The server-sent events of a streamed request, each checked against the SDK's types."""
+    with httpx.stream(
+        "POST", f"{base}/v1/responses", json={**body, "stream": True}, timeout=120
+    ) as r:
+        assert r.status_code == 200
+        blocks = r.read().decode().split("\n\n")
+    adapter, events = TypeAdapter(ResponseStreamEvent), []
+    for block in filter(None, blocks):
+        name, data = block.split("\n")
+        events.append(adapter.validate_json(data.removeprefix("data: ")))
+        assert name == f"event: {events[-1].type}"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    return events
+
+
 def items(response):
     return [item.model_dump(exclude_none=True) for item in response.output]
 
 
-def test_text_reasoning_and_instructions(client):  # noqa: F811
+def test_text_reasoning_and_instructions(client, url):  # noqa: F811
     r = client.responses.create(model="tiny", input="think then answer")
     assert r.id.startswith("resp_") and r.object == "response" and r.model == "tiny"
     assert r.status == "completed" and r.incomplete_details is None
@@ -63,6 +81,9 @@ def test_text_reasoning_and_instructions(client):  # noqa: F811
     u = r.usage
     assert u.total_tokens == u.input_tokens + u.output_tokens
     assert 0 < u.output_tokens_details.reasoning_tokens < u.output_tokens
+
+    raw = httpx.post(f"{url}/v1/responses", json={"model": "x", "input": "think then answer"})
+    assert Response.model_validate(raw.json()).output_text == r.output_text  # every field valid
 
     kind = client.responses.create(model="tiny", input="think then answer", instructions="Be kind.")
     assert kind.output_text == r.output_text
@@ -100,7 +121,7 @@ def test_stream_events_and_final_response(client):  # noqa: F811
     assert shape(final) == shape(whole)
 
 
-def test_function_call_round_trip(client):  # noqa: F811
+def test_function_call_round_trip(client, url):  # noqa: F811
     ask = [{"role": "user", "content": "call the weather tool"}]
     r = client.responses.create(model="tiny", input=ask, tools=[WEATHER])
     reasoning, call = r.output
@@ -116,6 +137,10 @@ def test_function_call_round_trip(client):  # noqa: F811
         "response.function_call_arguments.done",
     ]
     assert json.loads(args[1].arguments) == json.loads(final.output[1].arguments)
+    kinds = [e.type for e in stream_events(url, {"input": ask, "tools": [WEATHER]})]
+    assert (
+        kinds.count("response.output_item.added") == kinds.count("response.output_item.done") == 2
+    )
 
     history = (
         ask
@@ -296,14 +321,14 @@ def test_codex_request_replayed(url):  # noqa: F811
     # What `codex exec` 0.171 sent on its second turn (after a stub answered its first with
     # reasoning and an exec_command call): developer messages, the reasoning it was handed back,
     # the call and its output, function, namespace and web_search tools, streaming.
-    body = {**CODEX, "max_output_tokens": 8}
-    with httpx.stream("POST", f"{url}/v1/responses", json=body, timeout=120) as r:
-        assert r.status_code == 200
-        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
-    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
-    assert events[-1]["type"] in ("response.completed", "response.incomplete")
-    assert [e["sequence_number"] for e in events] == list(range(len(events)))
-    assert events[-1]["response"]["usage"]["input_tokens"] > 500
+    events = stream_events(url, {**CODEX, "max_output_tokens": 8})
+    assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+    final = events[-1].response
+    assert events[-1].type == f"response.{final.status}"
+    assert final.status in ("completed", "incomplete") and final.output
+    assert final.usage.input_tokens > 500
+    for item in final.output:
+        assert item.type != "reasoning" or item.encrypted_content  # Codex asks for it
     messages = to_messages(ResponsesRequest.model_validate(CODEX))
     assert [m["role"] for m in messages] == [
         "system",

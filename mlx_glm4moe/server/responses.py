@@ -399,8 +399,8 @@ def _id(prefix: str) -> str:
 
 class Output:
     """Builds a response's output items from the core's chat events: `feed` turns each event
-    into the Responses stream events it makes (without sequence numbers), and keeps the items
-    and the final status for `response`. The streamed and the whole response share it."""
+    into the Responses stream events it makes (`sse` numbers and formats them), and keeps the
+    items and the final status for `response`. The streamed and the whole response share it."""
 
     def __init__(
         self,
@@ -416,6 +416,7 @@ class Output:
         self.open: dict | None = None  # the reasoning or message item being written
         self.status, self.usage, self.error = "in_progress", None, None
         self.reasoning = ""
+        self.numbers = itertools.count()  # the streamed events' sequence_number
 
     def response(self) -> dict:
         """The Response object as it stands."""
@@ -451,6 +452,11 @@ class Output:
             "usage": self.usage,
             "metadata": req.metadata or {},
         }
+
+    def sse(self, event: dict) -> str:
+        """`event` as a server-sent event, numbered after the ones before."""
+        body = json.dumps({**event, "sequence_number": next(self.numbers)}, ensure_ascii=False)
+        return f"event: {event['type']}\ndata: {body}\n\n"
 
     def feed(self, event: dict) -> list[dict]:
         kind = event["type"]
@@ -562,7 +568,10 @@ class Output:
         reasoning = min(self.count_tokens(self.reasoning), completion) if self.reasoning else 0
         return {
             "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)},
+            "input_tokens_details": {
+                "cached_tokens": usage.get("cached_tokens", 0),
+                "cache_write_tokens": 0,  # as the Anthropic path's cache_creation_input_tokens
+            },
             "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": prompt + completion,
@@ -570,20 +579,15 @@ class Output:
 
 
 async def stream(output: Output, events: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """The Responses server-sent events, numbered, for a stream of our chat events."""
-    numbers = itertools.count()
-
-    def sse_event(event: dict) -> str:
-        body = json.dumps({**event, "sequence_number": next(numbers)}, ensure_ascii=False)
-        return f"event: {event['type']}\ndata: {body}\n\n"
-
-    yield sse_event({"type": "response.created", "response": output.response()})
-    yield sse_event({"type": "response.in_progress", "response": output.response()})
-    # A long prefill sends nothing until the first token: the heartbeat (core.keepalive, being
-    # added to core) wraps this stream in `routes`.
+    """The Responses server-sent events for a stream of our chat events."""
+    yield output.sse({"type": "response.created", "response": output.response()})
+    yield output.sse({"type": "response.in_progress", "response": output.response()})
+    # Heartbeat: a long prefill sends nothing until the first token. When `core.keepalive`
+    # lands, `routes` wraps this stream in it, pinging with a numbered `response.in_progress`
+    # (`output.sse` as above): Codex's idle timer counts events, not SSE comment lines.
     async for event in events:
         for e in output.feed(event):
-            yield sse_event(e)
+            yield output.sse(e)
 
 
 # -- routes -------------------------------------------------------------------------------------
