@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
-from test_server import SCRIPTS, WEATHER_TOOL, client, server, url  # noqa: F401 (fixtures)
+from test_server import BROKEN, SCRIPTS, WEATHER_TOOL, client, server, url  # noqa: F401 (fixtures)
 
 from mlx_glm4moe.server.responses import (
     ResponsesRequest,
@@ -263,6 +263,16 @@ def test_max_output_tokens_is_incomplete(client):  # noqa: F811
     ) as stream:
         last = list(stream)[-1]
     assert last.type == "response.incomplete" and last.response.status == "incomplete"
+
+
+def test_failure_inside_generation(client, url):  # noqa: F811
+    with pytest.raises(openai.InternalServerError) as e:
+        client.responses.create(model="tiny", input=BROKEN)
+    assert e.value.body["type"] == "server_error"
+    error, failed = stream_events(url, {"input": BROKEN})[-2:]
+    assert (error.type, error.code) == ("error", "server_error") and "failed" in error.message
+    assert failed.type == "response.failed" and failed.response.status == "failed"
+    assert failed.response.error.message == error.message
 
 
 @pytest.mark.parametrize(
