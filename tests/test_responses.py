@@ -255,9 +255,11 @@ def test_encrypted_reasoning_round_trip(client, url):  # noqa: F811
 
 
 def test_max_output_tokens_is_incomplete(client):  # noqa: F811
-    r = client.responses.create(model="tiny", input="say hello world", max_output_tokens=3)
+    r = client.responses.create(model="tiny", input="say hello world", max_output_tokens=6)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
-    assert r.usage.output_tokens == 3
+    assert r.usage.output_tokens == 6
+    [message] = r.output  # cut inside the answer
+    assert message.status == "incomplete" and "Hello world. Goodbye".startswith(r.output_text)
     with client.responses.stream(
         model="tiny", input="say hello world", max_output_tokens=3
     ) as stream:

@@ -171,8 +171,7 @@ def _validate(schema: type[BaseModel], data: Any, param: str) -> Any:
         return schema.model_validate(data)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
-        where = ".".join(str(k) for k in err["loc"])
-        path = f"{param}.{where}" if where else param
+        path = param + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in err["loc"])
         raise APIError(400, f"Invalid value for '{path}': {err['msg']}.", path) from None
 
 
@@ -285,9 +284,8 @@ def to_tools(tools: list[dict[str, Any]] | None) -> tuple[list[dict] | None, dic
     def add(fn: FunctionTool, namespace: str | None) -> None:
         name = flat_name(namespace, fn.name) if namespace else fn.name
         names[name] = (namespace, fn.name)
-        spec = {"name": name, "description": fn.description or "", "parameters": fn.parameters}
-        if fn.strict is not None:
-            spec["strict"] = fn.strict
+        spec = {"name": name, "description": fn.description or ""}
+        spec |= fn.model_dump(include={"parameters", "strict"}, exclude_none=True)
         chat_tools.append({"type": "function", "function": spec})
 
     for i, tool in enumerate(tools or ()):
@@ -312,7 +310,7 @@ def _skip_hosted(kind: Any) -> None:
         log.warning("Responses API: tools of type %r cannot run here; left out of the prompt", kind)
 
 
-def _tool_choice(req: ResponsesRequest, names: dict[str, tuple]) -> str | None:
+def _tool_choice(req: ResponsesRequest) -> str | None:
     choice = req.tool_choice
     if not isinstance(choice, dict):
         return choice
@@ -372,7 +370,7 @@ def prepare(
         loop,
         messages=to_messages(req),
         tools=tools,
-        tool_choice=_tool_choice(req, names),
+        tool_choice=_tool_choice(req),
         enable_thinking=effort not in THINKING_OFF,
         max_tokens=req.max_output_tokens,
         stop=[],
@@ -467,8 +465,8 @@ class Output:
         if kind == "tool_call":
             return self._close() + self._call(event["tool_call"])
         if kind == "done":
-            out = self._close()
             self.status = "incomplete" if event["finish_reason"] == "length" else "completed"
+            out = self._close(self.status)  # an item cut short is incomplete too
             self.usage = self._usage(event["usage"])
             kind = "response.incomplete" if self.status == "incomplete" else "response.completed"
             return out + [{"type": kind, "response": self.response()}]
@@ -529,17 +527,17 @@ class Output:
         part = {"type": "output_text", "text": self.open["text"], "annotations": [], "logprobs": []}
         return {"type": "message", "id": self.open["id"], "role": "assistant", "content": [part]}
 
-    def _close(self) -> list[dict]:
+    def _close(self, status: str = "completed") -> list[dict]:
         """The events that finish the open reasoning or message item."""
         if self.open is None:
             return []
         where, text = {**self._where(), "content_index": 0}, self.open["text"]
         if self.open["type"] == "reasoning":
             self.reasoning += text
-            item = {**self._reasoning_item(text), "status": "completed"}
+            item = {**self._reasoning_item(text), "status": status}
             out = [{"type": "response.reasoning_text.done", **where, "text": text}]
         else:
-            item = {**self._message_item(), "status": "completed"}
+            item = {**self._message_item(), "status": status}
             part = item["content"][0]
             out = [
                 {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
