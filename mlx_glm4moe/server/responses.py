@@ -356,8 +356,8 @@ def prepare(
         raise APIError(400, "'background' responses are not supported.", "background")
     fmt = response_format(req.text)
     if fmt is not None:
-        # Constrained decoding is not wired yet: once it is, this becomes
-        # `job.response_format = fmt`.
+        # Constrained decoding (branch constrain) is not here yet: with it, this check goes
+        # and `engine.prepare_chat` takes `response_format=fmt`, which it checks and enforces.
         raise APIError(
             400,
             f"text.format of type '{fmt['type']}' is not enforced by this server yet.",
