@@ -12,6 +12,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 from test_server import BROKEN, SCRIPTS, WEATHER_TOOL, client, server, url  # noqa: F401 (fixtures)
 
+from mlx_glm4moe.server import responses
 from mlx_glm4moe.server.responses import (
     ResponsesRequest,
     response_format,
@@ -180,7 +181,8 @@ def test_namespace_tools(client):  # noqa: F811
     assert turn["tool_calls"][0]["function"]["name"] == "multi_agent_v1__spawn_agent"
 
 
-def test_hosted_tools_left_out_and_logged_once(client, caplog):  # noqa: F811
+def test_hosted_tools_left_out_and_logged_once(client, caplog, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(responses, "_logged_hosted", set())  # none logged yet
     hosted = [{"type": "image_generation"}, {"type": "custom", "name": "apply_patch"}]
     with caplog.at_level(logging.WARNING, logger="mlx_glm4moe.server.responses"):
         for _ in range(2):
