@@ -23,7 +23,8 @@ FLOOR = {name: i for i, floor in enumerate(FLOORS) for name in floor}
 # Subpackages keep the same rule among their own modules: in the server, the shared core sits
 # under the API modules, and they under the app that mounts them.
 SUBFLOORS = {
-    "server": [{"core"}, {"openai", "anthropic"}, {"app"}, {"__init__", "__main__"}],
+    # responses reuses anthropic's reasoning signature.
+    "server": [{"core"}, {"openai", "anthropic"}, {"responses"}, {"app"}, {"__init__", "__main__"}],
 }
 SUBFLOOR = {
     (pkg, name): i for pkg, floors in SUBFLOORS.items() for i, f in enumerate(floors) for name in f

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import PromptCache
 from ..model import Model
-from . import anthropic, openai
+from . import anthropic, openai, responses
 from .core import APIError, Engine, SamplerFactory
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -164,7 +164,11 @@ def create_app(
         entry = {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-glm4moe"}
         return {"object": "list", "data": [entry]}
 
-    for router in (openai.routes(engine, model_id), anthropic.routes(engine)):
+    for router in (
+        openai.routes(engine, model_id),
+        responses.routes(engine, model_id),
+        anthropic.routes(engine),
+    ):
         v1.include_router(router)
     app.include_router(v1)
     return app
