@@ -47,6 +47,7 @@ from .core import (
     Strict,
     chat_events,
     collect,
+    keepalive,
     parse_request,
     sse,
 )
@@ -354,15 +355,6 @@ def prepare(
             )
     if req.background:
         raise APIError(400, "'background' responses are not supported.", "background")
-    fmt = response_format(req.text)
-    if fmt is not None:
-        # Constrained decoding (branch constrain) is not here yet: with it, this check goes
-        # and `engine.prepare_chat` takes `response_format=fmt`, which it checks and enforces.
-        raise APIError(
-            400,
-            f"text.format of type '{fmt['type']}' is not enforced by this server yet.",
-            "text.format",
-        )
     tools, names = to_tools(req.tools)
     effort = req.reasoning.effort if req.reasoning else None
     job = engine.prepare_chat(
@@ -382,6 +374,7 @@ def prepare(
         },
         seed=req.seed,
         parallel=req.parallel_tool_calls,
+        response_format=response_format(req.text),
     )
     if req.max_output_tokens is None:  # the answer may fill what the context leaves
         job.max_tokens = engine.context_length - len(job.tokens)
@@ -580,9 +573,6 @@ async def stream(output: Output, events: AsyncIterator[dict]) -> AsyncIterator[s
     """The Responses server-sent events for a stream of our chat events."""
     yield output.sse({"type": "response.created", "response": output.response()})
     yield output.sse({"type": "response.in_progress", "response": output.response()})
-    # Heartbeat: a long prefill sends nothing until the first token. When `core.keepalive`
-    # lands, `routes` wraps this stream in it, pinging with a numbered `response.in_progress`
-    # (`output.sse` as above): Codex's idle timer counts events, not SSE comment lines.
     async for event in events:
         for e in output.feed(event):
             yield output.sse(e)
@@ -606,7 +596,12 @@ def routes(engine: Engine, model_id: str) -> APIRouter:
         output = Output(req, model_id, names, count_tokens)
         events = chat_events(job, engine)
         if req.stream:
-            return sse(stream(output, events), job)
+            # While nothing comes (a long prefill), a numbered `response.in_progress`: Codex's
+            # idle timer counts events, not SSE comment lines.
+            def ping() -> str:
+                return output.sse({"type": "response.in_progress", "response": output.response()})
+
+            return sse(keepalive(stream(output, events), ping, engine.keepalive_interval), job)
 
         async def fed() -> AsyncIterator[dict]:
             async for event in events:
