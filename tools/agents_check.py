@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.metadata
 import json
 import os
 import shutil
@@ -231,6 +232,8 @@ def opencode(home: Path, url: str) -> tuple[list[str], dict]:
         "XDG_CONFIG_HOME": str(home / ".config"),
         "XDG_DATA_HOME": str(home / ".local" / "share"),
         "XDG_STATE_HOME": str(home / ".local" / "state"),
+        # opencode installs its plugin package with npm at start: reuse the user's npm cache.
+        "npm_config_cache": str(Path.home() / ".npm"),
     }
     return ["opencode", "run", PROMPT], env
 
@@ -270,16 +273,67 @@ def agents_sdk(home: Path, url: str) -> tuple[list[str], dict]:
 
 
 CLIENTS = {"claude": claude, "codex": codex, "opencode": opencode, "agents-sdk": agents_sdk}
-# The executable (or module) whose absence means the client is not installed.
-NEEDS = {"claude": "claude", "codex": "codex", "opencode": "opencode", "agents-sdk": "agents"}
 
 
-def installed(name: str) -> bool:
+def version(name: str) -> str | None:
+    """The installed client's version, or None when it is not installed."""
     if name == "agents-sdk":
-        import importlib.util
+        try:
+            return "openai-agents " + importlib.metadata.version("openai-agents")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    if shutil.which(name) is None:
+        return None
+    done = subprocess.run([name, "--version"], capture_output=True, text=True, timeout=60)
+    return (done.stdout.strip() or done.stderr.strip()).splitlines()[-1]
 
-        return importlib.util.find_spec("agents") is not None
-    return shutil.which(NEEDS[name]) is not None
+
+def trim(value, keep: int = 200):
+    """Long texts cut to their first `keep` characters (the shape stays, the bulk goes)."""
+    if isinstance(value, str) and len(value) > keep:
+        return value[:keep] + f"…[{len(value)} chars]"
+    if isinstance(value, list):
+        return [trim(v, keep) for v in value]
+    if isinstance(value, dict):
+        return {k: trim(v, keep) for k, v in value.items()}
+    return value
+
+
+def fewer_tools(tools: list[dict], most: int = 3) -> list[dict]:
+    """The first tool of each type, then the next ones up to `most`, in the client's order; a
+    namespace keeps two of its functions."""
+    chosen = list({t.get("type"): t for t in reversed(tools)}.values())
+    chosen += [t for t in tools if t not in chosen][: max(0, most - len(chosen))]
+    chosen.sort(key=tools.index)
+    return [t | {"tools": t["tools"][:2]} if t.get("type") == "namespace" else t for t in chosen]
+
+
+FIXTURES = {
+    "claude": "agents_claude_code.json",
+    "codex": "agents_codex.json",
+    "opencode": "agents_opencode.json",
+    "agents-sdk": "agents_sdk.json",
+}
+
+
+def write_fixture(record: Path, name: str, client_version: str, out: Path) -> Path:
+    """The client's distinct JSON requests from `record`, trimmed, as a test fixture."""
+    requests = []
+    for path in sorted((record / name).glob("[0-9][0-9][0-9].json")):
+        request = json.loads(path.read_text())
+        if "body" not in request:
+            continue
+        body = request["body"]
+        if "tools" in body:
+            body = body | {"tools": fewer_tools(body["tools"])}
+        request["body"] = trim(body)
+        if request not in requests:  # retries repeat the same body
+            requests.append(request)
+    fixture = {"client": client_version, "requests": requests}
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / FIXTURES[name]
+    target.write_text(json.dumps(fixture, indent=1, ensure_ascii=False) + "\n")
+    return target
 
 
 def error_line(output: str) -> str:
@@ -337,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=600, help="Seconds per client.")
     parser.add_argument("--record", type=Path, help="Save request bodies here (default: temp).")
     parser.add_argument("--keep", action="store_true", help="Leave the temporary folder.")
+    parser.add_argument(
+        "--fixtures", type=Path, help="Write trimmed recordings here (tests/fixtures)."
+    )
     args = parser.parse_args(argv)
 
     folder = Path(tempfile.mkdtemp(prefix="agents_check_"))
@@ -349,10 +406,14 @@ def main(argv: list[str] | None = None) -> None:
         proxy, _ = serve_in_thread(recorder.app)
         print(f"server {url}, proxy {proxy}, recordings {record}", flush=True)
         for name in args.only:
-            if not installed(name):
+            client_version = version(name)
+            if client_version is None:
                 print(f"{name:<11} not installed", flush=True)
                 continue
-            print(run_client(name, recorder, proxy, folder, args.timeout), flush=True)
+            line = run_client(name, recorder, proxy, folder, args.timeout)
+            print(f"{line} | {client_version}", flush=True)
+            if args.fixtures:
+                write_fixture(record, name, client_version, args.fixtures)
     finally:
         if server is not None:
             server.terminate()
