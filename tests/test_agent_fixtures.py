@@ -112,7 +112,7 @@ class Weather(BaseModel):
     summary: str
 
 
-@pytest.mark.xfail(strict=True, reason="branch structured-output (issue 20 §4)")
+@pytest.mark.xfail(strict=True, reason="branch constrain (issue 20 §4)")
 def test_agents_sdk_final_answer_follows_its_schema(url):
     """The final turn's answer must be JSON the SDK accepts for `output_type` (today the
     `response_format` is ignored and the SDK raises `ModelBehaviorError: Invalid JSON`)."""

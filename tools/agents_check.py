@@ -75,8 +75,9 @@ class Recorder:
     their completion length; clients run one at a time, so one current name suffices."""
 
     def __init__(self, upstream: str, record: Path, max_tokens: int):
-        self.upstream, self.record, self.max_tokens = upstream, record, max_tokens
+        self.record, self.max_tokens = record, max_tokens
         self.client = "none"
+        self.counts: collections.Counter[str] = collections.Counter()
         self.statuses: dict[str, list[int]] = collections.defaultdict(list)
         self.http = httpx.AsyncClient(base_url=upstream, timeout=None)
         self.app = Starlette(routes=[Route("/{path:path}", self.forward, methods=_METHODS)])
@@ -92,10 +93,11 @@ class Recorder:
         return body
 
     async def forward(self, request: Request) -> Response:
+        self.counts[self.client] += 1  # numbered on arrival: clients send requests in parallel
+        number = self.counts[self.client]
         raw = await request.body()
         folder = self.record / self.client
         folder.mkdir(parents=True, exist_ok=True)
-        number = len(self.statuses[self.client]) + 1
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
