@@ -134,9 +134,9 @@ def test_claude_code_request_streams_a_message(url):
     [request] = requests_of("claude_code")
     reply = replay(url, request)
     assert reply.status_code == 200, reply.text
-    adapter = TypeAdapter(RawMessageStreamEvent)
-    events = [adapter.validate_json(data) for _, data in sse(reply)]
-    types = [e.type for e in events if e.type != "ping"]
+    adapter = TypeAdapter(RawMessageStreamEvent)  # every event but `ping`, which it leaves out
+    events = [adapter.validate_json(data) for name, data in sse(reply) if name != "ping"]
+    types = [e.type for e in events]
     assert types[0] == "message_start" and types[-2:] == ["message_delta", "message_stop"]
     assert events[0].message.usage.input_tokens > 0
     stop = next(e for e in events if e.type == "message_delta").delta.stop_reason
