@@ -2,19 +2,21 @@
 `glm4moe-server` on a copy of the demo model with a 64K context, and print one line per client.
 
     PYTHONPATH=. python tools/agents_check.py [--only claude codex opencode agents-sdk]
-        [--max-tokens 256] [--timeout 600] [--record DIR] [--keep]
+        [--max-tokens 256] [--timeout 600] [--record DIR] [--keep] [--fixtures tests/fixtures]
 
 Not in CI: it needs the clients installed (`npm i -g @anthropic-ai/claude-code @openai/codex
 opencode-ai`, `pip install openai-agents`). A recording proxy on 127.0.0.1 sits between the clients
 and the server: it saves every request body as the client sent it (`DIR/<client>/NNN.json`, the
-error bodies the server answered as `NNN.error.txt`) and caps the completion length at
+server's error bodies as `NNN.error.txt`, its other replies, streams included, with the
+seconds each chunk arrived at as `NNN.reply.txt`) and caps the completion length at
 `--max-tokens`, inserting a cap where the body has none, because the demo model on a CPU is slow.
 Each client gets its own temporary home and config, with telemetry and update checks off, so
 nothing but loopback traffic goes out.
 
 A line says `worked` (exit 0 with an answer), `answered` (the server replied but the client gave
-up, e.g. on a reply the demo model's nonsense made unusable), or the client's error, and the
-HTTP statuses the server gave that were not 2xx.
+up, e.g. on a reply the demo model's nonsense made unusable), `timed out`, or the client's error;
+then the HTTP statuses the server gave that were not 2xx, and the client's version.
+`--fixtures` writes trimmed copies of the recordings (tests/test_agent_fixtures.py replays them).
 """
 
 from __future__ import annotations
@@ -116,18 +118,33 @@ class Recorder:
         )
         reply = await self.http.send(upstream, stream=True)
         self.statuses[self.client].append(reply.status_code)
+        # Decoded bodies go on, so the encoding header goes.
         out = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_HEADERS}
+        out.pop("content-encoding", None)
         if reply.status_code >= 400:
             text = await reply.aread()
             await reply.aclose()
             stem.with_suffix(".error.txt").write_text(
                 f"{reply.status_code}\n{text.decode(errors='replace')}\n"
             )
-            out.pop("content-encoding", None)  # aread() decoded it
             return Response(text, reply.status_code, out)
         return StreamingResponse(
-            reply.aiter_raw(), reply.status_code, out, background=BackgroundTask(reply.aclose)
+            self.tee(reply, stem.with_suffix(".reply.txt")),
+            reply.status_code,
+            out,
+            background=BackgroundTask(reply.aclose),
         )
+
+    @staticmethod
+    async def tee(reply: httpx.Response, path: Path):
+        """The reply's bytes as they come, each chunk also appended to `path` with the seconds
+        since the request (a stalled stream shows as a gap)."""
+        start = time.monotonic()
+        with path.open("w") as f:
+            async for chunk in reply.aiter_bytes():
+                f.write(f"[{time.monotonic() - start:7.1f} s] {chunk.decode(errors='replace')}")
+                f.flush()
+                yield chunk
 
 
 _METHODS = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]
@@ -369,20 +386,25 @@ def run_client(name: str, recorder: Recorder, proxy: str, folder: Path, timeout:
         )
         code, out, err = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as e:
-        code, out = None, (e.stdout or b"").decode(errors="replace")
-        err = (e.stderr or b"").decode(errors="replace") + f"\ntimeout after {timeout:.0f} s"
+        # The partial output comes as bytes here even with text=True.
+        code, out, err = (
+            None,
+            *(v.decode(errors="replace") if v else "" for v in (e.stdout, e.stderr)),
+        )
     (recorder.record / name).mkdir(parents=True, exist_ok=True)
     (recorder.record / name / "client.log").write_text(
         f"$ {' '.join(cmd)}\nexit {code}\n--- stdout\n{out}\n--- stderr\n{err}\n"
     )
-    statuses = recorder.statuses[name]
+    statuses, both = recorder.statuses[name], out + "\n" + err
     replied = any(200 <= s < 300 for s in statuses)
     if code == 0 and out.strip():
         verdict = "worked"
-    elif replied and code is not None:
-        verdict = f"answered (exit {code}: {error_line(err + out)})"
+    elif code is None:
+        verdict = f"timed out after {timeout:.0f} s (last: {error_line(both)})"
+    elif replied:
+        verdict = f"answered (exit {code}: {error_line(both)})"
     else:
-        verdict = error_line(out + "\n" + err)
+        verdict = error_line(both)
     return f"{name:<11} {verdict} | {statuses_text(statuses)}"
 
 
