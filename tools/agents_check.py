@@ -26,7 +26,9 @@ import collections
 import importlib.metadata
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -150,13 +152,13 @@ class Recorder:
 _METHODS = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]
 
 
-def serve_in_thread(app) -> tuple[str, uvicorn.Server]:
+def serve_in_thread(app) -> str:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server
+    return f"http://127.0.0.1:{port}"
 
 
 def start_glm_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
@@ -356,6 +358,8 @@ def write_fixture(record: Path, name: str, client_version: str, out: Path) -> Pa
 
 
 def error_line(output: str) -> str:
+    """The last line that names an error, else the last line (terminal colours taken out)."""
+    output = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error" in ln.lower()]
     return (errors or lines or ["no output"])[-1][:300]
@@ -374,23 +378,25 @@ def run_client(name: str, recorder: Recorder, proxy: str, folder: Path, timeout:
     cmd, env = CLIENTS[name](home, proxy)
     env = os.environ | QUIET_ENV | {"HOME": str(home)} | env
     recorder.client = name
+    # A session of its own, so that a timeout ends the client's helpers too (codex.js runs a
+    # native binary, for one).
+    proc = subprocess.Popen(
+        cmd,
+        cwd=home,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(
-            cmd,
-            cwd=home,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-        code, out, err = done.returncode, done.stdout, done.stderr
-    except subprocess.TimeoutExpired as e:
-        # The partial output comes as bytes here even with text=True.
-        code, out, err = (
-            None,
-            *(v.decode(errors="replace") if v else "" for v in (e.stdout, e.stderr)),
-        )
+        out, err = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        code = None
     (recorder.record / name).mkdir(parents=True, exist_ok=True)
     (recorder.record / name / "client.log").write_text(
         f"$ {' '.join(cmd)}\nexit {code}\n--- stdout\n{out}\n--- stderr\n{err}\n"
@@ -427,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         model = demo_copy(folder)
         server, url = start_glm_server(model, folder / "server.log")
         recorder = Recorder(url, record, args.max_tokens)
-        proxy, _ = serve_in_thread(recorder.app)
+        proxy = serve_in_thread(recorder.app)
         print(f"server {url}, proxy {proxy}, recordings {record}", flush=True)
         for name in args.only:
             client_version = version(name)
