@@ -112,21 +112,28 @@ class Weather(BaseModel):
     summary: str
 
 
-@pytest.mark.xfail(strict=True, reason="branch constrain (issue 20 §4)")
 def test_agents_sdk_final_answer_follows_its_schema(url):
-    """The final turn's answer must be JSON the SDK accepts for `output_type` (today the
-    `response_format` is ignored and the SDK raises `ModelBehaviorError: Invalid JSON`)."""
+    """The final turn's answer must be JSON the SDK accepts for `output_type`, or a call of its
+    strict tool (before constrained decoding, `response_format` was ignored and the SDK raised
+    `ModelBehaviorError: Invalid JSON`)."""
     request = requests_of("sdk")[-1]
     schema = request["body"]["response_format"]["json_schema"]["schema"]
     assert schema["required"] == list(Weather.model_fields)
-    reply = replay(url, request, cap=256, temperature=0)
-    assert reply.status_code == 200, reply.text
-    [choice] = reply.json()["choices"]
-    assert choice["finish_reason"] == "stop"
-    TypeAdapter(Weather).validate_json(choice["message"]["content"])
+    [tool] = request["body"]["tools"]
+    for extra in ({}, {"tool_choice": "none"}):  # as sent (auto), and with the answer forced
+        reply = replay(url, request, cap=256, temperature=0, **extra)
+        assert reply.status_code == 200, reply.text
+        [choice] = reply.json()["choices"]
+        if choice["finish_reason"] == "tool_calls":
+            assert not extra
+            for call in choice["message"]["tool_calls"]:
+                assert call["function"]["name"] == tool["function"]["name"]
+                assert set(json.loads(call["function"]["arguments"])) == {"city"}
+        else:
+            assert choice["finish_reason"] == "stop"
+            TypeAdapter(Weather).validate_json(choice["message"]["content"])
 
 
-@pytest.mark.xfail(strict=True, reason="branch anthropic (issue 20 §1)")
 def test_claude_code_request_streams_a_message(url):
     """Claude Code's first request: a `role: system` message after the first user turn,
     `thinking: adaptive`, `output_config`, `context_management`, `metadata`, `cache_control`
@@ -143,7 +150,6 @@ def test_claude_code_request_streams_a_message(url):
     assert stop in ("end_turn", "max_tokens", "tool_use")
 
 
-@pytest.mark.xfail(strict=True, reason="branch responses (issue 20 §3)")
 def test_codex_request_streams_a_response(url):
     """Codex's request to `/v1/responses`: developer messages, `input_text` parts, function,
     namespace and `web_search` tools, `include: [reasoning.encrypted_content]`, `store: false`,
