@@ -185,7 +185,6 @@ def test_hints_accepted_and_logged_once(url, monkeypatch, caplog):
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("output_config", {"format": {"type": "json_schema", "schema": {"type": "object"}}}),
         ("mcp_servers", [{"type": "url", "url": "http://127.0.0.1:1/mcp", "name": "x"}]),
         ("container", "container_1"),
         ("tools", [{"type": "web_search_20250305", "name": "web_search"}]),
@@ -349,3 +348,30 @@ def test_no_silence_during_a_slow_prefill(url, client, slow_prefill):
     stream = client.chat.completions.create(model="tiny", messages=fresh(), stream=True)
     role, _, _, _, finish, _ = collect(stream)
     assert role == "assistant" and finish in ("stop", "length")
+
+
+def test_anthropic_structured_output_and_strict_tools(url):
+    schema = {
+        "type": "object",
+        "properties": {"kind": {"enum": ["cat", "dog"]}, "legs": {"enum": [2, 4]}},
+        "required": ["kind", "legs"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model": "tiny",
+        "max_tokens": 128,
+        "messages": user(f"{uuid.uuid4()} a pet, as JSON"),
+        "thinking": {"type": "disabled"},
+        "output_config": {"format": {"type": "json_schema", "schema": schema}},
+    }
+    r = httpx.post(url + "/v1/messages", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    pet = json.loads("".join(b["text"] for b in r.json()["content"] if b["type"] == "text"))
+    assert pet["kind"] in ("cat", "dog") and pet["legs"] in (2, 4)
+    # A strict tool under `any`: the call's input holds to its schema.
+    tool = {"name": "adopt", "input_schema": schema, "strict": True}
+    body = {**body, "output_config": None, "tools": [tool], "tool_choice": {"type": "any"}}
+    r = httpx.post(url + "/v1/messages", json=body, timeout=120)
+    [call] = [b for b in r.json()["content"] if b["type"] == "tool_use"]
+    assert call["name"] == "adopt" and call["input"]["kind"] in ("cat", "dog")
+    assert call["input"]["legs"] in (2, 4)

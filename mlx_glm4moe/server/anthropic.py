@@ -93,6 +93,7 @@ class Tool(Strict):
     name: str = Field(min_length=1)
     description: str | None = None
     input_schema: dict[str, Any]
+    strict: bool | None = None  # held to input_schema while sampling
 
 
 class ToolChoice(Strict):
@@ -106,8 +107,13 @@ class Thinking(Strict):
     budget_tokens: int | None = Field(None, ge=1)
 
 
+class JSONOutputFormat(Strict):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
 class OutputConfig(Strict):
-    format: dict[str, Any] | None = None  # refused: structured output is not enforced here
+    format: JSONOutputFormat | None = None  # structured output, enforced while sampling
 
 
 class CountTokensRequest(Strict):
@@ -144,9 +150,8 @@ def check_blocks(data: dict) -> None:
 
 def refuse_unhonoured(req: CountTokensRequest) -> None:
     """400 for a field that would change the form of the answer, which this server cannot
-    give: structured output, MCP servers, a code-execution container."""
+    give: MCP servers, a code-execution container."""
     fields = {
-        "output_config.format": req.output_config and req.output_config.format,
         "mcp_servers": req.mcp_servers,
         "container": req.container,
     }
@@ -207,6 +212,7 @@ def to_chat(req: CountTokensRequest) -> dict:
                 "name": t.name,
                 "description": t.description or "",
                 "parameters": t.input_schema,
+                **({"strict": True} if t.strict else {}),
             },
         }
         for t in req.tools or ()
@@ -398,7 +404,16 @@ def prepare(engine: Engine, req: MessagesRequest, loop: asyncio.AbstractEventLoo
         stop=stop_list(req.stop_sequences),
         sampling={"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": None},
         parallel=chat["parallel"],
+        response_format=response_format(req.output_config),
     )
+
+
+def response_format(config: OutputConfig | None) -> dict | None:
+    """`output_config.format` as chat completions' `response_format` (the constraint's input)."""
+    if config is None or config.format is None:
+        return None
+    schema = {"name": "output", "schema": config.format.schema_, "strict": True}
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def routes(engine: Engine) -> APIRouter:
