@@ -24,7 +24,7 @@ from .chat import PromptCache, stream_chat
 from .convert import DTYPES, Q_BITS, Q_GROUP_SIZES, convert
 from .generate import MTP_BY_DEFAULT
 from .loading import load
-from .model import ACTIVATIONS, Model
+from .models import ACTIVATIONS, Model
 from .recipes import RECIPES
 from .upload import UploadError, publish
 from .weights import read_config, resolve

@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_glm4moe"
 FLOORS = [
-    {"model", "weights", "parsers"},
+    {"models", "weights", "parsers"},
     {"recipes", "synthetic", "streaming", "distributed", "upload"},
     {"loading", "convert"},
     {"mtp"},
@@ -24,6 +24,8 @@ FLOOR = {name: i for i, floor in enumerate(FLOORS) for name in floor}
 # under the API modules, and they under the app that mounts them.
 SUBFLOORS = {
     "server": [{"core"}, {"openai", "anthropic"}, {"app"}, {"__init__", "__main__"}],
+    # The shared parts under the architectures, and the registry over them.
+    "models": [{"base"}, {"glm4_moe", "glm4_moe_lite"}, {"__init__"}],
 }
 SUBFLOOR = {
     (pkg, name): i for pkg, floors in SUBFLOORS.items() for i, f in enumerate(floors) for name in f

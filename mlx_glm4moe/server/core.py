@@ -25,7 +25,7 @@ from ..batch import BatchEngine
 from ..batch import Request as BatchRequest
 from ..chat import PromptCache, Reply, render_prompt
 from ..generate import Sampler, encode
-from ..model import Model
+from ..models import Model
 
 
 class Strict(BaseModel):
