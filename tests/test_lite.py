@@ -87,15 +87,16 @@ def test_published_shape_has_transformers_parameter_count():
     assert round(theirs / 1e9, 2) == 29.94
 
 
-@pytest.mark.parametrize("quantize", [False, True], ids=["f32", "q4"])
-def test_converted_folder_loads_in_mlx_lm_with_the_same_logits(lite_hf, quantize, tmp_path):
-    """mlx-lm drops the MTP layer and runs its two latent norms at `rms_norm_eps` where
-    transformers (and we) use 1e-6: the logits agree to that difference."""
-    out = convert(str(lite_hf), str(tmp_path / "out"), quantize=quantize)
+@pytest.mark.parametrize("quant", [None, "4bit", "mixed-3"])
+def test_converted_folder_loads_in_mlx_lm_with_the_same_logits(lite_hf, quant, tmp_path):
+    """Float32, `-q` and a mixed recipe. mlx-lm drops the MTP layer and runs its two latent norms
+    at `rms_norm_eps` where transformers (and we) use 1e-6: the logits agree to that difference."""
+    out = convert(str(lite_hf), str(tmp_path / "out"), quant_recipe=quant)
     ours, _ = load(out)
     theirs, _ = mlx_lm.load(str(out))
+    assert quant is None or "scales" in ours.model.layers[1].self_attn.o_proj
     diff = np.abs(np.array(ours(mx.array(IDS))) - np.array(theirs(mx.array(IDS)))).max()
-    print(f"{lite_hf.name} {'q4' if quantize else 'f32'}: max |ours - mlx-lm| {diff:.2e}")
+    print(f"{lite_hf.name} {quant}: max |ours - mlx-lm| {diff:.2e}")
     assert diff <= 1e-4
 
 
