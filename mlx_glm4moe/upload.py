@@ -33,7 +33,7 @@ try:  # huggingface_hub talks through httpx2 from 2.0 on, through httpx before
 except ImportError:
     from httpx import TransportError
 
-CARD_TAGS = ["mlx", "glm4_moe", "mlx-glm4moe"]
+CARD_TAGS = ["mlx", "mlx-glm4moe"]  # and the model_type
 _LICENSE_FIELDS = ("license", "license_name", "license_link")
 
 
@@ -285,7 +285,7 @@ def model_card(
         base_model=base,
         library_name="mlx",
         pipeline_tag="text-generation",
-        tags=list(CARD_TAGS),
+        tags=[*CARD_TAGS, config["model_type"]],
         **source_license(source_dir, config),
     )
     dtype, quant = config["torch_dtype"], config.get("quantization")
@@ -306,7 +306,11 @@ def model_card(
         )
     else:
         mtp = "not in the source; generation decodes one token at a time."
-    origin = f"[{base}](https://huggingface.co/{base})" if base else "A glm4_moe checkpoint"
+    origin = (
+        f"[{base}](https://huggingface.co/{base})"
+        if base
+        else f"A {config['model_type']} checkpoint"
+    )
     return f"""---
 {data.to_yaml()}
 ---
