@@ -100,12 +100,6 @@ def test_converted_folder_loads_in_mlx_lm_with_the_same_logits(lite_hf, quant, t
     assert diff <= 1e-4
 
 
-@pytest.fixture(scope="module")
-def lite_q4(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lite-q4")
-    return convert(str(make_checkpoint(root / "hf", "lite")), str(root / "q4"), quantize=True)
-
-
 def test_generate_server_and_report_run_a_lite_model(lite_q4, tmp_path, capsys):
     """A smoke test of the command line (plain and MTP), the server and `bench --report`."""
     for extra in ([], ["--mtp"]):
