@@ -87,6 +87,54 @@ def test_published_shape_has_transformers_parameter_count():
     assert round(theirs / 1e9, 2) == 29.94
 
 
+# GLM-4.7-Flash's config.json fields as vLLM's glm4_moe_lite config test carries them, with the
+# nextn layer the checkpoint ships.
+PUBLISHED = dict(
+    model_type="glm4_moe_lite",
+    architectures=["Glm4MoeLiteForCausalLM"],
+    vocab_size=154880,
+    hidden_size=2048,
+    intermediate_size=10240,
+    moe_intermediate_size=1536,
+    num_hidden_layers=47,
+    num_nextn_predict_layers=1,
+    num_attention_heads=20,
+    num_key_value_heads=20,
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    attention_bias=False,
+    max_position_embeddings=202752,
+    rope_theta=1_000_000.0,
+    rope_scaling=None,
+    partial_rotary_factor=1.0,
+    q_lora_rank=768,
+    kv_lora_rank=512,
+    qk_nope_head_dim=192,
+    qk_rope_head_dim=64,
+    v_head_dim=256,
+    n_routed_experts=64,
+    n_shared_experts=1,
+    num_experts_per_tok=4,
+    norm_topk_prob=True,
+    routed_scaling_factor=1.8,
+    n_group=1,
+    topk_group=1,
+    topk_method="noaux_tc",
+    first_k_dense_replace=1,
+)
+
+
+def test_published_config_builds_the_same_model_plus_its_mtp_layer():
+    published = build(model_args(PUBLISHED))
+    defaults = build(model_args(Glm4MoeLiteConfig().to_dict()))
+    mtp = f"model.layers.{PUBLISHED['num_hidden_layers']}."
+    shapes = {k: p.shape for k, p in tree_flatten(published.parameters())}
+    assert {k: v for k, v in shapes.items() if not k.startswith(mtp)} == {
+        k: p.shape for k, p in tree_flatten(defaults.parameters())
+    }
+    assert published.mtp is not None and "embed_tokens" in published.mtp
+
+
 @pytest.mark.parametrize("quant", [None, "4bit", "mixed-3"])
 def test_converted_folder_loads_in_mlx_lm_with_the_same_logits(lite_hf, quant, tmp_path):
     """Float32, `-q` and a mixed recipe. mlx-lm drops the MTP layer and runs its two latent norms
