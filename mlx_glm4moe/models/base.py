@@ -41,7 +41,6 @@ class BaseModelArgs:
     topk_group: int = 1
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    partial_rotary_factor: float = 1.0
     rope_scaling: dict | None = None
     max_position_embeddings: int = 131072
     attention_bias: bool = False
