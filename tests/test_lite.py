@@ -18,6 +18,7 @@ from mlx_glm4moe import load
 from mlx_glm4moe.bench import main as bench_main
 from mlx_glm4moe.cli import generate_main
 from mlx_glm4moe.convert import convert
+from mlx_glm4moe.generate import generate_step
 from mlx_glm4moe.models import build, model_args
 from mlx_glm4moe.server import create_app
 from mlx_glm4moe.synthetic import make_checkpoint
@@ -71,6 +72,16 @@ def test_the_cache_holds_the_latent_not_keys_and_values(lite_hf):
     a = model.args
     assert cache[0].keys[..., :PROMPT, :].shape == (2, 1, PROMPT, a.kv_lora_rank)
     assert cache[0].values[..., :PROMPT, :].shape == (2, 1, PROMPT, a.qk_rope_head_dim)
+
+
+def test_a_quantized_kv_cache_is_refused(tmp_path):
+    """The latent and the rotary key 32 wide, so that mlx-lm can quantize them in groups of 32."""
+    model, _ = load(make_checkpoint(tmp_path, "lite", qk_rope_head_dim=32))
+    steps = generate_step(
+        mx.array(IDS[0]), model, max_tokens=2, kv_bits=4, kv_group_size=32, quantized_kv_start=0
+    )
+    with pytest.raises(ValueError, match="latent"):
+        list(steps)
 
 
 def test_published_shape_has_transformers_parameter_count():
