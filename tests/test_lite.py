@@ -179,3 +179,15 @@ def test_generate_server_and_report_run_a_lite_model(lite_q4, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["agreement"]["max_logit_diff"] < 1e-4
     assert report["mtp"]["speed_ratio"] > 0 and report["streaming"]
+
+
+def test_mlx_lm_conversions_load_too(tmp_path):
+    """mlx-community's GLM-4.7-Flash folders come from mlx_lm.convert: no MTP layer, kv_b_proj
+    already split under the names we use."""
+    hf = make_checkpoint(tmp_path / "hf", "lite")
+    mlx_lm.convert(str(hf), mlx_path=str(tmp_path / "lm"), quantize=True)
+    ours, _ = load(tmp_path / "lm")
+    theirs, _ = mlx_lm.load(str(tmp_path / "lm"))
+    assert ours.mtp is None
+    diff = np.abs(np.array(ours(mx.array(IDS))) - np.array(theirs(mx.array(IDS)))).max()
+    assert diff <= 1e-4
