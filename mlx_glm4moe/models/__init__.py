@@ -1,5 +1,6 @@
 """The architectures, one module each over the shared `base`, and the registry from a config's
-`model_type` to its module, which loading, conversion, streaming and distribution consult.
+`model_type` to its module, which loading, conversion and distribution consult (expert streaming
+reads only the MoE's config fields, which every architecture shares).
 
 Each architecture module holds `MODEL_TYPE`, `FAMILY` (the checkpoints it runs), `ModelArgs`,
 its `Attention`, `Model` and `sanitize(weights, args)` (its checkpoint names → ours, after the
