@@ -1,14 +1,14 @@
-"""mlx-glm4moe: the GLM-4.5 family (glm4_moe) on Apple Silicon with MLX."""
+"""mlx-glm4moe: the GLM-4.5 family (glm4_moe) and GLM-4.7-Flash (glm4_moe_lite) on Apple Silicon
+with MLX."""
 
 from .chat import PromptCache, chat, stream_chat
 from .generate import GenerationResponse, generate, stream_generate
 from .loading import load
-from .model import Model, ModelArgs
+from .models import Model
 
 __all__ = [
     "GenerationResponse",
     "Model",
-    "ModelArgs",
     "PromptCache",
     "chat",
     "generate",

@@ -32,7 +32,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .generate import Sampler, stream_generate
-from .model import Model
+from .models import Model
 from .mtp import make_cache
 
 log = logging.getLogger("mlx_glm4moe.batch")

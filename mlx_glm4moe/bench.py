@@ -32,7 +32,7 @@ from . import streaming
 from .convert import convert
 from .generate import generate_step, stream_generate
 from .loading import load
-from .model import ACTIVATIONS, activation_dtype
+from .models import ACTIVATIONS, activation_dtype
 from .synthetic import make_agreeing_checkpoint, make_checkpoint
 from .weights import read_config, resolve
 
@@ -50,11 +50,16 @@ PARTS = (
 )
 
 
-def bench_checkpoint(out: str | Path, q_bits: int = 4) -> Path:
-    """Build the synthetic "bench" checkpoint (GLM-4.5-Air's proportions, scaled down; see
-    `synthetic.PRESETS`) in bfloat16 like the published weights, and convert it to `q_bits`."""
+# `--synthetic --preset NAME`: the synthetic preset with that model's proportions, scaled down.
+BENCH_PRESETS = {"air": "bench", "lite": "lite-bench"}
+
+
+def bench_checkpoint(out: str | Path, q_bits: int = 4, preset: str = "air") -> Path:
+    """Build a synthetic bench checkpoint (`preset`: GLM-4.5-Air's or GLM-4.7-Flash's ("lite")
+    proportions, scaled down; see `BENCH_PRESETS` and `synthetic.PRESETS`) in bfloat16 like the
+    published weights, and convert it to `q_bits`."""
     out = Path(out)
-    hf = make_checkpoint(out / "hf", "bench", dtype="bfloat16", num_shards=1)
+    hf = make_checkpoint(out / "hf", BENCH_PRESETS[preset], dtype="bfloat16", num_shards=1)
     return convert(str(hf), str(out / f"q{q_bits}"), quantize=True, q_bits=q_bits)
 
 
@@ -486,7 +491,7 @@ def mtp_main(argv: list[str] | None = None) -> None:
         help="Build a tiny model whose MTP layer is right on this share of tokens (0 to 1).",
     )
     p.add_argument("-q", "--quantize", action="store_true", help="4-bit synthetic model.")
-    p.add_argument("--preset", default="air", help="Synthetic model shape: air or glm45.")
+    p.add_argument("--preset", default="air", help="Synthetic model shape: air, glm45 or lite.")
     p.add_argument("--layers", type=int, help="Synthetic model's main layer count.")
     p.add_argument("--num-draft", type=int, default=1)
     p.add_argument("--gen-tokens", type=int, default=128)
@@ -498,8 +503,8 @@ def mtp_main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = a.model
         if a.synthetic is not None:
-            if not 0 <= a.synthetic <= 1 or a.preset not in ("air", "glm45"):
-                p.error("--synthetic takes a share between 0 and 1; --preset air or glm45")
+            if not 0 <= a.synthetic <= 1 or a.preset not in ("air", "glm45", "lite"):
+                p.error("--synthetic takes a share between 0 and 1; --preset air, glm45 or lite")
             layers = {"num_hidden_layers": a.layers} if a.layers else {}
             path = make_agreeing_checkpoint(Path(tmp) / "hf", a.synthetic, a.preset, **layers)
             path = convert(str(path), str(Path(tmp) / "mlx"), quantize=a.quantize)
@@ -675,14 +680,20 @@ def main(argv: list[str] | None = None) -> None:
         (mtp_main if argv[0] == "mtp" else streaming_main)(argv[1:])
         return
     p = argparse.ArgumentParser(
-        description="Benchmark a glm4_moe model against mlx-lm.",
+        description="Benchmark a glm4_moe or glm4_moe_lite model against mlx-lm.",
         epilog="Also: `bench mtp` (plain vs MTP decoding) and `bench streaming` (expert "
         "streaming against cache size); --help after either for its flags.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="A converted model folder.")
     src.add_argument(
-        "--synthetic", action="store_true", help='Build the "bench" checkpoint (4-bit) and use it.'
+        "--synthetic", action="store_true", help="Build a synthetic 4-bit checkpoint and use it."
+    )
+    p.add_argument(
+        "--preset",
+        choices=BENCH_PRESETS,
+        default="air",
+        help="--synthetic's proportions: GLM-4.5-Air's or GLM-4.7-Flash's (lite), scaled down.",
     )
     p.add_argument(
         "--prompt-tokens",
@@ -721,8 +732,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if a.synthetic:
-            log("building the synthetic bench checkpoint ...")
-            path = bench_checkpoint(tmp)
+            log(f"building the synthetic {a.preset} bench checkpoint ...")
+            path = bench_checkpoint(tmp, preset=a.preset)
         else:
             path = Path(a.model)
             if not (path / "config.json").is_file():

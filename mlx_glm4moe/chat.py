@@ -18,7 +18,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .generate import encode, stream_generate
-from .model import Model
+from .models import Model
 from .mtp import make_cache
 from .parsers import StreamParser, normalize_messages
 

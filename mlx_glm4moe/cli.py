@@ -24,14 +24,14 @@ from .chat import PromptCache, stream_chat
 from .convert import DTYPES, Q_BITS, Q_GROUP_SIZES, convert
 from .generate import MTP_BY_DEFAULT
 from .loading import load
-from .model import ACTIVATIONS, Model
+from .models import ACTIVATIONS, Model
 from .recipes import RECIPES
 from .upload import UploadError, publish
 from .weights import read_config, resolve
 
 
 def generate_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Generate text with a GLM-4.5 (glm4_moe) model.")
+    p = argparse.ArgumentParser(description="Generate text with a GLM-4.5 or GLM-4.7-Flash model.")
     p.add_argument("--model", help="Model folder or Hugging Face repo (default: bundled demo).")
     p.add_argument("--prompt", "-p", default="Hello! Who are you?")
     p.add_argument("--system", help="System message.")
@@ -185,7 +185,7 @@ def generate_main(argv: list[str] | None = None) -> None:
 
 
 def convert_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Convert a GLM-4.5 (glm4_moe) checkpoint to MLX.")
+    p = argparse.ArgumentParser(description="Convert a GLM-4.5 or GLM-4.7-Flash checkpoint to MLX.")
     p.add_argument("--hf-path", help="Local folder or Hugging Face repo id.")
     p.add_argument("--mlx-path", required=True, help="Output folder.")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize (4-bit by default).")

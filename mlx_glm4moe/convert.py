@@ -20,7 +20,7 @@ from typing import BinaryIO
 import mlx.core as mx
 from tqdm import tqdm
 
-from .model import ModelArgs
+from . import models
 from .recipes import recipe
 from .upload import model_card, publish
 from .weights import (
@@ -208,7 +208,7 @@ def convert(
 
     src = resolve(hf_path)
     config = read_config(src)
-    args = ModelArgs.from_dict(config)
+    args = models.model_args(config)
     fp8 = fp8_format(config)
     files = weight_files(src)
     weights = load_lazy(files)
@@ -221,6 +221,7 @@ def convert(
         group = sanitize(
             {n: take(n) for n in names}, args.n_routed_experts, fp8, getattr(mx, dtype)
         )
+        group = models.sanitize(group, args)
         tensors, used = convert_tensors(group, getattr(mx, dtype), quant)
         return {k: mx.contiguous(a) for k, a in tensors.items()}, used
 

@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .model import MLP, Attention, Model, MoE
+from .models import Model, glm4_moe, glm4_moe_lite
+from .models.base import MLP, MoE
 
 Group = mx.distributed.Group
 MODES = ("tensor", "pipeline")
@@ -88,7 +89,7 @@ def _split_ffn(gate: nn.Module, up: nn.Module, down: nn.Module, group: Group, wh
     _keep(down, start, stop, "in")
 
 
-def _shard_attention(attn: Attention, group: Group) -> None:
+def _shard_gqa(attn: glm4_moe.Attention, group: Group) -> None:
     """Whole key-value heads per rank, each with the query heads that read it (GQA)."""
     if attn.n_kv_heads < group.size():
         raise ValueError(
@@ -102,20 +103,49 @@ def _shard_attention(attn: Attention, group: Group) -> None:
     _keep(attn.q_proj, q0, q1, "out")
     _keep(attn.k_proj, kv0 * head_dim, kv1 * head_dim, "out")
     _keep(attn.v_proj, kv0 * head_dim, kv1 * head_dim, "out")
+    _split_output(attn, q0, q1, group)
+    attn.n_heads, attn.n_kv_heads = (kv1 - kv0) * per_kv, kv1 - kv0
+
+
+def _split_output(attn: nn.Module, start: int, stop: int, group: Group) -> None:
+    """Keep inputs [start, stop) of `o_proj` (this rank's heads) and sum it over the ranks."""
     group_size = getattr(attn.o_proj, "group_size", 1)
-    if q0 % group_size or q1 % group_size:
+    if start % group_size or stop % group_size:
         raise ValueError(
             f"o_proj is quantized in groups of {group_size}, which do not align with the heads "
             f"of {group.size()} ranks; use --parallel pipeline"
         )
-    _keep(attn.o_proj, q0, q1, "in")
+    _keep(attn.o_proj, start, stop, "in")
     attn.o_proj = AllSum(attn.o_proj, group)
-    attn.n_heads, attn.n_kv_heads = (kv1 - kv0) * per_kv, kv1 - kv0
+
+
+def _shard_mla(attn: glm4_moe_lite.Attention, group: Group) -> None:
+    """Whole heads per rank (latent attention): each keeps its heads' query rows and their
+    slices of the per-head up-projections; the down-projections to the latent, which all heads
+    share, stay whole, so every rank computes and caches the whole latent."""
+    if attn.n_heads < group.size():
+        raise ValueError(
+            f"{attn.n_heads} attention heads cannot be split over {group.size()} ranks; "
+            "use --parallel pipeline or fewer ranks"
+        )
+    h0, h1 = _my_range(attn.n_heads, group)
+    qk = attn.nope + attn.rope_dim
+    _keep(attn.q_proj if "q_proj" in attn else attn.q_b_proj, h0 * qk, h1 * qk, "out")
+    for per_head in (attn.embed_q, attn.unembed_out):
+        per_head.update({k: mx.contiguous(per_head[k][h0:h1]) for k in _PARAMS if k in per_head})
+    _split_output(attn, h0 * attn.v_dim, h1 * attn.v_dim, group)
+    attn.n_heads = h1 - h0
+
+
+_PARAMS = ("weight", "scales", "biases")
+# How each architecture's attention is split over the ranks, by model_type.
+_SHARD_ATTENTION = {glm4_moe.MODEL_TYPE: _shard_gqa, glm4_moe_lite.MODEL_TYPE: _shard_mla}
 
 
 def shard(model: Model, group: Group | None = None) -> None:
     """Tensor parallelism, in place: each rank of `group` (default: the launched group) keeps
-    whole key-value heads with their query heads, and a slice of the intermediate dimension of
+    whole key-value heads with their query heads (latent attention: whole heads, the shared
+    latent projections whole on every rank), and a slice of the intermediate dimension of
     every MLP, shared expert and routed expert (cut at quantization-group boundaries); one
     `all_sum` joins attention and one the MLP/MoE of each layer. Uneven counts are split as
     evenly as they go; fewer key-value heads or groups than ranks is an error. The router,
@@ -131,8 +161,9 @@ def shard(model: Model, group: Group | None = None) -> None:
     group = group or mx.distributed.init()
     if group.size() == 1:
         return
+    shard_attention = _SHARD_ATTENTION[model.args.model_type]
     for i, layer in enumerate(model.model.layers):  # the MTP layer is sharded like the others
-        _shard_attention(layer.self_attn, group)
+        shard_attention(layer.self_attn, group)
         mlp = layer.mlp
         if isinstance(mlp, MLP):
             _split_ffn(mlp.gate_proj, mlp.up_proj, mlp.down_proj, group, f"layer {i} MLP")

@@ -27,7 +27,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .generate import generate_step
-from .model import Model
+from .models import Model
 
 # Never in the demo model's training data (tools/train_demo.py excludes them).
 HELDOUT_MODULES = ("statistics", "fractions", "graphlib", "zoneinfo", "colorsys")

@@ -13,7 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .model import Model
+from .models import Model
 from .mtp import CLEAR_CACHE_EVERY
 from .streaming import prefilling
 

@@ -12,7 +12,9 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import infer_quant_config, load_tokenizer
 
-from .model import Model, ModelArgs, MoE, activation_dtype
+from . import models
+from .models import Model, activation_dtype
+from .models.base import MoE
 from .streaming import check_fits, routed_experts
 from .weights import fp8_format, load_lazy, read_config, resolve, sanitize, weight_files
 
@@ -30,12 +32,12 @@ def build_model(
     """Instantiate the model for `weights` (already in our names) and load them, quantizing the
     modules whose weights come with scales. `switch_mlp(path)`, when given, supplies each MoE
     layer's routed experts instead of `weights` (expert streaming)."""
-    args = ModelArgs.from_dict(config)
+    args = models.model_args(config)
     mtp_prefix = f"model.layers.{args.num_hidden_layers}."
     if not any(k.startswith(mtp_prefix) for k in weights):
         args.num_nextn_predict_layers = 0  # e.g. a checkpoint converted by mlx-lm
     args.mtp_own_embeddings = f"{mtp_prefix}embed_tokens.weight" in weights
-    model = Model(args)
+    model = models.build(args)
     mode = (config.get("quantization") or {}).get("mode", "affine")
 
     def quantized(path: str, module: nn.Module) -> dict | bool:
@@ -56,7 +58,9 @@ def build_model(
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise ValueError(f"The weights do not match a glm4_moe model of this config: {e}") from None
+        raise ValueError(
+            f"The weights do not match a {args.model_type} model of this config: {e}"
+        ) from None
     model.eval()
     return model
 
@@ -92,9 +96,10 @@ def load(
     activation_dtype(activations)  # a bad value fails before anything is read
     path = resolve(path_or_repo)
     config = read_config(path)
-    ModelArgs.from_dict(config)  # fail on a wrong model type before touching weights
+    args = models.model_args(config)  # fail on a wrong model type before touching weights
     weights = load_lazy(weight_files(path))
     weights = sanitize(weights, config["n_routed_experts"], fp8_format(config))
+    weights = models.sanitize(weights, args)
     experts = None if expert_slots is None else routed_experts(path, config, weights, expert_slots)
     model = build_model(config, weights, experts)
     model.model.activations = activations

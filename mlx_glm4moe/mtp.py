@@ -25,7 +25,7 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import KVCache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 
-from .model import Model
+from .models import Model
 from .streaming import prefilling
 
 Sampler = Callable[[mx.array], mx.array]

@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from .model import SortedSwitchGLU, mix
+from .models.base import SortedSwitchGLU, mix
 from .weights import weight_files
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")

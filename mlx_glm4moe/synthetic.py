@@ -1,4 +1,5 @@
-"""Tiny GLM-4.5-shaped checkpoints in the real Hugging Face layout, built offline.
+"""Tiny GLM-4.5- and GLM-4.7-Flash-shaped checkpoints in the real Hugging Face layout, built
+offline.
 
 Used by the tests, the benchmark and the bundled default: per-expert tensor names, sharded
 safetensors with an index, config.json, generation_config.json, and a byte-level BPE tokenizer
@@ -8,7 +9,7 @@ carrying GLM's special tokens and the GLM-4.5 chat template.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -64,6 +65,27 @@ _TINY = dict(
     n_routed_experts=8,
     num_experts_per_tok=2,
 )
+# GLM-4.7-Flash's: glm4_moe_lite's own keys (no head_dim: transformers reads it as the rotary
+# head dim there) and its switches.
+_LITE_TINY = dict(
+    model_type="glm4_moe_lite",
+    architectures=["Glm4MoeLiteForCausalLM"],
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=1.8,
+    partial_rotary_factor=1.0,
+    rope_interleave=True,
+    attention_bias=False,
+)
 PRESETS: dict[str, dict] = {
     # GLM-4.5's switches: QK-norm, several dense layers, grouped routing, scaling 2.5.
     "glm45": dict(
@@ -106,6 +128,37 @@ PRESETS: dict[str, dict] = {
         topk_group=1,
         routed_scaling_factor=1.0,
         use_qk_norm=False,
+    ),
+    # GLM-4.7-Flash's switches (glm4_moe_lite): latent attention with a query LoRA, one dense
+    # layer, 8 experts top-2, scaling 1.8.
+    "lite": dict(
+        _LITE_TINY,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+    ),
+    # GLM-4.7-Flash's proportions scaled down 8x in width for the benchmark (Flash: hidden 2048,
+    # 20 heads, q_lora 768, kv_lora 512, nope/rope/v head dims 192/64/256, dense 10240, 64
+    # experts top-4 of 1536, vocab 154880, 47 layers): the same 20 heads and 64 experts top-4,
+    # every width / 8, 6 layers: 53M parameters (+12M MTP layer), 7.8M active per token.
+    "lite-bench": dict(
+        _LITE_TINY,
+        vocab_size=4096,
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=20,
+        num_key_value_heads=20,
+        q_lora_rank=96,
+        kv_lora_rank=64,
+        qk_nope_head_dim=24,
+        qk_rope_head_dim=8,
+        v_head_dim=32,
+        intermediate_size=1280,
+        moe_intermediate_size=192,
+        n_routed_experts=64,
+        num_experts_per_tok=4,
     ),
 }
 
@@ -197,12 +250,7 @@ def weight_groups(config: dict, seed: int = 0, dtype=np.float32) -> Iterator[dic
     then each layer (the MTP layer last). Norm weights and the correction bias are moved off
     their init values so that a port that ignores them fails."""
     rng = np.random.default_rng(seed)
-    H, V, D = config["hidden_size"], config["vocab_size"], config["head_dim"]
-    nq, nkv, E = (
-        config["num_attention_heads"],
-        config["num_key_value_heads"],
-        config["n_routed_experts"],
-    )
+    H, V, E = config["hidden_size"], config["vocab_size"], config["n_routed_experts"]
     I, Im = (
         config["intermediate_size"],
         config["moe_intermediate_size"] * config["n_shared_experts"],
@@ -231,16 +279,8 @@ def weight_groups(config: dict, seed: int = 0, dtype=np.float32) -> Iterator[dic
         p, w = f"model.layers.{i}", {}
         w[f"{p}.input_layernorm.weight"] = norm(H)
         w[f"{p}.post_attention_layernorm.weight"] = norm(H)
-        for name, out_dim in (("q", nq * D), ("k", nkv * D), ("v", nkv * D)):
-            w[f"{p}.self_attn.{name}_proj.weight"] = lin(out_dim, H)
-            if config.get("attention_bias"):
-                w[f"{p}.self_attn.{name}_proj.bias"] = (0.1 * rng.standard_normal(out_dim)).astype(
-                    dtype
-                )
-        w[f"{p}.self_attn.o_proj.weight"] = lin(H, nq * D)
-        if config.get("use_qk_norm"):
-            w[f"{p}.self_attn.q_norm.weight"] = norm(D)
-            w[f"{p}.self_attn.k_norm.weight"] = norm(D)
+        attention = _latent_attention if config["model_type"] == "glm4_moe_lite" else _attention
+        w.update({f"{p}.self_attn.{k}": a for k, a in attention(config, lin, norm, rng).items()})
         if i < config["first_k_dense_replace"]:
             w.update(mlp(f"{p}.mlp", I))
             yield w
@@ -260,6 +300,48 @@ def weight_groups(config: dict, seed: int = 0, dtype=np.float32) -> Iterator[dic
             w[f"{p}.shared_head.norm.weight"] = norm(H)
             w[f"{p}.shared_head.head.weight"] = lin(V, H)
         yield w
+
+
+def _attention(config: dict, lin: Callable, norm: Callable, rng: np.random.Generator) -> dict:
+    """glm4_moe's: q/k/v/o projections (with biases when configured), optional QK-norm."""
+    H, D, nq, nkv = (
+        config["hidden_size"],
+        config["head_dim"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+    )
+    w = {}
+    for name, out_dim in (("q", nq * D), ("k", nkv * D), ("v", nkv * D)):
+        w[f"{name}_proj.weight"] = lin(out_dim, H)
+        if config.get("attention_bias"):
+            bias = 0.1 * rng.standard_normal(out_dim)
+            w[f"{name}_proj.bias"] = bias.astype(w[f"{name}_proj.weight"].dtype)
+    w["o_proj.weight"] = lin(H, nq * D)
+    if config.get("use_qk_norm"):
+        w["q_norm.weight"], w["k_norm.weight"] = norm(D), norm(D)
+    return w
+
+
+def _latent_attention(
+    config: dict, lin: Callable, norm: Callable, rng: np.random.Generator
+) -> dict:
+    """glm4_moe_lite's multi-head latent attention, in transformers' names."""
+    H, heads, q_rank, kv_rank = (
+        config["hidden_size"],
+        config["num_attention_heads"],
+        config["q_lora_rank"],
+        config["kv_lora_rank"],
+    )
+    nope, rope, v = (config[f"{k}_head_dim"] for k in ("qk_nope", "qk_rope", "v"))
+    return {
+        "q_a_proj.weight": lin(q_rank, H),
+        "q_a_layernorm.weight": norm(q_rank),
+        "q_b_proj.weight": lin(heads * (nope + rope), q_rank),
+        "kv_a_proj_with_mqa.weight": lin(kv_rank + rope, H),
+        "kv_a_layernorm.weight": norm(kv_rank),
+        "kv_b_proj.weight": lin(heads * (nope + v), kv_rank),
+        "o_proj.weight": lin(H, heads * v),
+    }
 
 
 def save_sharded(

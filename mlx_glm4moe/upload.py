@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 
-from .model import ModelArgs
+from .models import model_args
 from .weights import INDEX_FILE
 
 try:  # huggingface_hub talks through httpx2 from 2.0 on, through httpx before
@@ -33,7 +33,7 @@ try:  # huggingface_hub talks through httpx2 from 2.0 on, through httpx before
 except ImportError:
     from httpx import TransportError
 
-CARD_TAGS = ["mlx", "glm4_moe", "mlx-glm4moe"]
+CARD_TAGS = ["mlx", "mlx-glm4moe"]  # and the model_type
 _LICENSE_FIELDS = ("license", "license_name", "license_link")
 
 
@@ -43,7 +43,7 @@ class UploadError(Exception):
 
 
 def check_folder(path: Path) -> None:
-    """Raise `UploadError` unless `path` is a converted checkpoint that loads: a glm4_moe
+    """Raise `UploadError` unless `path` is a converted checkpoint that loads: a supported
     config.json, a tokenizer, and an index whose every shard is present, has a readable
     safetensors header and holds the tensors the index gives it. Reads headers, not weights."""
     if not path.is_dir():
@@ -53,11 +53,11 @@ def check_folder(path: Path) -> None:
         )
     reconvert = f"convert again with: python convert.py --hf-path SOURCE --mlx-path {path} --force"
     try:
-        ModelArgs.from_dict(json.loads((path / "config.json").read_text()))
+        model_args(json.loads((path / "config.json").read_text()))
     except FileNotFoundError:
         raise UploadError(f"{path} has no config.json; {reconvert}") from None
     except (json.JSONDecodeError, ValueError) as e:
-        why = f"{path}/config.json is not a glm4_moe config ({e})"
+        why = f"{path}/config.json is not a config this package runs ({e})"
         raise UploadError(f"{why}; {reconvert}") from None
     index = path / INDEX_FILE
     try:
@@ -285,7 +285,7 @@ def model_card(
         base_model=base,
         library_name="mlx",
         pipeline_tag="text-generation",
-        tags=list(CARD_TAGS),
+        tags=[*CARD_TAGS, config["model_type"]],
         **source_license(source_dir, config),
     )
     dtype, quant = config["torch_dtype"], config.get("quantization")
@@ -306,7 +306,11 @@ def model_card(
         )
     else:
         mtp = "not in the source; generation decodes one token at a time."
-    origin = f"[{base}](https://huggingface.co/{base})" if base else "A glm4_moe checkpoint"
+    origin = (
+        f"[{base}](https://huggingface.co/{base})"
+        if base
+        else f"A {config['model_type']} checkpoint"
+    )
     return f"""---
 {data.to_yaml()}
 ---

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny GLM-4.5 and GLM-4.5-Air checkpoints in the real Hugging Face layout."""
+"""Shared fixtures: tiny GLM-4.5, GLM-4.5-Air and GLM-4.7-Flash checkpoints in the real Hugging Face
+layout."""
 
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def air_checkpoint(tmp_path_factory) -> Path:
 def air_q4(air_checkpoint, tmp_path_factory) -> Path:
     """The Air fixture converted to 4-bit."""
     return convert(str(air_checkpoint), str(tmp_path_factory.mktemp("q4") / "out"), quantize=True)
+
+
+@pytest.fixture(scope="session")
+def lite_q4(tmp_path_factory) -> Path:
+    """A GLM-4.7-Flash-shaped (glm4_moe_lite) checkpoint at 4 bits, with its MTP layer."""
+    root = tmp_path_factory.mktemp("lite-q4")
+    return convert(str(make_checkpoint(root / "hf", "lite")), str(root / "q4"), quantize=True)
 
 
 @pytest.fixture(scope="session")

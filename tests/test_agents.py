@@ -19,7 +19,7 @@ from test_server import FOREVER, SCRIPTS, collect, user
 
 from mlx_glm4moe.chat import render_prompt
 from mlx_glm4moe.generate import encode
-from mlx_glm4moe.model import Model
+from mlx_glm4moe.models import Model
 from mlx_glm4moe.server import anthropic as messages_api
 from mlx_glm4moe.server import core
 

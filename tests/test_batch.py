@@ -19,7 +19,7 @@ def loaded(air_q4):
     return load(air_q4)
 
 
-@pytest.fixture(scope="module", params=["air_q4", "air_f32"])
+@pytest.fixture(scope="module", params=["air_q4", "air_f32", "lite_q4"])
 def any_loaded(request):
     """4-bit weights (quantized matmuls) and float32 ones (BLAS matmuls)."""
     return load(request.getfixturevalue(request.param))

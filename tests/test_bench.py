@@ -18,7 +18,7 @@ from mlx_glm4moe.bench import (
     main,
 )
 from mlx_glm4moe.generate import generate_step
-from mlx_glm4moe.model import SortedSwitchGLU
+from mlx_glm4moe.models.base import SortedSwitchGLU
 from mlx_glm4moe.synthetic import PRESETS
 
 # mlx-lm's SwitchGLU sorts the (token, expert) pairs by expert from this many on.

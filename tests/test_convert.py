@@ -189,6 +189,15 @@ def test_fp8_sources_match_transformers_on_their_dequantized_weights(fp8_source,
     np.testing.assert_array_equal(logits(tmp_path / "fp8"), ours)  # a raw FP8 folder loads too
 
 
+def test_fp8_lite_source_matches_transformers(tmp_path):
+    """GLM-4.7-Flash has no published FP8 checkpoint that we know of; were there one in block
+    FP8, its latent-attention projections (kv_b_proj included) dequantize before they are split."""
+    src = make_checkpoint(tmp_path / "hf", "lite")
+    ref = _fp8_checkpoint(src, tmp_path / "fp8", (32, 48))
+    out = convert(str(tmp_path / "fp8"), str(tmp_path / "out"), dtype="float32")
+    assert np.abs(logits(out) - hf_logits(ref)).max() <= 1e-4
+
+
 @pytest.mark.parametrize(
     "config,message",
     [

@@ -84,7 +84,7 @@ import os, sys
 import mlx.core as mx
 
 from mlx_glm4moe.cli import generate_main as main
-from mlx_glm4moe.model import Model
+from mlx_glm4moe.models import Model
 
 if mx.distributed.init().rank() == 1:
     forward, calls = Model.__call__, []
@@ -120,6 +120,8 @@ def models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("dist")
     shapes = {
         "air": dict(moe_intermediate_size=128, intermediate_size=256),
+        # GLM-4.7-Flash's latent attention: 2 of its 4 heads per rank, o_proj cut at a group.
+        "lite": dict(v_head_dim=32, moe_intermediate_size=128, intermediate_size=256),
         "glm45": dict(
             num_attention_heads=6,
             num_key_value_heads=3,
@@ -163,7 +165,9 @@ def single_process(path: str, activations: str = "auto") -> dict:
 
 
 def test_two_ranks_match_one_process(models, air_q4, tmp_path, capsys):
-    parity = [models[k] for k in ("air-f32", "air-q4", "glm45-f32", "glm45-q4")]
+    parity = [
+        models[k] for k in ("air-f32", "air-q4", "glm45-f32", "glm45-q4", "lite-f32", "lite-q4")
+    ]
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     job = dict(

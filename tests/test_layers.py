@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_glm4moe"
 FLOORS = [
-    {"model", "weights", "parsers"},
+    {"models", "weights", "parsers"},
     {"recipes", "synthetic", "streaming", "distributed", "upload", "constrain"},
     {"loading", "convert"},
     {"mtp"},
@@ -25,6 +25,8 @@ FLOOR = {name: i for i, floor in enumerate(FLOORS) for name in floor}
 SUBFLOORS = {
     # responses reuses anthropic's reasoning signature.
     "server": [{"core"}, {"openai", "anthropic"}, {"responses"}, {"app"}, {"__init__", "__main__"}],
+    # The shared parts under the architectures, and the registry over them.
+    "models": [{"base"}, {"glm4_moe", "glm4_moe_lite"}, {"__init__"}],
 }
 SUBFLOOR = {
     (pkg, name): i for pkg, floors in SUBFLOORS.items() for i, f in enumerate(floors) for name in f

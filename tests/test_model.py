@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from mlx_glm4moe import load
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.model import ModelArgs, select_experts
+from mlx_glm4moe.models import model_args
+from mlx_glm4moe.models.base import select_experts
+from mlx_glm4moe.models.glm4_moe import ModelArgs
 from mlx_glm4moe.synthetic import make_checkpoint, make_config, random_weights, save_sharded
 
 IDS = np.random.default_rng(0).integers(0, 380, size=(2, 48))
@@ -128,8 +130,8 @@ def test_config_layouts():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="Unsupported model_type 'llama'"):
-        ModelArgs.from_dict({**make_config(), "model_type": "llama"})
+    with pytest.raises(ValueError, match="Unsupported model_type 'llama'.*'glm4_moe_lite'"):
+        model_args({**make_config(), "model_type": "llama"})
     bad = make_config()
     del bad["n_routed_experts"]
     with pytest.raises(ValueError, match="missing required key.*n_routed_experts"):

@@ -15,7 +15,7 @@ from mlx_glm4moe.cli import generate_main as main
 from mlx_glm4moe.convert import convert
 from mlx_glm4moe.generate import encode, stream_generate
 from mlx_glm4moe.loading import load
-from mlx_glm4moe.model import Model, ModelArgs
+from mlx_glm4moe.models.glm4_moe import Model, ModelArgs
 from mlx_glm4moe.mtp import (
     MTPStats,
     RejectionSampling,
@@ -32,10 +32,16 @@ def random_models(air_f32, air_q4):
 
 
 def _agreeing(
-    tmp_path_factory, agreement, quantize=False, layout="glm45", dtype=None, activations="auto"
+    tmp_path_factory,
+    agreement,
+    quantize=False,
+    layout="glm45",
+    dtype=None,
+    activations="auto",
+    preset="air",
 ):
     root = tmp_path_factory.mktemp(f"agree{agreement}")
-    hf = make_agreeing_checkpoint(root / "hf", agreement, layout=layout)
+    hf = make_agreeing_checkpoint(root / "hf", agreement, preset, layout=layout)
     path = convert(str(hf), str(hf.parent / "mlx"), quantize=quantize, dtype=dtype)
     fixture = json.loads((hf / "config.json").read_text())["mtp_fixture"]
     return (*load(path, activations=activations), fixture)
@@ -60,6 +66,12 @@ def agree_all_glm46(tmp_path_factory):
 @pytest.fixture(scope="module")
 def agree_half(tmp_path_factory):
     return _agreeing(tmp_path_factory, 0.5)
+
+
+@pytest.fixture(scope="module")
+def agree_half_lite(tmp_path_factory):
+    """GLM-4.7-Flash's architecture (latent attention), at 4 bits."""
+    return _agreeing(tmp_path_factory, 0.5, quantize=True, preset="lite")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +128,15 @@ def test_greedy_matches_plain_on_native_bfloat16(air_bf16_q4, air_bf16):
 
 
 @pytest.mark.parametrize(
-    "fixture", ["agree_all", "agree_all_q4", "agree_all_glm46", "agree_half", "agree_half_native"]
+    "fixture",
+    [
+        "agree_all",
+        "agree_all_q4",
+        "agree_all_glm46",
+        "agree_half",
+        "agree_half_native",
+        "agree_half_lite",
+    ],
 )
 def test_greedy_matches_plain_when_drafts_agree(fixture, request):
     model, tokenizer, _ = request.getfixturevalue(fixture)

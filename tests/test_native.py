@@ -11,7 +11,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from mlx_glm4moe import load
-from mlx_glm4moe.model import activation_dtype
+from mlx_glm4moe.models import activation_dtype
 
 PROMPT = mx.array(np.random.default_rng(0).integers(0, 380, 80), dtype=mx.uint32)
 

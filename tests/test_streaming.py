@@ -136,6 +136,12 @@ def test_streaming_equals_resident_at_every_cache_size(small):
     check_streaming_equals_resident(small)
 
 
+def test_streaming_equals_resident_on_lite(tmp_path):
+    """GLM-4.7-Flash's architecture (latent attention), at 4 bits."""
+    hf = make_checkpoint(tmp_path / "hf", "lite", n_routed_experts=E)
+    check_streaming_equals_resident(convert(str(hf), str(tmp_path / "q4"), quantize=True))
+
+
 def test_streaming_equals_resident_on_native_bfloat16(small_bf16):
     """The GPU's code path (bfloat16 activations, SwitchGLU's layout): still bit-identical to
     resident at every cache size on the CPU, whose kernels compute each (token, expert) row

@@ -209,7 +209,7 @@ def broken(model: Path, tmp_path: Path, how: str) -> Path:
     [
         ("no folder", "no converted model at"),
         ("no config", "has no config.json"),
-        ("llama config", "is not a glm4_moe config (Unsupported model_type 'llama'"),
+        ("llama config", "is not a config this package runs (Unsupported model_type 'llama'"),
         ("no index", "has no model.safetensors.index.json"),
         ("missing shard", "is missing the shard model-00001-of-00001.safetensors"),
         ("truncated shard", "is unreadable (Error while deserializing header"),

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import PromptCache
-from ..model import Model
+from ..models import Model
 from . import anthropic, openai, responses
 from .core import APIError, Engine, SamplerFactory
 

@@ -27,7 +27,7 @@ from ..batch import Request as BatchRequest
 from ..chat import PromptCache, Reply, render_prompt
 from ..constrain import ConstraintError, Constraints
 from ..generate import Sampler, encode
-from ..model import Model
+from ..models import Model
 
 log = logging.getLogger(__name__)
 

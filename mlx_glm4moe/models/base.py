@@ -1,5 +1,8 @@
-"""GLM-4.5 (`glm4_moe`) in MLX: a port of transformers' `Glm4MoeForCausalLM` that keeps the
-multi-token-prediction (nextn) layer the checkpoints ship."""
+"""What the GLM MoE architectures share: the config fields, the router and the MoE (experts
+dispatched by `SortedSwitchGLU`), the dense MLP, the decoder layer, the nextn (MTP) layer with
+its wiring to the main model, the layer loop and the causal LM. Each architecture's module
+(`glm4_moe`, `glm4_moe_lite`) adds its attention and `ModelArgs`; `models` maps `model_type` to
+them. Unlike mlx-lm, the multi-token-prediction layer the checkpoints ship is kept."""
 
 from __future__ import annotations
 
@@ -11,26 +14,26 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
-from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 
-@dataclass
-class ModelArgs:
+@dataclass(kw_only=True)
+class BaseModelArgs:
+    """The config fields every architecture shares: sizes, the MoE and its router, the nextn
+    layer. Each architecture's `ModelArgs` adds its attention's."""
+
+    model_type: str
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     moe_intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
-    num_key_value_heads: int
     n_routed_experts: int
     num_experts_per_tok: int
     first_k_dense_replace: int
-    model_type: str = "glm4_moe"
-    head_dim: int | None = None
     n_shared_experts: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
@@ -38,10 +41,8 @@ class ModelArgs:
     topk_group: int = 1
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    partial_rotary_factor: float = 0.5
     rope_scaling: dict | None = None
     max_position_embeddings: int = 131072
-    use_qk_norm: bool = False
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 0
@@ -50,15 +51,15 @@ class ModelArgs:
     mtp_own_embeddings: bool = True
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
-        """Read a Hugging Face `config.json` (transformers v4 or v5 layout)."""
-        model_type = config.get("model_type")
-        if model_type != "glm4_moe":
-            raise ValueError(
-                f"Unsupported model_type {model_type!r}: this package runs 'glm4_moe' "
-                "(GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7)."
-            )
+    def from_dict(cls, config: dict[str, Any]) -> BaseModelArgs:
+        """Read a Hugging Face `config.json` (transformers v4 or v5 layout) of this
+        architecture (`models.model_args` picks the architecture from `model_type`)."""
         config = dict(config)
+        expected = next(f.default for f in fields(cls) if f.name == "model_type")
+        if config.get("model_type") != expected:
+            raise ValueError(
+                f"{cls.__module__} reads model_type {expected!r}, not {config.get('model_type')!r}"
+            )
         # transformers v5 moves rope_theta and partial_rotary_factor into rope_parameters.
         rope = config.get("rope_parameters") or {}
         for key in ("rope_theta", "partial_rotary_factor"):
@@ -76,10 +77,6 @@ class ModelArgs:
         if missing:
             raise ValueError(f"config.json is missing required key(s): {', '.join(missing)}")
         args = cls(**{k: config[k] for k in names if config.get(k) is not None})
-        if args.head_dim is None:
-            args.head_dim = args.hidden_size // args.num_attention_heads
-        if args.num_attention_heads % args.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if args.n_routed_experts % args.n_group or args.topk_group > args.n_group:
             raise ValueError(
                 "n_routed_experts must split into n_group groups, topk_group <= n_group"
@@ -87,52 +84,14 @@ class ModelArgs:
         return args
 
 
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        dim, head_dim = args.hidden_size, args.head_dim
-        self.n_heads = args.num_attention_heads
-        self.n_kv_heads = args.num_key_value_heads
-        self.scale = head_dim**-0.5
-        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=args.attention_bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.attention_bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
-        if args.use_qk_norm:
-            self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-        # Partial NeoX rotation: only the first head_dim * partial_rotary_factor dims turn, in
-        # half-split (not interleaved) pairs; the rest pass through unchanged.
-        self.rope = initialize_rope(
-            int(head_dim * args.partial_rotary_factor),
-            args.rope_theta,
-            traditional=False,
-            scaling_config=args.rope_scaling,
-            max_position_embeddings=args.max_position_embeddings,
-        )
-
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        B, L, _ = x.shape
-        # Attention and the KV cache stay in the weights' precision when the activations run
-        # wider (float32 on the CPU): the cache takes half the memory that float32 would. A
-        # quantized cache is small either way, and its matmuls run 7x faster on float32 queries
-        # there than on bfloat16 ones.
-        if isinstance(cache, QuantizedKVCache):
-            dtype = x.dtype
-        else:
-            dtype = (self.k_proj.scales if "scales" in self.k_proj else self.k_proj.weight).dtype
-        q = self.q_proj(x).astype(dtype).reshape(B, L, self.n_heads, -1)
-        k = self.k_proj(x).astype(dtype).reshape(B, L, self.n_kv_heads, -1)
-        v = self.v_proj(x).astype(dtype).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        if "q_norm" in self:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1).astype(x.dtype))
+def attention_dtype(x: mx.array, projection: nn.Module, cache: Any) -> mx.Dtype:
+    """The dtype attention and its KV cache run in: the weights' (`projection`'s) when the
+    activations run wider (float32 on the CPU), so the cache takes half the memory that float32
+    would. A quantized cache is small either way, and its matmuls run 7x faster on float32
+    queries there than on bfloat16 ones."""
+    if isinstance(cache, QuantizedKVCache):
+        return x.dtype
+    return (projection.scales if "scales" in projection else projection.weight).dtype
 
 
 class MLP(nn.Module):
@@ -290,7 +249,7 @@ def mix(y: mx.array, weights: mx.array) -> mx.array:
 class MoEGate(nn.Module):
     """The router. Its weight and correction bias stay float32 whatever the model dtype."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: BaseModelArgs):
         super().__init__()
         self.args = args
         self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
@@ -311,7 +270,7 @@ class MoEGate(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: BaseModelArgs):
         super().__init__()
         self.gate = MoEGate(args)
         # Routed experts stacked [E, out, in]; SwitchGLU dispatches them with gather_(q)mm and
@@ -334,9 +293,9 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    def __init__(self, args: BaseModelArgs, layer_idx: int, attention: type[nn.Module]):
         super().__init__()
-        self.self_attn = Attention(args)
+        self.self_attn = attention(args)
         if layer_idx >= args.first_k_dense_replace:
             self.mlp = MoE(args)
         else:
@@ -352,7 +311,7 @@ class DecoderLayer(nn.Module):
 
 
 class SharedHead(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: BaseModelArgs):
         super().__init__()
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         if args.mtp_own_embeddings:
@@ -369,8 +328,8 @@ class MTPLayer(DecoderLayer):
     module, so those weights are neither listed nor stored twice, and it reaches whatever
     modules hold them at call time (after quantization or pipeline splitting)."""
 
-    def __init__(self, args: ModelArgs):
-        super().__init__(args, layer_idx=args.num_hidden_layers)
+    def __init__(self, args: BaseModelArgs, attention: type[nn.Module]):
+        super().__init__(args, args.num_hidden_layers, attention)
         if args.mtp_own_embeddings:
             self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.enorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -394,13 +353,14 @@ class MTPLayer(DecoderLayer):
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: BaseModelArgs, attention: type[nn.Module]):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         # The nextn layer sits at index num_hidden_layers, where the checkpoints keep it.
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)] + [
-            MTPLayer(args) for _ in range(min(args.num_nextn_predict_layers, 1))
+        self.layers = [DecoderLayer(args, i, attention) for i in range(args.num_hidden_layers)]
+        self.layers += [
+            MTPLayer(args, attention) for _ in range(min(args.num_nextn_predict_layers, 1))
         ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.activations = "auto"  # see ACTIVATIONS; the weights stay as stored either way
@@ -419,13 +379,16 @@ class LanguageModel(nn.Module):
 
 
 class Model(nn.Module):
-    """`Glm4MoeForCausalLM`: `model(ids, cache)` returns logits `(B, L, vocab)`."""
+    """The causal LM over an architecture's attention (`Attention`, set by each architecture's
+    subclass): `model(ids, cache)` returns logits `(B, L, vocab)`."""
 
-    def __init__(self, args: ModelArgs):
+    Attention: type[nn.Module]
+
+    def __init__(self, args: BaseModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = LanguageModel(args)
+        self.model = LanguageModel(args, self.Attention)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if self.mtp is not None and not args.mtp_own_embeddings:
