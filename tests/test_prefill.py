@@ -1,0 +1,90 @@
+"""Layer-major prefill of streamed experts: the chunked prefill's KV cache and output, each expert
+read about once per prompt, in the working memory `prefill.activation_bytes` states."""
+
+import importlib
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_glm4moe import load, mtp
+from mlx_glm4moe import streaming as st
+from mlx_glm4moe.generate import stream_generate
+from mlx_glm4moe.prefill import activation_bytes, prefill
+
+K = 2  # the tiny models' top-k: the minimum slot count
+STEP = 32
+RNG = np.random.default_rng(0)
+FIRST, SECOND = RNG.integers(0, 380, 200).tolist(), RNG.integers(0, 380, 150).tolist()
+
+
+def _turns(model, tokenizer, use_mtp: bool) -> tuple[list, list]:
+    """Two turns on one prompt cache (the second from the first's cached prefix): their
+    (token, logprobs) and the cache."""
+    cache = mtp.make_cache(model, use_mtp)
+    out = []
+    for prompt in (FIRST, SECOND):
+        for r in stream_generate(
+            model, tokenizer, prompt, 6, prompt_cache=cache, prefill_step_size=STEP, mtp=use_mtp
+        ):
+            out.append((r.token, np.array(r.logprobs)))
+    return out, cache
+
+
+@pytest.mark.parametrize("use_mtp", [False, True])
+def test_layer_major_prefill_equals_chunked(air_q4, monkeypatch, use_mtp):
+    """Streamed at the minimum slot count, with and without MTP, with a cached prefix: the same
+    greedy tokens, logits and KV cache as the chunked prefill, to the bit on float32 activations
+    (each token's rows are computed alone, whatever else is in its chunk)."""
+    model, tokenizer = load(air_q4, expert_slots=K)
+    layers, cache = _turns(model, tokenizer, use_mtp)
+    read = st.stats(model).prefill_bytes_read
+    # Today's prefill: chunk by chunk through every layer.
+    for module in (importlib.import_module("mlx_glm4moe.generate"), mtp):
+        monkeypatch.setattr(module, "streams_experts", lambda model: False)
+    model, tokenizer = load(air_q4, expert_slots=K)
+    chunks, ref = _turns(model, tokenizer, use_mtp)
+    assert [t for t, _ in layers] == [t for t, _ in chunks]
+    for (_, a), (_, b) in zip(layers, chunks, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(cache) == len(ref) == len(model.layers) + use_mtp
+    for a, b in zip(cache, ref, strict=True):
+        assert a.offset == b.offset
+        for x, y in zip(a.state[:2], b.state[:2], strict=True):
+            np.testing.assert_array_equal(np.array(x), np.array(y))
+    assert read * 3 < st.stats(model).prefill_bytes_read
+
+
+def test_prefill_reads_each_expert_about_once(air_q4):
+    """A 1,024-token prompt in 32-token chunks at the minimum slot count reads at most the
+    checkpoint's routed-expert bytes (the chunked prefill read them once per chunk)."""
+    model, _ = load(air_q4, expert_slots=K)
+    size, layers = st.expert_bytes(air_q4, json.loads((air_q4 / "config.json").read_text()))
+    experts = size * layers * model.args.n_routed_experts
+    prompt = mx.array(RNG.integers(0, 380, 1024))
+    prefill(model, prompt, model.make_cache(), STEP)
+    assert 0 < st.stats(model).prefill_bytes_read <= experts
+    model, _ = load(air_q4, expert_slots=K)
+    cache = model.make_cache()
+    with st.prefilling(model):
+        for i in range(0, prompt.size, STEP):
+            model(prompt[None, i : i + STEP], cache=cache)
+    assert st.stats(model).prefill_bytes_read > 8 * experts
+
+
+def test_prefill_memory_is_bounded_by_the_tokens_in_flight(air_q4):
+    """Peak memory above the weights: the KV cache plus `activation_bytes` for the tokens in
+    flight, at the minimum and at the full slot count (all pairs in one pass)."""
+    config = json.loads((air_q4 / "config.json").read_text())
+    for slots in (K, config["n_routed_experts"]):
+        model, _ = load(air_q4, expert_slots=slots)
+        mx.eval(model.parameters())
+        for n in (512, 2048):
+            cache = model.make_cache()
+            mx.clear_cache()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            prefill(model, mx.array(RNG.integers(0, 380, n)), cache, STEP)
+            kv = sum(a.nbytes for c in cache for a in c.state[:2])
+            assert 0 < mx.get_peak_memory() - base - kv <= activation_bytes(model.args, n, STEP, n)
