@@ -3,6 +3,7 @@ read about once per prompt, in the working memory `prefill.activation_bytes` sta
 
 import importlib
 import json
+import queue
 
 import mlx.core as mx
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 
 from mlx_glm4moe import load, mtp
 from mlx_glm4moe import streaming as st
+from mlx_glm4moe.batch import BatchEngine, Request
+from mlx_glm4moe.chat import PromptCache
 from mlx_glm4moe.generate import stream_generate
 from mlx_glm4moe.prefill import activation_bytes, prefill
 
@@ -88,3 +91,30 @@ def test_prefill_memory_is_bounded_by_the_tokens_in_flight(air_q4):
             prefill(model, mx.array(RNG.integers(0, 380, n)), cache, STEP)
             kv = sum(a.nbytes for c in cache for a in c.state[:2])
             assert 0 < mx.get_peak_memory() - base - kv <= activation_bytes(model.args, n, STEP, n)
+
+
+def test_server_engine_prefills_layer_major(air_q4):
+    """The batch engine's new prompts, the second from the prompt cache's prefix: the tokens the
+    resident model gives alone, each prompt reading the experts about once."""
+    resident, tokenizer = load(air_q4)
+    model, _ = load(air_q4, expert_slots=K)
+    size, layers = st.expert_bytes(air_q4, json.loads((air_q4 / "config.json").read_text()))
+    experts = size * layers * model.args.n_routed_experts
+    engine = BatchEngine(model, tokenizer, prefill_step_size=STEP, prompt_cache=PromptCache(model))
+    history = []
+    try:
+        for turn in (FIRST, SECOND):
+            history += turn
+            expected = [r.token for r in stream_generate(resident, tokenizer, history, 6)]
+            events = queue.SimpleQueue()
+            before = st.stats(model).prefill_bytes_read
+            engine.submit(Request(list(history), 6, events.put))
+            tokens = []
+            while (event := events.get(timeout=120))["type"] == "token":
+                tokens.append(event["token"])
+            assert tokens == expected
+            assert 0 < st.stats(model).prefill_bytes_read - before <= experts
+            history += tokens
+        assert event["usage"]["cached_tokens"] > len(FIRST)
+    finally:
+        engine.close()
