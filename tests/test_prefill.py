@@ -12,6 +12,7 @@ import pytest
 from mlx_glm4moe import load, mtp
 from mlx_glm4moe import streaming as st
 from mlx_glm4moe.batch import BatchEngine, Request
+from mlx_glm4moe.bench import streaming_row
 from mlx_glm4moe.chat import PromptCache
 from mlx_glm4moe.generate import stream_generate
 from mlx_glm4moe.prefill import activation_bytes, prefill
@@ -118,3 +119,17 @@ def test_server_engine_prefills_layer_major(air_q4):
         assert event["usage"]["cached_tokens"] > len(FIRST)
     finally:
         engine.close()
+
+
+def test_bench_streaming_measures_prefill_reads(air_q4):
+    """`bench streaming --prompt-tokens N [--chunked STEP]`'s row: MB read per prompt token,
+    about one read of the experts layer by layer, one per chunk before."""
+    size, layers = st.expert_bytes(air_q4, json.loads((air_q4 / "config.json").read_text()))
+    experts = size * layers * load(air_q4)[0].args.n_routed_experts / 1e6
+    rows = {
+        c: streaming_row(str(air_q4), K, 2, 0.0, prompt_tokens=512, chunked=c) for c in (None, 64)
+    }
+    for row in rows.values():
+        assert row["prompt_tokens"] == 512 and row["prompt_tps"] > 0
+        assert row["prefill_mb_per_token"] == pytest.approx(row["prefill_mb_read"] / 511)
+    assert 0 < rows[None]["prefill_mb_read"] <= experts < 4 * experts < rows[64]["prefill_mb_read"]
