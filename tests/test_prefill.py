@@ -6,8 +6,10 @@ import json
 import queue
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm.models.cache import QuantizedKVCache
 
 from mlx_glm4moe import load, mtp
 from mlx_glm4moe import streaming as st
@@ -17,6 +19,7 @@ from mlx_glm4moe.chat import PromptCache
 from mlx_glm4moe.generate import stream_generate
 from mlx_glm4moe.prefill import activation_bytes, prefill
 
+generation = importlib.import_module("mlx_glm4moe.generate")  # the package's name is a function
 K = 2  # the tiny models' top-k: the minimum slot count
 STEP = 32
 RNG = np.random.default_rng(0)
@@ -45,7 +48,7 @@ def test_layer_major_prefill_equals_chunked(air_q4, monkeypatch, use_mtp):
     layers, cache = _turns(model, tokenizer, use_mtp)
     read = st.stats(model).prefill_bytes_read
     # Today's prefill: chunk by chunk through every layer.
-    for module in (importlib.import_module("mlx_glm4moe.generate"), mtp):
+    for module in (generation, mtp):
         monkeypatch.setattr(module, "streams_experts", lambda model: False)
     model, tokenizer = load(air_q4, expert_slots=K)
     chunks, ref = _turns(model, tokenizer, use_mtp)
@@ -58,6 +61,32 @@ def test_layer_major_prefill_equals_chunked(air_q4, monkeypatch, use_mtp):
         for x, y in zip(a.state[:2], b.state[:2], strict=True):
             np.testing.assert_array_equal(np.array(x), np.array(y))
     assert read * 3 < st.stats(model).prefill_bytes_read
+
+
+def test_quantized_kv_cache_equals_chunked(air_q4, monkeypatch):
+    """With `kv_bits`, each layer's cache turns quantized after the chunk that passes the start,
+    as in the chunked prefill: later chunks attend over the quantized cache alike."""
+    prompt = mx.array(FIRST)
+    runs = []
+    for layer_major in (True, False):
+        monkeypatch.setattr(generation, "streams_experts", lambda model, on=layer_major: on)
+        model, _ = load(air_q4, expert_slots=K)
+        cache = model.make_cache()
+        quantize = {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 64}
+        steps = generation.generate_step(
+            prompt, model, max_tokens=6, prompt_cache=cache, prefill_step_size=STEP, **quantize
+        )
+        runs.append(([(t, np.array(lp)) for t, lp in steps], cache))
+    (ours, cache), (ref, ref_cache) = runs
+    assert [t for t, _ in ours] == [t for t, _ in ref]
+    for (_, a), (_, b) in zip(ours, ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(cache, ref_cache, strict=True):
+        assert type(a) is type(b) is QuantizedKVCache and a.offset == b.offset
+        for x, y in zip(
+            nn.utils.tree_flatten(a.state), nn.utils.tree_flatten(b.state), strict=True
+        ):
+            np.testing.assert_array_equal(np.array(x[1]), np.array(y[1]))
 
 
 def test_prefill_reads_each_expert_about_once(air_q4):
