@@ -34,6 +34,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .generate import Sampler, stream_generate
 from .models import Model
 from .mtp import make_cache
+from .prefill import prefill
+from .streaming import streams_experts
 
 log = logging.getLogger("mlx_glm4moe.batch")
 
@@ -247,6 +249,11 @@ class BatchEngine:
             if started is None:
                 continue
             cache, rest, state = started
+            if streams_experts(self.model) and len(rest) > 1:
+                # Layer by layer, reading each streamed expert once, not once per chunk; the
+                # running sequences wait for it.
+                prefill(self.model, mx.array(rest[:-1]), cache, self.prefill_step_size)
+                rest = rest[-1:]
             sampler = state.sampler
 
             def sample(logprobs: mx.array, state: _Running = state) -> mx.array:
@@ -262,7 +269,7 @@ class BatchEngine:
                 [rest],
                 max_tokens=[state.request.max_tokens],
                 caches=[cache],
-                all_tokens=[state.request.tokens[: state.cached]],
+                all_tokens=[state.request.tokens[: len(state.request.tokens) - len(rest)]],
                 samplers=[sample if sampler is not _greedy else None],
                 stop_sequences=[self._stops],
             )

@@ -10,6 +10,7 @@ random prompt and decodes greedily through the implementation's own `generate_st
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ from mlx_lm.generate import generate_step as mlx_lm_generate_step
 
 from . import streaming
 from .convert import convert
-from .generate import generate_step, stream_generate
+from .generate import encode, generate_step, stream_generate
 from .loading import load
 from .models import ACTIVATIONS, activation_dtype
 from .synthetic import make_agreeing_checkpoint, make_checkpoint
@@ -348,18 +349,58 @@ def mtp_comparison(model, tokenizer, prompt: list[int], tokens: int) -> dict:
     }
 
 
+def context_depth(kv_bits: int | None) -> int:
+    """The context depth the report decodes at: 16K tokens, 32K with a 4-bit KV cache; 4K on
+    the CPU, where prefilling more would take most of an hour."""
+    if mx.default_device() == mx.cpu:
+        return 4096
+    return 32768 if kv_bits == 4 else 16384
+
+
+def deep_decode(
+    loaded: dict, depth: int, gen_tokens: int, kv_bits: int | None = None, kv_group_size: int = 64
+) -> dict:
+    """Decode tokens/s of each loaded implementation (`{name: (model, resident GB)}`) after
+    `depth` tokens of context, where an agent session spends its turns. The context is prefilled
+    once, by ours (mlx-lm's prefill on the CPU would take longer than the rest of the report),
+    and each implementation decodes from a copy of that KV cache (the same layout in both); with
+    `kv_bits`, each quantizes its copy first."""
+    ours = loaded["ours"][0]
+    rng = np.random.default_rng(1)
+    ids = mx.array(rng.integers(0, ours.args.vocab_size, depth + 1), dtype=mx.uint32)
+    cache = ours.make_cache()
+    next(generate_step(ids[:depth], ours, max_tokens=1, prompt_cache=cache))
+    kwargs = {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
+    out = {"depth": depth, "kv_bits": kv_bits}
+    for name, (model, resident) in loaded.items():
+        run = run_once(
+            name,
+            model,
+            ids[depth:],
+            gen_tokens,
+            resident,
+            prompt_cache=copy.deepcopy(cache),
+            quantized_kv_start=0,
+            **kwargs,
+        )
+        out[name] = run["decode_tps"]
+    return out
+
+
 def device_report(
     path: Path,
     prompts: tuple[int, ...] = (128, 2048),
     gen_tokens: int = 32,
     agree_steps: int = 16,
     activations: str = "auto",
+    kv_bits: int | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """Everything a device's users need to judge the port on it, in one run (`--report`):
     agreement with mlx-lm, speed against it (prefill at each of `prompts`, decode and time to
-    first token from the first), MTP against plain decoding, expert streaming at two cache sizes,
-    and the device with its bandwidth roofline. Returns what `--json` writes."""
+    first token from the first, decode deep in a context of `context_depth(kv_bits)` tokens),
+    MTP against plain decoding, expert streaming at two cache sizes, and the device with its
+    bandwidth roofline. Returns what `--json` writes."""
     loaded = {}
     for name in ("ours", "mlx-lm"):
         model, seconds, resident = load_timed(name, path, activations)
@@ -392,6 +433,9 @@ def device_report(
             speed.setdefault(name, {})[n] = res
             log(f"{name:6s} {n}-token prompt: prefill {res['prefill_tps']:.1f} tok/s")
     out["speed"] = speed
+    depth = context_depth(kv_bits)
+    log(f"decode at a {depth}-token context ...")
+    out["deep_decode"] = deep_decode(loaded, depth, gen_tokens, kv_bits)
     del loaded, theirs
 
     _, tokenizer = load(path)  # for its tokenizer: loading is lazy
@@ -433,6 +477,15 @@ def format_device_report(r: dict) -> str:
     first = prompts[0]
     compare("decode tokens/s", "decode_tps", first, "{:.2f}")
     compare(f"time to first token (s), {first}-token prompt", "ttft_s", first, "{:.3f}")
+    d = r["deep_decode"]
+    where = " (CPU: 4K, not 16K)" if r["device"] == "cpu" else ""
+    kv = f", {d['kv_bits']}-bit KV cache" if d["kv_bits"] else ""
+    row(
+        f"decode tokens/s at a {d['depth'] // 1024}K-token context{kv}{where}",
+        f"{d['ours']:.2f}",
+        f"{d['mlx-lm']:.2f}",
+        f"{d['ours'] / d['mlx-lm']:.2f}×",
+    )
     for n in prompts:
         compare(f"peak memory (GB), {n}-token prompt", "peak_memory_gb", n, "{:.3f}")
     if "mtp" in r:
@@ -570,17 +623,40 @@ def streaming_row(
     max_tokens: int = 32,
     temp: float = 1.0,
     activations: str = "auto",
+    prompt_tokens: int | None = None,
+    chunked: int | None = None,
 ) -> dict[str, float]:
     """One benchmark row, in this process: generation from a fixed prompt (sampled at `temp`,
     seed 0) with `slots` expert slots per layer (None: all resident, no streaming). Hit rate and
     `mb_per_token` are for the decode steps after the first token; `prefill_mb_per_token` for
-    the prompt; `read_gbs` the read speed achieved over the whole run."""
+    the prompt; `read_gbs` the read speed achieved over the whole run.
+
+    `prompt_tokens`: a prompt of that many random token ids (seed 0) instead of the text.
+    `chunked`: prefill it in chunks of that many tokens, each through every layer (the prefill
+    streamed models had before `prefill.py`), for comparison."""
     import transformers  # noqa: F401 (part of the baseline, not of the model's memory)
 
     base = peak_rss_bytes()
     model, tokenizer = load(model_path, expert_slots=slots, activations=activations)
-    responses = stream_generate(model, tokenizer, PROMPT, max_tokens, temp=temp, seed=0)
+    prompt = PROMPT
+    if prompt_tokens:
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(0, model.args.vocab_size, prompt_tokens).tolist()
+    cache, prefill_s = None, 0.0
+    if chunked:
+        ids, cache = mx.array(encode(tokenizer, prompt)), model.make_cache()
+        tic = perf_counter()
+        with streaming.prefilling(model):
+            for i in range(0, ids.size - 1, chunked):
+                model(ids[None, i : min(i + chunked, ids.size - 1)], cache=cache)
+                mx.eval([c.state for c in cache])
+        prefill_s, prompt = perf_counter() - tic, ids[-1:].tolist()
+    responses = stream_generate(
+        model, tokenizer, prompt, max_tokens, temp=temp, seed=0, prompt_cache=cache
+    )
     r = next(responses)
+    n = r.prompt_tokens + (ids.size - 1 if chunked else 0)
+    prompt_tps = n / (prefill_s + r.prompt_tokens / r.prompt_tps)
     start, cpu = streaming.stats(model), process_time()
     for r in responses:  # noqa: B007 (the last response has the totals)
         pass
@@ -589,8 +665,8 @@ def streaming_row(
     decode = total - start
     return {
         "slots": slots or 0,
-        "prompt_tokens": r.prompt_tokens,
-        "prompt_tps": r.prompt_tps,
+        "prompt_tokens": n,
+        "prompt_tps": prompt_tps,
         "tokens": r.generation_tokens,
         "tps": r.generation_tps,
         # Tokens per CPU-second (all threads): steadier than tokens/s on a shared machine.
@@ -598,6 +674,7 @@ def streaming_row(
         "hit_rate": decode.hit_rate if slots else 1.0,
         "mb_per_token": decode.bytes_read / max(r.generation_tokens - 1, 1) / 1e6,
         "prefill_mb_per_token": total.prefill_bytes_read / max(total.prefill_tokens, 1) / 1e6,
+        "prefill_mb_read": total.prefill_bytes_read / 1e6,
         "read_gbs": total.bytes_read / total.read_s / 1e9 if total.read_s else None,
         "resident_gb": decode.resident_bytes / 1e9,
         "peak_rss_gb": peak_rss_bytes() / 1e9,
@@ -606,7 +683,12 @@ def streaming_row(
 
 
 def streaming_rows(
-    model_path: str, slots: list[int | None], max_tokens: int = 32, temp: float = 1.0
+    model_path: str,
+    slots: list[int | None],
+    max_tokens: int = 32,
+    temp: float = 1.0,
+    prompt_tokens: int | None = None,
+    chunked: int | None = None,
 ) -> list[dict]:
     """`streaming_row` for each cache size, each in a fresh process, so that each peak memory
     figure is its own."""
@@ -617,6 +699,8 @@ def streaming_rows(
         cmd += ["--row"]
         cmd += ["--max-tokens", str(max_tokens), "--temp", str(temp)]
         cmd += ["--slots", str(s)] if s else []
+        cmd += ["--prompt-tokens", str(prompt_tokens)] if prompt_tokens else []
+        cmd += ["--chunked", str(chunked)] if chunked else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if out.returncode:
             raise RuntimeError(f"benchmark row {s} failed:\n{out.stderr[-2000:]}")
@@ -639,34 +723,58 @@ def streaming_main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--max-tokens", "-m", type=int, default=32)
     p.add_argument("--temp", type=float, default=1.0, help="Sampling temperature (seed 0).")
+    p.add_argument(
+        "--prompt-tokens", type=int, help="A prompt of this many random tokens (default: a text)."
+    )
+    p.add_argument(
+        "--chunked",
+        type=int,
+        metavar="STEP",
+        help="Prefill in STEP-token chunks, each through every layer (the prefill before "
+        "layer-major), for comparison.",
+    )
     p.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    extra = (a.prompt_tokens, a.chunked)
     if a.row:
         slots = a.slots[0] if a.slots else None
-        print(json.dumps(streaming_row(a.model, slots, a.max_tokens, a.temp)))
+        print(json.dumps(streaming_row(a.model, slots, a.max_tokens, a.temp, "auto", *extra)))
         return
     path = resolve(a.model)
     config = read_config(path)
     E, k = config["n_routed_experts"], config["num_experts_per_tok"]
-    if a.max_tokens < 1 or any(s < k for s in a.slots or []):
-        p.error(f"need --max-tokens >= 1 and every --slots >= num_experts_per_tok ({k})")
+    if (
+        a.max_tokens < 1
+        or any(s < k for s in a.slots or [])
+        or min((n for n in extra if n), default=2) < 2
+    ):
+        p.error(
+            f"need --max-tokens >= 1, every --slots >= num_experts_per_tok ({k}), "
+            "--prompt-tokens and --chunked >= 2"
+        )
     slots = a.slots or [
         s for s in (None, E, E // 2, E // 4, k) if streaming.fits_in_memory(path, config, s)
     ]
-    rows = streaming_rows(a.model, slots, a.max_tokens, a.temp)
+    rows = streaming_rows(a.model, slots, a.max_tokens, a.temp, *extra)
     size, layers = streaming.expert_bytes(resolve(a.model), config)
     print(f"{a.model}: {E} experts x {layers} MoE layers, {size / 1e6:.2f} MB each, top-{k}")
-    print(f"{rows[0]['prompt_tokens']}-token prompt, {rows[0]['tokens']} tokens at temp {a.temp}")
+    prefill = f"in {a.chunked}-token chunks" if a.chunked else "layer by layer"
+    print(
+        f"{rows[0]['prompt_tokens']}-token prompt prefilled {prefill}, {rows[0]['tokens']} "
+        f"tokens at temp {a.temp}; all routed experts: {size * layers * E / 1e6:.1f} MB"
+    )
     print(
         "| expert slots | hit rate | MB read/token | decode tok/s | tok/CPU-s | prefill tok/s "
-        "| resident weights GB | peak RSS GB (growth) |"
+        "| MB read/prompt token (x all experts) | resident weights GB | peak RSS GB (growth) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         name = f"{r['slots']} ({r['slots'] / E:.0%})" if r["slots"] else "all resident"
+        reads = r["prefill_mb_read"] * 1e6 / (size * layers * E)
         print(
             f"| {name} | {r['hit_rate']:.1%} | {r['mb_per_token']:.2f} | {r['tps']:.2f} "
-            f"| {r['tokens_per_cpu_s']:.2f} | {r['prompt_tps']:.1f} | {r['resident_gb']:.3f} "
+            f"| {r['tokens_per_cpu_s']:.2f} | {r['prompt_tps']:.1f} "
+            f"| {r['prefill_mb_per_token']:.3f} ({reads:.2f}x) | {r['resident_gb']:.3f} "
             f"| {r['peak_rss_gb']:.3f} ({r['peak_growth_gb']:.3f}) |"
         )
 
@@ -714,7 +822,8 @@ def main(argv: list[str] | None = None) -> None:
         "--report",
         action="store_true",
         help="One table for this device: agreement with mlx-lm, speed at 128- and 2048-token "
-        "prompts, MTP, expert streaming, bandwidth.",
+        "prompts, decode at a 16K-token context (32K with --kv-bits 4, 4K on the CPU), MTP, "
+        "expert streaming, bandwidth.",
     )
     a = p.parse_args(argv)
     a.gen_tokens = a.gen_tokens or (32 if a.report else 128)
@@ -741,7 +850,14 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if a.report:
                 prompts = tuple(sorted({min(128, a.prompt_tokens), a.prompt_tokens}))
-                out = device_report(path, prompts, a.gen_tokens, activations=a.activations, log=log)
+                out = device_report(
+                    path,
+                    prompts,
+                    a.gen_tokens,
+                    activations=a.activations,
+                    kv_bits=a.kv_bits,
+                    log=log,
+                )
             else:
                 out = benchmark(
                     path,

@@ -15,7 +15,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .models import Model
 from .mtp import CLEAR_CACHE_EVERY
-from .streaming import prefilling
+from .prefill import prefill
+from .streaming import prefilling, streams_experts
 
 Sampler = Callable[[mx.array], mx.array]
 # The command line's MTP default for checkpoints that have the layer (see the MTP section of the
@@ -71,7 +72,19 @@ def generate_step(
 
     # Prefill all but the last token in chunks; only the cache is evaluated, so the logits of the
     # prefix are never computed. The work runs on mlx-lm's generation stream, off the default
-    # one, which the caller's code between tokens may use.
+    # one, which the caller's code between tokens may use. Streamed experts go layer by layer
+    # instead, reading each expert once per prompt, not once per chunk.
+    if streams_experts(model) and prompt.size > 1:
+        prefill(
+            model,
+            prompt[:-1],
+            cache,
+            prefill_step_size,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            quantized_kv_start=quantized_kv_start,
+        )
+        prompt = prompt[-1:]
     while prompt.size > 1:
         n = min(prefill_step_size, prompt.size - 1)
         with mx.stream(generation_stream), prefilling(model):

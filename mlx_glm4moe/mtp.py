@@ -26,7 +26,8 @@ from mlx_lm.models.cache import KVCache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 
 from .models import Model
-from .streaming import prefilling
+from .prefill import prefill, prefill_mtp
+from .streaming import prefilling, streams_experts
 
 Sampler = Callable[[mx.array], mx.array]
 # A long decode returns MLX's cached buffers to the system this often (tokens), as mlx-lm does.
@@ -209,6 +210,11 @@ def mtp_generate_step(
 
     # Prefill all but the last token in chunks; pair p of the MTP layer needs seq[p + 1], which
     # the chunk never reaches past. Work runs on mlx-lm's generation stream (see generate_step).
+    # Streamed experts go layer by layer (see prefill.py).
+    if streams_experts(model) and len(seq) - pos > 1:
+        h = prefill(model, mx.array(seq[pos:-1]), main, prefill_step_size, hidden=True)
+        prefill_mtp(model, mx.array(seq[pos + 1 :]), h, mcache, prefill_step_size)
+        pos = len(seq) - 1
     while len(seq) - pos > 1:
         n = min(prefill_step_size, len(seq) - pos - 1)
         with mx.stream(generation_stream), prefilling(model):

@@ -413,6 +413,11 @@ def _streamers(model: nn.Module) -> list[StreamingSwitchGLU]:
     return [m for _, m in model.named_modules() if isinstance(m, StreamingSwitchGLU)]
 
 
+def streams_experts(model: nn.Module) -> bool:
+    """Whether the model keeps its routed experts on disk."""
+    return bool(_streamers(model))
+
+
 @contextmanager
 def prefilling(model: nn.Module) -> Iterator[None]:
     """Count the expert reads inside as the prompt's (`StreamStats.prefill_bytes_read`)."""

@@ -219,6 +219,8 @@ def test_device_report_fields_are_present_and_sane(air_q4, tmp_path, capsys):
         for run in r["speed"][name].values():
             assert run["prefill_tps"] > 0 and run["ttft_s"] > 0 and run["peak_memory_gb"] > 0
         assert r["speed"][name]["128"]["decode_tps"] > 0
+    deep = r["deep_decode"]  # on the CPU at 4K tokens, not 16K
+    assert deep["depth"] == 4096 and deep["ours"] > 0 and deep["mlx-lm"] > 0
     m = r["mtp"]
     assert 0 <= m["acceptance"] <= 1 and 1 <= m["tokens_per_pass"] <= 2 and m["speed_ratio"] > 0
     assert [s["slots"] for s in r["streaming"]] == [4, 2]  # half of 8 experts, the top-k minimum
@@ -235,4 +237,6 @@ def test_device_report_fields_are_present_and_sane(air_q4, tmp_path, capsys):
     assert all(line.startswith("| ") and line.count(" | ") == 3 for line in table[2:])
     assert "| greedy tokens equal | 16 of 16 |  |  |" in table
     assert any(line.startswith("| prefill tokens/s, 200-token prompt |") for line in table)
+    deep_row = "| decode tokens/s at a 4K-token context (CPU: 4K, not 16K) |"
+    assert any(line.startswith(deep_row) for line in table)
     assert table == format_device_report(r).splitlines()

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlx_glm4moe"
 FLOORS = [
     {"models", "weights", "parsers"},
     {"recipes", "synthetic", "streaming", "distributed", "upload", "constrain"},
-    {"loading", "convert"},
+    {"loading", "convert", "prefill"},
     {"mtp"},
     {"generate"},
     {"chat", "batch"},

@@ -343,13 +343,17 @@ class MTPLayer(DecoderLayer):
         """Logits for the token after each of `tokens`, given the main model's final (normed)
         hidden state at the position before each token. Returns (logits, hidden) where hidden is
         what a chained draft step feeds back in."""
-        own = "embed_tokens" in self
-        embed = self.embed_tokens if own else self.main().model.embed_tokens
-        x = mx.concatenate([self.enorm(embed(tokens)), self.hnorm(hidden)], axis=-1)
-        h = self.eh_proj(x)
+        h = self.join(tokens, hidden)
         h = super().__call__(h, create_attention_mask(h, cache), cache)
         normed = self.shared_head.norm(h)
+        own = "embed_tokens" in self
         return (self.shared_head.head(normed) if own else self.main().logits(normed)), h
+
+    def join(self, tokens: mx.array, hidden: mx.array) -> mx.array:
+        """The decoder layer's input: each token's embedding joined to the hidden state."""
+        embed = self.embed_tokens if "embed_tokens" in self else self.main().model.embed_tokens
+        x = mx.concatenate([self.enorm(embed(tokens)), self.hnorm(hidden)], axis=-1)
+        return self.eh_proj(x)
 
 
 class LanguageModel(nn.Module):
