@@ -152,6 +152,8 @@ class Job:
     enable_thinking: bool = True
     tool_choice: str | None = None
     parallel: bool = True
+    # Keep this prompt's cache entry ahead of plain ones (Anthropic's cache_control).
+    pin_cache: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -268,9 +270,11 @@ class Engine:
         template_kwargs: dict[str, Any] | None = None,
         top_logprobs: int | None = None,
         parallel: bool = True,
+        pin_cache: bool = False,
     ) -> Job:
         """Check a chat request against the model (tools, context length) and make its job.
-        `tool_choice` is "auto", "none", "required" or a function name."""
+        `tool_choice` is "auto", "none", "required" or a function name; `pin_cache` keeps the
+        prompt's cache entry ahead of plain ones."""
         names = {t["function"]["name"] for t in tools or ()}
         if tool_choice not in (None, "auto", "none", "required") and tool_choice not in names:
             raise APIError(
@@ -306,6 +310,7 @@ class Engine:
             enable_thinking=enable_thinking,
             tool_choice=None if tool_choice == "auto" else tool_choice,
             parallel=parallel,
+            pin_cache=pin_cache,
         )
 
     def submit(self, job: Job) -> None:
@@ -318,6 +323,7 @@ class Engine:
                 seed=job.seed,
                 top_logprobs=job.top_logprobs,
                 cancel=job.cancel,
+                pin_cache=job.pin_cache,
             )
         )
 
