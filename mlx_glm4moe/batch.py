@@ -45,6 +45,8 @@ class PromptStore(Protocol):
 
     def store(self, tokens: list[int], cache: list, pinned: bool = False) -> bool: ...
 
+    def flush(self) -> None: ...
+
 
 @dataclass
 class Request:
@@ -165,7 +167,8 @@ class BatchEngine:
         self._inbox.put(request)
 
     def close(self) -> None:
-        """Stop the engine thread (running requests end as cancelled)."""
+        """Stop the engine thread (running requests end as cancelled) and flush the prompt
+        cache (to its folder, when it has one)."""
         self._inbox.put(None)
         self._thread.join()
 
@@ -202,6 +205,9 @@ class BatchEngine:
             self._finish(uid, "cancelled")
         for request in self._waiting:
             request.emit(_done("cancelled", len(request.tokens)))
+        if self.prompt_cache is not None:
+            # Here: the caches' arrays belong to this thread's MLX stream.
+            self.prompt_cache.flush()
 
     def _new_generator(self) -> BatchGenerator:
         return BatchGenerator(

@@ -920,3 +920,26 @@ def test_cache_control_marks_the_request_pinned():
         {**plain, "tools": [{"name": "t", "input_schema": {"type": "object"}, **mark}]},
     ):
         assert has_cache_control(MessagesRequest.model_validate(marked))
+
+
+def test_prompt_cache_dir_survives_a_restart(air_q4, tmp_path):
+    """The prompt cache goes to --prompt-cache-dir at shutdown; a new server finds it."""
+    model, tokenizer = load(air_q4)
+    body = {"messages": user("remember this prompt across restarts"), "max_tokens": 2}
+    cached = []
+    for _ in range(2):
+        app = create_app(model, tokenizer, prompt_cache_dir=tmp_path)
+        port = free_port()
+        uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=uv.run, daemon=True)
+        thread.start()
+        while not uv.started:
+            assert thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+        cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+        uv.should_exit = True
+        thread.join(timeout=30)
+        assert len(list(tmp_path.glob("*/*.safetensors"))) == 1
+    prompt = r.json()["usage"]["prompt_tokens"]
+    assert cached == [0, prompt - 1]

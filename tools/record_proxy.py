@@ -12,7 +12,9 @@ copy only, so that a slow CPU demo model can take part in a real session:
   ``{"type": "enabled"}``, and messages with role "system" are dropped from ``messages`` and
   their text appended to ``system``: the server rejected both when this tool was written.
 
-Replies pass through unchanged (streamed). Listens on 127.0.0.1 only.
+Replies pass through unchanged (streamed); while a streamed reply is silent for 10 s between
+events (a long prefill), the proxy sends the client an Anthropic ``ping`` event (an SSE comment
+on other APIs). Listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import queue
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
 SECRET_HEADERS = {"authorization", "x-api-key"}
+PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+COMMENT = b": keepalive\n\n"
 
 
 def rewrite(path: str, body: dict, cap: int) -> list[str]:
@@ -109,7 +114,28 @@ def main() -> None:
             self.send_header("transfer-encoding", "chunked")
             self.send_header("connection", "close")
             self.end_headers()
-            while chunk := resp.read1(65536):
+            chunks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+
+            def read() -> None:
+                while chunk := resp.read1(65536):
+                    chunks.put(chunk)
+                chunks.put(b"")
+
+            threading.Thread(target=read, daemon=True).start()
+            sse = "text/event-stream" in (resp.getheader("content-type") or "")
+            last = b"\n\n"
+            while True:
+                try:
+                    chunk = chunks.get(timeout=10)
+                except queue.Empty:
+                    # A long prefill on the CPU is silence a client may time out on.
+                    if not (sse and last.endswith(b"\n\n")):
+                        continue
+                    chunk = PING if self.path.startswith("/v1/messages") else COMMENT
+                else:
+                    if not chunk:
+                        break
+                    last = chunk
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")

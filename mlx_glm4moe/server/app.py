@@ -126,9 +126,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await run_in_threadpool(engine.batch.close)
-        if prompt_cache is not None:
-            await run_in_threadpool(prompt_cache.flush)
+        await run_in_threadpool(engine.batch.close)  # also writes the prompt cache out
 
     app = FastAPI(
         title="mlx-glm4moe", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
