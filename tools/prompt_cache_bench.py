@@ -5,11 +5,12 @@
     PYTHONPATH=. python tools/prompt_cache_bench.py restart [--tokens 8000]
 
 `replay DIR` sends the recorded request bodies of DIR in order (``turnN.json`` with the path in
-``turnN.meta.json``, as tools/record_proxy.py writes them, or ``NNN.json`` holding
-``{path, body}``) to one server, with the proxy's rewrites (max_tokens capped, Claude Code's
-adaptive thinking and role "system" messages), and prints per turn the prompt tokens, the cached
-tokens and the share cached, from each API's usage fields. `--strip-billing` drops Claude Code's
-``x-anthropic-billing-header`` system block first (what the server does once that fix lands).
+``turnN.meta.json``, as tools/record_proxy.py writes them; with ``--files '0*.json'``, the
+``NNN.json`` files holding ``{path, body}``) to one server, with the proxy's rewrites
+(max_tokens capped, Claude Code's adaptive thinking and role "system" messages), and prints per
+turn the prompt tokens, the cached tokens and the share cached, from each API's usage fields.
+`--strip-billing` drops Claude Code's ``x-anthropic-billing-header`` system block first (what
+the server does once that fix lands).
 
 `restart` times the first token of one ~N-token prompt on a fresh server with an empty
 `--prompt-cache-dir`, then on a new server process on the same folder after a clean shutdown.
@@ -76,14 +77,14 @@ class Server:
         self.proc.wait(timeout=600)
 
 
-def recorded(folder: Path) -> list[tuple[str, dict]]:
-    """(path, body) of each recorded POST, in order."""
+def recorded(folder: Path, pattern: str) -> list[tuple[str, dict]]:
+    """(path, body) of each recorded POST among the files matching `pattern`, in order."""
     turns = []
 
     def number(f: Path) -> list[int]:
         return [int(d) for d in re.findall(r"\d+", f.name)]
 
-    for f in sorted(folder.glob("*.json"), key=number):
+    for f in sorted(folder.glob(pattern), key=number):
         if f.name.endswith(".meta.json"):
             continue
         data = json.loads(f.read_text())
@@ -112,7 +113,7 @@ def cached_share(path: str, usage: dict) -> tuple[int, int]:
 
 
 def replay(a: argparse.Namespace, model: Path) -> None:
-    turns = recorded(a.folder)
+    turns = recorded(a.folder, a.files)
     if not turns:
         raise SystemExit(f"no recorded requests in {a.folder}")
     server = Server(model)
@@ -181,6 +182,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("replay", help="Replay recorded turns; per-turn cache reuse.")
     r.add_argument("folder", type=Path)
+    r.add_argument("--files", default="turn*.json", help="Which files of the folder to send.")
     r.add_argument("--strip-billing", action="store_true")
     r.add_argument("--max-tokens", type=int, default=16)
     s = sub.add_parser("restart", help="Time to first token cold and after a restart.")
