@@ -12,8 +12,9 @@ turn the prompt tokens, the cached tokens and the share cached, from each API's 
 `--strip-billing` drops Claude Code's ``x-anthropic-billing-header`` system block first (what
 the server does once that fix lands).
 
-`restart` times the first token of one ~N-token prompt on a fresh server with an empty
-`--prompt-cache-dir`, then on a new server process on the same folder after a clean shutdown.
+`restart` times the first token of one N-token prompt (token ids, through /v1/completions) on a
+fresh server with an empty `--prompt-cache-dir`, then on a new server process on the same folder
+after a clean shutdown.
 """
 
 from __future__ import annotations
@@ -146,21 +147,16 @@ def replay(a: argparse.Namespace, model: Path) -> None:
 
 
 def restart(a: argparse.Namespace, model: Path, folder: Path) -> None:
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    text = " ".join(f"{words[i % len(words)]}{i % 97}" for i in range(a.tokens // 2))
-    body = {
-        "model": "demo",
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": 1,
-        "chat_template_kwargs": {"enable_thinking": False},
-    }
+    # Token ids through /v1/completions: exactly `--tokens` of them, whatever the tokenizer.
+    ids = [100 + (i * 7919) % 2000 for i in range(a.tokens)]
+    body = {"model": "demo", "prompt": ids, "max_tokens": 1}
     cache_dir = folder / "prompt-cache"
     rows = []
     for label in ("cold", "after restart"):
         server = Server(model, "--prompt-cache-dir", str(cache_dir))
         try:
             start = time.perf_counter()
-            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=3600)
+            r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=3600)
             seconds = time.perf_counter() - start
             r.raise_for_status()
             usage = r.json()["usage"]
@@ -186,7 +182,7 @@ def main() -> None:
     r.add_argument("--strip-billing", action="store_true")
     r.add_argument("--max-tokens", type=int, default=16)
     s = sub.add_parser("restart", help="Time to first token cold and after a restart.")
-    s.add_argument("--tokens", type=int, default=8000, help="About this many prompt tokens.")
+    s.add_argument("--tokens", type=int, default=8000, help="Prompt tokens.")
     a = p.parse_args()
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     with tempfile.TemporaryDirectory() as tmp:
