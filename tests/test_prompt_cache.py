@@ -69,27 +69,35 @@ def test_pinned_entries_outlive_plain_ones(loaded):
     assert [pc.fetch(p)[2] == len(p) - 1 for p in (a, b, c)] == [False, True, True]
 
 
-def test_restart_finds_the_entry_and_output_is_identical(loaded, tmp_path):
+@pytest.mark.parametrize("mtp", [False, True])
+def test_restart_finds_the_entry_and_output_is_identical(loaded, tmp_path, mtp):
     model, tok = loaded
     cold_logits = []
-    cold = chat(model, tok, MESSAGES, max_tokens=8, sampler=recording(cold_logits))
+    cold = chat(model, tok, MESSAGES, max_tokens=8, sampler=recording(cold_logits), mtp=mtp)
 
-    pc = PromptCache(model, directory=tmp_path)
-    first = chat(model, tok, MESSAGES, max_tokens=8, prompt_cache=pc)
+    pc = PromptCache(model, mtp=mtp, directory=tmp_path)
+    first = chat(model, tok, MESSAGES, max_tokens=8, prompt_cache=pc, mtp=mtp)
     assert first["usage"]["cache_creation_tokens"] == first["usage"]["prompt_tokens"]
     pc.flush()
     assert len(list(tmp_path.glob("*/*.safetensors"))) == 1
 
-    restarted = PromptCache(model, directory=tmp_path)  # a new server on the same folder
+    restarted = PromptCache(model, mtp=mtp, directory=tmp_path)  # a new server, same folder
     logits = []
     again = chat(
-        model, tok, MESSAGES, max_tokens=8, prompt_cache=restarted, sampler=recording(logits)
+        model,
+        tok,
+        MESSAGES,
+        max_tokens=8,
+        prompt_cache=restarted,
+        sampler=recording(logits),
+        mtp=mtp,
     )
     assert again["usage"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
     assert (again["content"], again["reasoning_content"]) == (
         cold["content"],
         cold["reasoning_content"],
     )
+    assert len(logits) == len(cold_logits)
     for x, y in zip(logits, cold_logits, strict=True):
         assert np.array_equal(x, y)
 
