@@ -45,7 +45,9 @@ class PromptStore(Protocol):
 
     def fetch(self, tokens: list[int]) -> tuple[list, list[int], int]: ...
 
-    def store(self, tokens: list[int], cache: list) -> None: ...
+    def store(self, tokens: list[int], cache: list, pinned: bool = False) -> bool: ...
+
+    def flush(self) -> None: ...
 
 
 @dataclass
@@ -54,12 +56,14 @@ class Request:
     ``{"type": "token", "token", "text", "logprobs"}`` per generated token (the stop token
     included, with empty text), then ``{"type": "done", "finish_reason", "usage"}`` or
     ``{"type": "error", "message"}``. `finish_reason` is "stop", "length" or "cancelled";
-    `usage` is ``{prompt_tokens, completion_tokens, cached_tokens}``.
+    `usage` is ``{prompt_tokens, completion_tokens, cached_tokens, cache_creation_tokens}``:
+    the prompt tokens read from the prompt cache, and those newly written to it.
 
     `make_sampler` is called when the request starts (an error there fails only this request).
     With `top_logprobs` set (0 or more), each token event carries
     ``{"logprob": float, "top": [(token, logprob), ...]}``, else None. Setting `cancel` stops
-    the request between steps.
+    the request between steps. `pin_cache` keeps the request's cache entry ahead of plain
+    ones (the client marked its prefix as one it sends again).
     """
 
     tokens: list[int]
@@ -69,6 +73,7 @@ class Request:
     seed: int | None = None
     top_logprobs: int | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    pin_cache: bool = False
 
 
 @dataclass
@@ -110,9 +115,11 @@ class _Running:
     sampler: Sampler
     generated: int = 0
     failed: str | None = None
+    stored: bool = False
 
     def done(self, finish: str) -> dict:
-        return _done(finish, self.prompt_tokens, self.generated, self.cached)
+        created = self.prompt_tokens - self.cached if self.stored else 0
+        return _done(finish, self.prompt_tokens, self.generated, self.cached, created)
 
 
 class BatchEngine:
@@ -162,7 +169,8 @@ class BatchEngine:
         self._inbox.put(request)
 
     def close(self) -> None:
-        """Stop the engine thread (running requests end as cancelled)."""
+        """Stop the engine thread (running requests end as cancelled) and flush the prompt
+        cache (to its folder, when it has one)."""
         self._inbox.put(None)
         self._thread.join()
 
@@ -199,6 +207,9 @@ class BatchEngine:
             self._finish(uid, "cancelled")
         for request in self._waiting:
             request.emit(_done("cancelled", len(request.tokens)))
+        if self.prompt_cache is not None:
+            # Here: the caches' arrays belong to this thread's MLX stream.
+            self.prompt_cache.flush()
 
     def _new_generator(self) -> BatchGenerator:
         return BatchGenerator(
@@ -281,7 +292,7 @@ class BatchEngine:
         gone = [uid for uid, s in self._running.items() if s.request.cancel.is_set()]
         if gone:
             for uid, (cache, tokens) in generator.remove(gone, return_prompt_caches=True).items():
-                self._store(tokens, cache)
+                self._store(self._running[uid], tokens, cache)
                 self._finish(uid, "cancelled")
 
     def _drop_failed(self, generator: BatchGenerator) -> None:
@@ -311,12 +322,12 @@ class BatchEngine:
             }
         )
         if finish:
-            self._store(r.all_tokens, r.prompt_cache)
+            self._store(state, r.all_tokens, r.prompt_cache)
             self._finish(r.uid, finish)
 
-    def _store(self, tokens: list[int], cache: list) -> None:
+    def _store(self, state: _Running, tokens: list[int], cache: list) -> None:
         if self.prompt_cache is not None and tokens:
-            self.prompt_cache.store(tokens, cache)
+            state.stored = self.prompt_cache.store(tokens, cache, state.request.pin_cache)
 
     def _finish(self, uid: int, finish: str | None = None, error: str | None = None) -> None:
         state = self._running.pop(uid)
@@ -367,15 +378,18 @@ class BatchEngine:
             log.exception("generation failed")
             request.emit({"type": "error", "message": "The generation failed."})
         else:
-            self._store(tokens, cache)
+            self._store(state, tokens, cache)
             request.emit(state.done(finish or "length"))
         self.metrics.requests_running = 0
         self.metrics.batch_size = 0
 
 
-def _done(finish: str, prompt_tokens: int, generated: int = 0, cached: int = 0) -> dict:
+def _done(
+    finish: str, prompt_tokens: int, generated: int = 0, cached: int = 0, created: int = 0
+) -> dict:
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated}
-    return {"type": "done", "finish_reason": finish, "usage": {**usage, "cached_tokens": cached}}
+    usage |= {"cached_tokens": cached, "cache_creation_tokens": created}
+    return {"type": "done", "finish_reason": finish, "usage": usage}
 
 
 def _logprobs(logprobs: mx.array, token: int, top: int | None) -> dict | None:

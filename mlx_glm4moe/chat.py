@@ -6,120 +6,19 @@
 
 from __future__ import annotations
 
-import copy
-import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .generate import encode, stream_generate
 from .models import Model
 from .mtp import make_cache
 from .parsers import StreamParser, normalize_messages
+from .prompt_cache import PromptCache
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class PromptCache:
-    """An LRU of token sequences → KV caches, for reuse across turns and requests.
-
-    `fetch(tokens)` hands out a private copy of the cache sharing the longest common prefix
-    with `tokens`, trimmed to that prefix, and the tokens still to feed. `store(tokens, cache)`
-    takes ownership of a cache after generation. Holds at most `max_entries` caches and
-    `max_bytes` bytes of cache state (least recently used go first). Thread-safe. With `mtp`,
-    its caches carry the MTP layer's part, for `stream_generate(..., mtp=True)`.
-    """
-
-    def __init__(
-        self, model: Model, max_bytes: int = 8 << 30, max_entries: int = 8, mtp: bool = False
-    ) -> None:
-        self.model = model
-        self.mtp = mtp
-        self.max_bytes = max_bytes
-        self.max_entries = max_entries
-        self._entries: OrderedDict[int, tuple[np.ndarray, list]] = OrderedDict()
-        self._next_key = 0
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of cache state held."""
-        return sum(_nbytes(cache) for _, cache in self._entries.values())
-
-    def fetch(self, tokens: list[int]) -> tuple[list, list[int], int]:
-        """(cache, remaining_tokens, cached_count): feed `remaining_tokens` to `cache`.
-
-        At least one token always remains (generation needs a new token to produce logits), so
-        a fully cached prompt gives back its last token.
-        """
-        if not tokens:
-            raise ValueError("fetch() needs at least one token")
-        query = np.asarray(tokens)
-        with self._lock:
-            best, n = None, 0
-            for key, (seq, stored) in self._entries.items():
-                common = min(_common_prefix(seq, query), len(tokens) - 1)
-                # trim_prompt_cache silently does nothing on caches that cannot be trimmed.
-                if common > n and (common == len(seq) or can_trim_prompt_cache(stored)):
-                    best, n = key, common
-            if best is None:
-                return make_cache(self.model, self.mtp), list(tokens), 0
-            self._entries.move_to_end(best)
-            seq, stored = self._entries[best]
-            cache = copy.deepcopy(stored)
-        trim_prompt_cache(cache, len(seq) - n)
-        return cache, list(tokens[n:]), n
-
-    def store(self, tokens: list[int], cache: list) -> None:
-        """Keep `cache`, which holds `tokens` (or a prefix of them: anything past the cache's
-        length is ignored; cache entries past `len(tokens)` are trimmed). The caller must not
-        use `cache` afterwards."""
-        length = min(len(tokens), _offset(cache))
-        if length == 0 or (length < _offset(cache) and not can_trim_prompt_cache(cache)):
-            return
-        trim_prompt_cache(cache, _offset(cache) - length)
-        seq = np.asarray(tokens[:length])
-        with self._lock:
-            for key, (old, _) in list(self._entries.items()):
-                n = _common_prefix(old, seq)
-                if n == len(seq):  # already covered by a longer (or equal) entry
-                    self._entries.move_to_end(key)
-                    return
-                if n == len(old):  # the new entry covers the old one
-                    del self._entries[key]
-            self._entries[self._next_key] = (seq, cache)
-            self._next_key += 1
-            sizes = {k: _nbytes(c) for k, (_, c) in self._entries.items()}
-            total = sum(sizes.values())
-            while self._entries and (
-                total > self.max_bytes or len(self._entries) > self.max_entries
-            ):
-                key, _ = self._entries.popitem(last=False)
-                total -= sizes[key]
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if diff.size else n
-
-
-def _offset(cache: list) -> int:
-    """Tokens in the main layers' caches (an MTP cache after them holds one entry fewer, and
-    is trimmed by the same count)."""
-    return cache[0].offset if cache else 0
-
-
-def _nbytes(cache: list) -> int:
-    return sum(c.nbytes for c in cache)
 
 
 # apply_chat_template's own arguments: template variables must not replace them.
@@ -307,11 +206,12 @@ def stream_chat(
 
     `message` is `{"role": "assistant", "content", "reasoning_content", "tool_calls"}`, ready to
     append to `messages`. `finish_reason` is "stop", "tool_calls", "length" or "cancelled";
-    `usage` is `{prompt_tokens, completion_tokens, cached_tokens}`. `tools` (OpenAI list) is
-    offered to the model and types the call arguments. `enable_thinking` and
-    `chat_template_kwargs` go to the chat template (see `render_prompt`); the parser starts where
-    the rendered prompt leaves off (inside reasoning after GLM-4.7's `<think>`, in content after
-    `</think>`). `prompt_cache` reuses and keeps KV caches.
+    `usage` is `{prompt_tokens, completion_tokens, cached_tokens, cache_creation_tokens}` (prompt
+    tokens read from and newly written to `prompt_cache`). `tools` (OpenAI list) is offered to
+    the model and types the call arguments. `enable_thinking` and `chat_template_kwargs` go to
+    the chat template (see `render_prompt`); the parser starts where the rendered prompt leaves
+    off (inside reasoning after GLM-4.7's `<think>`, in content after `</think>`).
+    `prompt_cache` reuses and keeps KV caches.
     `id_salt` makes tool-call ids unique per request (random when None). `**sampling` goes to
     `stream_generate` (max_tokens, temp, top_p, top_k, min_p, seed, sampler, cancel, ...).
     Closing the generator early stops generation (the cache is still kept).
@@ -327,9 +227,12 @@ def stream_chat(
     reply = Reply(tools, prompt, id_salt=id_salt)
     generated: list[int] = []
 
+    stored = False
+
     def keep_cache() -> None:
+        nonlocal stored
         if prompt_cache is not None:
-            prompt_cache.store(tokens + generated, cache)
+            stored = prompt_cache.store(tokens + generated, cache)
 
     r = None
     try:
@@ -341,7 +244,9 @@ def stream_chat(
         raise
     keep_cache()
     usage = {"prompt_tokens": len(tokens), "completion_tokens": len(generated)}
-    *events, done = reply.close(r.finish_reason if r else None, usage | {"cached_tokens": cached})
+    created = len(tokens) - cached if stored else 0
+    usage |= {"cached_tokens": cached, "cache_creation_tokens": created}
+    *events, done = reply.close(r.finish_reason if r else None, usage)
     yield from events
     stats = {
         "prompt_tps": r.prompt_tps if r else 0.0,

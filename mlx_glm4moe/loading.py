@@ -103,6 +103,7 @@ def load(
     experts = None if expert_slots is None else routed_experts(path, config, weights, expert_slots)
     model = build_model(config, weights, experts)
     model.model.activations = activations
+    model.source = path  # what a prompt cache on disk is keyed by
     check_fits(model, force)
     if not lazy:
         mx.eval(model.parameters())

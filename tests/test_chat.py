@@ -99,6 +99,7 @@ def test_chat_returns_the_parsed_message(loaded):
             "prompt_tokens": len(encode_messages(tok, USER, TOOLS)),
             "completion_tokens": n_reply + 1,  # the stop token counts
             "cached_tokens": 0,
+            "cache_creation_tokens": 0,
         },
         "malformed": None,
     }

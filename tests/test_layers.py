@@ -15,7 +15,7 @@ FLOORS = [
     {"recipes", "synthetic", "streaming", "distributed", "upload", "constrain"},
     {"loading", "convert", "prefill"},
     {"mtp"},
-    {"generate"},
+    {"generate", "prompt_cache"},
     {"chat", "batch"},
     {"server", "cli", "bench", "evaluate"},
 ]

@@ -710,7 +710,9 @@ def test_anthropic_text_and_thinking(claude):
     assert thinking.type == "thinking" and thinking.thinking == "The user wants a greeting."
     assert thinking.signature
     assert (text.type, text.text) == ("text", "Hello there, friend!")
-    assert r.usage.output_tokens > 0 and r.usage.input_tokens > 0
+    u = r.usage  # the prompt: read from the cache, written to it, or neither
+    assert u.output_tokens > 0
+    assert u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens > 0
 
     with claude.messages.stream(
         model="tiny",
@@ -736,7 +738,8 @@ def test_anthropic_text_and_thinking(claude):
     # GLM's switch: "/nothink" and an empty think block close the prompt. (A think block the
     # model writes anyway is still returned as thinking.)
     def prompt_tokens(r):
-        return r.usage.input_tokens + r.usage.cache_read_input_tokens
+        u = r.usage
+        return u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
 
     assert prompt_tokens(off) > prompt_tokens(on)
     assert [b.type for b in on.content] == ["thinking", "text"]
@@ -790,7 +793,9 @@ def test_anthropic_tool_round_trip(claude):
     again = claude.messages.create(
         model="tiny", max_tokens=8, messages=history, tools=[ANTHROPIC_WEATHER]
     )
-    assert again.usage.cache_read_input_tokens >= r.usage.input_tokens
+    u = r.usage
+    prompt = u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
+    assert again.usage.cache_read_input_tokens >= prompt
     failed = history[:-1] + [
         {
             "role": "user",
@@ -870,7 +875,10 @@ def test_anthropic_count_tokens(claude):
     messages = [{"role": "user", "content": "think then answer"}]
     count = claude.messages.count_tokens(model="tiny", messages=messages, system="Be brief.")
     r = claude.messages.create(model="tiny", max_tokens=2, messages=messages, system="Be brief.")
-    assert count.input_tokens == r.usage.input_tokens + r.usage.cache_read_input_tokens
+    u = r.usage
+    assert count.input_tokens == (
+        u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
+    )
     # Tools are part of the prompt, and of the count.
     tools = claude.messages.count_tokens(
         model="tiny", messages=messages, system="Be brief.", tools=[ANTHROPIC_WEATHER]
@@ -879,7 +887,10 @@ def test_anthropic_count_tokens(claude):
     r = claude.messages.create(
         model="tiny", max_tokens=2, messages=messages, system="Be brief.", tools=[ANTHROPIC_WEATHER]
     )
-    assert tools.input_tokens == r.usage.input_tokens + r.usage.cache_read_input_tokens
+    u = r.usage
+    assert tools.input_tokens == (
+        u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
+    )
 
 
 MESSAGES = {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
@@ -983,3 +994,81 @@ def test_command_line_with_api_key(air_q4):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# -- prompt cache usage -------------------------------------------------------------------------
+
+
+def test_prompt_cache_usage_in_both_apis(url, client, claude):
+    """A second request sharing the first's prompt reports the cached tokens, each API its way;
+    Anthropic counts the tokens written to the cache as cache creation."""
+    system = "You answer about the weather. " * 8
+    first = claude.messages.create(
+        model="tiny",
+        max_tokens=2,
+        system=[{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+        messages=[{"role": "user", "content": "usage check, first"}],
+    )
+    u = first.usage
+    assert u.cache_creation_input_tokens > 0
+    prompt = u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
+    assert prompt == u.cache_read_input_tokens + u.cache_creation_input_tokens  # all stored
+    second = claude.messages.create(
+        model="tiny",
+        max_tokens=2,
+        system=system,
+        messages=[{"role": "user", "content": "usage check, second"}],
+    )
+    assert second.usage.cache_read_input_tokens > 0
+
+    messages = [{"role": "system", "content": system}, *user("usage check, openai")]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert r.usage.prompt_tokens_details.cached_tokens > 0
+    chunks = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert usage[-1].prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 1
+
+
+def test_cache_control_marks_the_request_pinned():
+    from mlx_glm4moe.server.anthropic import MessagesRequest, has_cache_control
+
+    plain = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    mark = {"cache_control": {"type": "ephemeral"}}
+    text = [{"type": "text", "text": "hi", **mark}]
+    assert not has_cache_control(MessagesRequest.model_validate(plain))
+    for marked in (
+        {**plain, **mark},
+        {**plain, "system": text},
+        {**plain, "messages": [{"role": "user", "content": text}]},
+        {**plain, "tools": [{"name": "t", "input_schema": {"type": "object"}, **mark}]},
+    ):
+        assert has_cache_control(MessagesRequest.model_validate(marked))
+
+
+def test_prompt_cache_dir_survives_a_restart(air_q4, tmp_path):
+    """The prompt cache goes to --prompt-cache-dir at shutdown; a new server finds it."""
+    model, tokenizer = load(air_q4)
+    body = {"messages": user("remember this prompt across restarts"), "max_tokens": 2}
+    cached = []
+    for _ in range(2):
+        app = create_app(model, tokenizer, prompt_cache_dir=tmp_path)
+        port = free_port()
+        uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=uv.run, daemon=True)
+        thread.start()
+        while not uv.started:
+            assert thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+        cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+        uv.should_exit = True
+        thread.join(timeout=30)
+        assert len(list(tmp_path.glob("*/*.safetensors"))) == 1
+    prompt = r.json()["usage"]["prompt_tokens"]
+    assert cached == [0, prompt - 1]

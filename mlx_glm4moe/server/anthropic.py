@@ -279,11 +279,14 @@ def stop_reason(done: dict) -> str:
 
 
 def _usage(usage: dict) -> dict:
+    """Anthropic's usage: the prompt splits into tokens read from the prompt cache, tokens
+    written to it (the whole uncached rest, when the prompt was stored) and the others."""
     cached = usage.get("cached_tokens", 0)
+    created = usage.get("cache_creation_tokens", 0)
     return {
-        "input_tokens": usage["prompt_tokens"] - cached,
+        "input_tokens": usage["prompt_tokens"] - cached - created,
         "cache_read_input_tokens": cached,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": created,
         "output_tokens": usage["completion_tokens"],
     }
 
@@ -405,6 +408,7 @@ def prepare(engine: Engine, req: MessagesRequest, loop: asyncio.AbstractEventLoo
         sampling={"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": None},
         parallel=chat["parallel"],
         response_format=response_format(req.output_config),
+        pin_cache=has_cache_control(req),
     )
 
 
@@ -414,6 +418,18 @@ def response_format(config: OutputConfig | None) -> dict | None:
         return None
     schema = {"name": "output", "schema": config.format.schema_, "strict": True}
     return {"type": "json_schema", "json_schema": schema}
+
+
+def has_cache_control(req: MessagesRequest) -> bool:
+    """Whether the request marks any `cache_control` breakpoint (top level, a system block, a
+    tool or a content block): the client will send that prefix again."""
+    blocks: list[Any] = [req, *(req.tools or ())]
+    if isinstance(req.system, list):
+        blocks += req.system
+    for m in req.messages:
+        if isinstance(m.content, list):
+            blocks += m.content
+    return any((b.model_extra or {}).get("cache_control") for b in blocks)
 
 
 def routes(engine: Engine) -> APIRouter:

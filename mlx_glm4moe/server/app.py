@@ -68,6 +68,8 @@ def create_app(
     sampling: dict[str, Any] | None = None,
     prompt_cache_bytes: int = 4 << 30,
     prompt_cache_size: int = 8,
+    prompt_cache_dir: str | Path | None = None,
+    prompt_cache_disk_bytes: int = 32 << 30,
     sampler_factory: SamplerFactory | None = None,
     decode_concurrency: int = 8,
     prompt_concurrency: int = 1,
@@ -87,20 +89,30 @@ def create_app(
         sampling: default temp, top_p, top_k, min_p for requests that give none.
         prompt_cache_bytes, prompt_cache_size: the prompt cache's caps (bytes, entries);
             0 bytes turns it off.
+        prompt_cache_dir, prompt_cache_disk_bytes: keep evicted entries, and all of them at
+            shutdown, in this folder, within this many bytes (`chat.PromptCache`).
         sampler_factory: builds a job's sampler (None = the usual one from its fields): a seam
             for scripted output in tests and for custom sampling. Called on the engine thread.
         decode_concurrency, prompt_concurrency, prefill_step_size: the batching engine's
             limits (`batch.BatchEngine`).
         mtp, num_draft: MTP speculative decoding, one request at a time.
     """
+    prompt_cache = None
+    if prompt_cache_bytes > 0:
+        prompt_cache = PromptCache(
+            model,
+            prompt_cache_bytes,
+            prompt_cache_size,
+            mtp=mtp,
+            directory=prompt_cache_dir,
+            max_disk_bytes=prompt_cache_disk_bytes,
+        )
     engine = Engine(
         model,
         tokenizer,
         max_tokens=max_tokens,
         sampling=sampling,
-        prompt_cache=PromptCache(model, prompt_cache_bytes, prompt_cache_size, mtp=mtp)
-        if prompt_cache_bytes > 0
-        else None,
+        prompt_cache=prompt_cache,
         sampler_factory=sampler_factory,
         batch_kwargs={
             "decode_concurrency": decode_concurrency,
@@ -114,7 +126,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await run_in_threadpool(engine.batch.close)
+        await run_in_threadpool(engine.batch.close)  # also writes the prompt cache out
 
     app = FastAPI(
         title="mlx-glm4moe", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
@@ -207,6 +219,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--prompt-cache-size", type=int, default=8, help="Most prompts the cache keeps.")
     p.add_argument(
+        "--prompt-cache-dir",
+        help="Keep prompt caches evicted from memory, and all of them at shutdown, in this folder "
+        "and find them again after a restart (default: memory only).",
+    )
+    p.add_argument(
+        "--prompt-cache-disk-gb",
+        type=float,
+        default=32.0,
+        help="Size cap of --prompt-cache-dir (least recently used files go first).",
+    )
+    p.add_argument(
         "--decode-concurrency",
         type=int,
         help="Most requests decoded together in one batch (default 8; 1 with --mtp).",
@@ -238,8 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
     if a.num_draft < 1:
         p.error("--num-draft must be at least 1")
-    if a.prompt_cache_gb < 0 or a.prompt_cache_size < 1:
-        p.error("need --prompt-cache-gb >= 0 and --prompt-cache-size >= 1")
+    if a.prompt_cache_gb < 0 or a.prompt_cache_size < 1 or a.prompt_cache_disk_gb < 0:
+        p.error("need --prompt-cache-gb, --prompt-cache-disk-gb >= 0, --prompt-cache-size >= 1")
     if a.mtp and (a.decode_concurrency or 1) > 1:
         p.error("--mtp decodes one request at a time: it cannot go with --decode-concurrency > 1")
     decode_concurrency = a.decode_concurrency or (1 if a.mtp else 8)
@@ -263,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         sampling={"temp": a.temp, "top_p": a.top_p, "top_k": a.top_k, "min_p": a.min_p},
         prompt_cache_bytes=int(a.prompt_cache_gb * (1 << 30)),
         prompt_cache_size=a.prompt_cache_size,
+        prompt_cache_dir=a.prompt_cache_dir,
+        prompt_cache_disk_bytes=int(a.prompt_cache_disk_gb * (1 << 30)),
         decode_concurrency=decode_concurrency,
         prompt_concurrency=a.prompt_concurrency,
         prefill_step_size=a.prefill_step_size,

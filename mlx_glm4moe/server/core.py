@@ -214,6 +214,8 @@ class Job:
     tool_choice: str | None = None
     parallel: bool = True
     response_format: dict | None = None
+    # Keep this prompt's cache entry ahead of plain ones (Anthropic's cache_control).
+    pin_cache: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -312,10 +314,12 @@ class Engine:
         top_logprobs: int | None = None,
         parallel: bool = True,
         response_format: dict | None = None,
+        pin_cache: bool = False,
     ) -> Job:
         """Check a chat request against the model (tools, context length, what it asks to
         enforce) and make its job. `tool_choice` is "auto", "none", "required" or a function
-        name; `response_format` is chat completions' (see `Job`)."""
+        name; `response_format` is chat completions' (see `Job`); `pin_cache` keeps the
+        prompt's cache entry ahead of plain ones."""
         names = {t["function"]["name"] for t in tools or ()}
         if tool_choice not in (None, "auto", "none", "required") and tool_choice not in names:
             raise APIError(
@@ -365,6 +369,7 @@ class Engine:
             tool_choice=choice,
             parallel=parallel,
             response_format=response_format,
+            pin_cache=pin_cache,
         )
 
     def submit(self, job: Job) -> None:
@@ -377,6 +382,7 @@ class Engine:
                 seed=job.seed,
                 top_logprobs=job.top_logprobs,
                 cancel=job.cancel,
+                pin_cache=job.pin_cache,
             )
         )
 

@@ -1,0 +1,197 @@
+"""Prompt cache measurements (issue 21) against a server on a copy of the demo model with a
+64K context (made in a temporary folder; `--model` to use another).
+
+    PYTHONPATH=. python tools/prompt_cache_bench.py replay /work/notes/rec/claude [--strip-billing]
+    PYTHONPATH=. python tools/prompt_cache_bench.py restart [--tokens 8000]
+
+`replay DIR` sends the recorded request bodies of DIR in order (``turnN.json`` with the path in
+``turnN.meta.json``, as tools/record_proxy.py writes them; with ``--files '0*.json'``, the
+``NNN.json`` files holding ``{path, body}``) to one server, with the proxy's rewrites
+(max_tokens capped, Claude Code's adaptive thinking and role "system" messages), and prints per
+turn the prompt tokens, the cached tokens and the share cached, from each API's usage fields.
+`--strip-billing` drops Claude Code's ``x-anthropic-billing-header`` system block first (what
+the server does once that fix lands).
+
+`restart` times the first token of one N-token prompt (token ids, through /v1/completions) on a
+fresh server with an empty `--prompt-cache-dir`, then on a new server process on the same folder
+after a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record_proxy import rewrite  # noqa: E402
+
+BILLING = "x-anthropic-billing-header"
+DEMO = Path(__file__).resolve().parents[1] / "mlx_glm4moe" / "default_model"
+
+
+def long_context_model(folder: Path) -> Path:
+    """A copy of the demo model whose config allows 65,536 positions."""
+    out = folder / "demo-64k"
+    out.mkdir()
+    for f in DEMO.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = 65536
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
+class Server:
+    """`python -m mlx_glm4moe.server` in a process of its own; stopped with SIGINT (a clean
+    shutdown, which writes the prompt cache to its folder)."""
+
+    def __init__(self, model: Path, *args: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "mlx_glm4moe.server", "--model", str(model)]
+        cmd += ["--port", str(self.port), "--log-level", "warning", *args]
+        self.proc = subprocess.Popen(cmd)
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                if self.proc.poll() is not None:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=600)
+
+
+def recorded(folder: Path, pattern: str) -> list[tuple[str, dict]]:
+    """(path, body) of each recorded POST among the files matching `pattern`, in order."""
+    turns = []
+
+    def number(f: Path) -> list[int]:
+        return [int(d) for d in re.findall(r"\d+", f.name)]
+
+    for f in sorted(folder.glob(pattern), key=number):
+        if f.name.endswith(".meta.json"):
+            continue
+        data = json.loads(f.read_text())
+        meta = f.with_name(f.stem + ".meta.json")
+        if meta.exists():
+            turns.append((json.loads(meta.read_text())["path"], data))
+        elif isinstance(data, dict) and isinstance(data.get("body"), dict):
+            turns.append((data["path"], data["body"]))
+    return turns
+
+
+def strip_billing(body: dict) -> None:
+    if isinstance(body.get("system"), list):
+        keep = [b for b in body["system"] if not b.get("text", "").startswith(BILLING)]
+        body["system"] = keep
+
+
+def cached_share(path: str, usage: dict) -> tuple[int, int]:
+    """(prompt tokens, cached tokens) from an Anthropic or OpenAI usage object."""
+    if path.startswith("/v1/messages"):
+        read = usage.get("cache_read_input_tokens") or 0
+        total = usage["input_tokens"] + read + (usage.get("cache_creation_input_tokens") or 0)
+        return total, read
+    details = usage.get("prompt_tokens_details") or {}
+    return usage["prompt_tokens"], details.get("cached_tokens") or 0
+
+
+def replay(a: argparse.Namespace, model: Path) -> None:
+    turns = recorded(a.folder, a.files)
+    if not turns:
+        raise SystemExit(f"no recorded requests in {a.folder}")
+    server = Server(model)
+    print("| turn | path | prompt tokens | cached tokens | % cached | seconds |")
+    print("|---|---|---|---|---|---|")
+    try:
+        with httpx.Client(timeout=3600) as http:
+            for i, (path, body) in enumerate(turns, 1):
+                if not path.startswith(("/v1/messages", "/v1/chat/completions")):
+                    continue
+                if path.startswith("/v1/messages/count_tokens"):
+                    continue
+                rewrite(path, body, a.max_tokens)
+                if a.strip_billing:
+                    strip_billing(body)
+                body["stream"] = False
+                body.pop("stream_options", None)
+                start = time.perf_counter()
+                r = http.post(server.url + path.split("?")[0], json=body)
+                seconds = time.perf_counter() - start
+                if r.status_code != 200:
+                    print(f"| {i} | {path} | error {r.status_code}: {r.text[:80]} | | | |")
+                    continue
+                total, cached = cached_share(path, r.json()["usage"])
+                share = 100 * cached / total if total else 0.0
+                row = [i, path.split("?")[0], total, cached, f"{share:.1f}", f"{seconds:.1f}"]
+                print("| " + " | ".join(map(str, row)) + " |")
+    finally:
+        server.stop()
+
+
+def restart(a: argparse.Namespace, model: Path, folder: Path) -> None:
+    # Token ids through /v1/completions: exactly `--tokens` of them, whatever the tokenizer.
+    ids = [100 + (i * 7919) % 2000 for i in range(a.tokens)]
+    body = {"model": "demo", "prompt": ids, "max_tokens": 1}
+    cache_dir = folder / "prompt-cache"
+    rows = []
+    for label in ("cold", "after restart"):
+        server = Server(model, "--prompt-cache-dir", str(cache_dir))
+        try:
+            start = time.perf_counter()
+            r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=3600)
+            seconds = time.perf_counter() - start
+            r.raise_for_status()
+            usage = r.json()["usage"]
+            rows.append((label, usage["prompt_tokens"], cached_share("", usage)[1], seconds))
+        finally:
+            server.stop()
+    print("| run | prompt tokens | cached tokens | time to first token (s) |")
+    print("|---|---|---|---|")
+    for label, n, cached, seconds in rows:
+        print(f"| {label} | {n} | {cached} | {seconds:.2f} |")
+    print(f"after restart / cold: {100 * rows[1][3] / rows[0][3]:.1f}%")
+    size = sum(f.stat().st_size for f in cache_dir.rglob("*.safetensors"))
+    print(f"prompt cache folder: {size / 1e6:.1f} MB")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, help="Model folder (default: the demo model at 64K).")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("replay", help="Replay recorded turns; per-turn cache reuse.")
+    r.add_argument("folder", type=Path)
+    r.add_argument("--files", default="turn*.json", help="Which files of the folder to send.")
+    r.add_argument("--strip-billing", action="store_true")
+    r.add_argument("--max-tokens", type=int, default=16)
+    s = sub.add_parser("restart", help="Time to first token cold and after a restart.")
+    s.add_argument("--tokens", type=int, default=8000, help="Prompt tokens.")
+    a = p.parse_args()
+    os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = a.model or long_context_model(Path(tmp))
+        if a.command == "replay":
+            replay(a, model)
+        else:
+            restart(a, model, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
