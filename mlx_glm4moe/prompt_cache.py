@@ -33,7 +33,7 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 
-from .model import Model
+from .models import Model
 from .mtp import MTPCache, make_cache
 
 log = logging.getLogger("mlx_glm4moe.prompt_cache")
