@@ -7,18 +7,15 @@ checked against the client's own SDK types (the `openai` and `anthropic` package
 """
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from anthropic.types import RawMessageStreamEvent
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import ResponseStreamEvent
 from pydantic import BaseModel, ConfigDict, TypeAdapter
-from test_server import free_port
+from test_server import serving
 
 from mlx_glm4moe.loading import load
 from mlx_glm4moe.server import create_app
@@ -36,16 +33,8 @@ def requests_of(name: str) -> list[dict]:
 def url():
     model, tokenizer = load()
     app = create_app(model, tokenizer, model_id="demo")
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        yield url
 
 
 def replay(url: str, request: dict, cap: int = CAP, **extra) -> httpx.Response:

@@ -4,9 +4,6 @@ chats), which is what makes the constraint visible: whatever it would write, the
 """
 
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,8 +13,8 @@ import mlx.core as mx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from test_server import serving
 
 from mlx_glm4moe.constrain import Constraints
 from mlx_glm4moe.loading import load
@@ -80,12 +77,6 @@ def json_format(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def demo():
     return load()
@@ -103,16 +94,8 @@ def url(demo):
         return None
 
     app = create_app(model, tokenizer, model_id="demo", max_tokens=300, sampler_factory=no_think)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture

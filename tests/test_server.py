@@ -5,6 +5,7 @@ stop strings) script it through `create_app(sampler_factory=...)`: a request who
 message names a script gets that text's tokens, then the stop token.
 """
 
+import contextlib
 import inspect
 import json
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
@@ -98,11 +100,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(air_q4):
-    model, tokenizer = load(air_q4)
-    scripts = Scripts(tokenizer)
-    app = create_app(model, tokenizer, model_id="tiny", max_tokens=64, sampler_factory=scripts)
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port: yields its base URL."""
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -110,10 +110,20 @@ def server(air_q4):
     while not uv.started:
         assert thread.is_alive(), "the server did not start"
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    yield url, scripts, model.args.max_position_embeddings
-    uv.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(air_q4):
+    model, tokenizer = load(air_q4)
+    scripts = Scripts(tokenizer)
+    app = create_app(model, tokenizer, model_id="tiny", max_tokens=64, sampler_factory=scripts)
+    with serving(app) as url:
+        yield url, scripts, model.args.max_position_embeddings
 
 
 @pytest.fixture
@@ -1057,18 +1067,9 @@ def test_prompt_cache_dir_survives_a_restart(air_q4, tmp_path):
     body = {"messages": user("remember this prompt across restarts"), "max_tokens": 2}
     cached = []
     for _ in range(2):
-        app = create_app(model, tokenizer, prompt_cache_dir=tmp_path)
-        port = free_port()
-        uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=uv.run, daemon=True)
-        thread.start()
-        while not uv.started:
-            assert thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+        with serving(create_app(model, tokenizer, prompt_cache_dir=tmp_path)) as url:
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
         cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
-        uv.should_exit = True
-        thread.join(timeout=30)
         assert len(list(tmp_path.glob("*/*.safetensors"))) == 1
     prompt = r.json()["usage"]["prompt_tokens"]
     assert cached == [0, prompt - 1]
