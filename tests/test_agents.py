@@ -332,14 +332,39 @@ def arrivals(url: str, path: str, body: dict) -> tuple[float, list[float], str]:
     return times[0] - start, max(gaps), text.decode()
 
 
-def test_no_silence_during_a_slow_prefill(url, client, slow_prefill):
+def test_no_silence_during_a_slow_prefill(url, client, claude, slow_prefill):
     def fresh():  # a prompt the cache has not seen, so it is prefilled
         return [{"role": "user", "content": f"{uuid.uuid4()} think then answer"}]
 
     body = {"model": "tiny", "max_tokens": 8, "stream": True}
     first, gap, text = arrivals(url, "/v1/messages", {**body, "messages": fresh()})
-    assert first < 1.0 and gap < 1.0
-    assert text.startswith("event: message_start") and text.count("event: ping") >= 4
+    assert first < 1.0 and gap < 1.0 and text.startswith("event: message_start")
+    # Not pings, which Claude Code's idle watchdog does not count: empty deltas of the block
+    # that the reasoning then continues.
+    events = [json.loads(e.split("data: ", 1)[1]) for e in text.strip().split("\n\n")]
+    empty = {"type": "thinking_delta", "thinking": ""}
+    assert events[2] == {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+    }
+    waits = [e for e in events if e.get("delta") == empty]
+    assert len(waits) >= 4
+    assert [e["type"] for e in events[-3:]] == [
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    for thinking in (True, False):
+        message = claude.messages.create(
+            model="tiny",
+            max_tokens=8,
+            messages=fresh(),
+            stream=True,
+            thinking={"type": "enabled" if thinking else "disabled", "budget_tokens": 1024},
+        )
+        kinds = [e.type for e in message]
+        assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     first, gap, text = arrivals(url, "/v1/chat/completions", {**body, "messages": fresh()})
     assert first < 1.0 and gap < 1.0 and text.count(": keepalive") >= 4
     first, gap, text = arrivals(url, "/v1/completions", {**body, "prompt": str(uuid.uuid4())})

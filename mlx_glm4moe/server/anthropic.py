@@ -320,9 +320,34 @@ def ping() -> str:
     return _sse("ping", {})
 
 
-async def stream(head: dict, prompt_tokens: int, events: AsyncIterator[dict]) -> AsyncIterator[str]:
+def _empty(block: str) -> dict:
+    """A block as `content_block_start` opens it (the signature comes as the last delta)."""
+    if block == "thinking":
+        return {"type": "thinking", "thinking": "", "signature": ""}
+    return {"type": "text", "text": ""}
+
+
+def _empty_delta(block: str) -> dict:
+    return {
+        "thinking": {"type": "thinking_delta", "thinking": ""},
+        "text": {"type": "text_delta", "text": ""},
+        "tool_use": {"type": "input_json_delta", "partial_json": ""},
+    }[block]
+
+
+TICK = {"type": "tick"}  # nothing came for a while (`core.keepalive`)
+
+
+async def stream(
+    head: dict, prompt_tokens: int, events: AsyncIterator[dict], thinking_on: bool = True
+) -> AsyncIterator[str]:
     """Anthropic's server-sent events for a stream of our chat events (reasoning, content and
-    tool_call deltas, then done or error)."""
+    tool_call deltas, then done or error).
+
+    A `TICK` among the events sends an empty delta of the open content block, opening one
+    first if none is (the reasoning's when thinking is on, since it comes first, else the
+    text's): Claude Code's idle watchdog restarts on every event but `ping`, and gives up on a
+    stream after 300 s without one, so pings alone do not carry a long prefill."""
     start = {
         **head,
         "type": "message",
@@ -345,23 +370,25 @@ async def stream(head: dict, prompt_tokens: int, events: AsyncIterator[dict]) ->
             out.append(_sse("content_block_stop", {"index": index}))
         return out
 
+    finished = False
     async for event in events:
         kind = event["type"]
-        if kind in ("reasoning", "content"):
+        if kind == "tick":
+            if finished:
+                continue
+            if open_kind is None:
+                index, open_kind, thinking = index + 1, "thinking" if thinking_on else "text", ""
+                yield _sse(
+                    "content_block_start", {"index": index, "content_block": _empty(open_kind)}
+                )
+            yield _sse("content_block_delta", {"index": index, "delta": _empty_delta(open_kind)})
+        elif kind in ("reasoning", "content"):
             block = "thinking" if kind == "reasoning" else "text"
             if open_kind != block:
                 for s in close():
                     yield s
                 index, open_kind, thinking = index + 1, block, ""
-                empty = (
-                    {"type": "thinking", "thinking": ""}
-                    if block == "thinking"
-                    else {
-                        "type": "text",
-                        "text": "",
-                    }
-                )
-                yield _sse("content_block_start", {"index": index, "content_block": empty})
+                yield _sse("content_block_start", {"index": index, "content_block": _empty(block)})
             if block == "thinking":
                 thinking += event["delta"]
                 delta = {"type": "thinking_delta", "thinking": event["delta"]}
@@ -380,7 +407,7 @@ async def stream(head: dict, prompt_tokens: int, events: AsyncIterator[dict]) ->
         elif kind == "done":
             for s in close():
                 yield s
-            open_kind = None
+            open_kind, finished = None, True
             delta = {"stop_reason": stop_reason(event), "stop_sequence": event.get("stop_sequence")}
             usage = _usage(event["usage"])
             yield _sse("message_delta", {"delta": delta, "usage": usage})
@@ -444,8 +471,8 @@ def routes(engine: Engine) -> APIRouter:
         head = {"id": f"msg_{uuid.uuid4().hex}", "model": req.model}
         events = chat_events(job, engine)
         if req.stream:
-            events = stream(head, len(job.tokens), events)
-            return sse(keepalive(events, ping, engine.keepalive_interval), job)
+            ticks = keepalive(events, lambda: TICK, engine.keepalive_interval)
+            return sse(stream(head, len(job.tokens), ticks, job.enable_thinking), job)
         done, _ = await collect(request, job, events)
         return message(head, done)
 

@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 from fastapi import Request
@@ -30,6 +30,7 @@ from ..generate import Sampler, encode
 from ..models import Model
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The longest a stream stays silent: a client with an idle timeout (Claude Code's is 300 s)
 # must not take a long prefill for a dead server.
@@ -465,11 +466,11 @@ async def collect(request: Request, job: Job, events: AsyncIterator[dict]) -> tu
 
 
 async def keepalive(
-    events: AsyncIterator[str], ping: Callable[[], str], interval: float
-) -> AsyncIterator[str]:
-    """`events` (formatted server-sent events), with `ping()` sent whenever `interval` seconds
-    pass without one: a long prefill, or a long wait for a decode slot, then does not look like
-    a dead connection."""
+    events: AsyncIterator[T], ping: Callable[[], T], interval: float
+) -> AsyncIterator[T]:
+    """`events` (formatted server-sent events, or events the API module turns into some), with
+    `ping()` sent whenever `interval` seconds pass without one: a long prefill, or a long wait
+    for a decode slot, then does not look like a dead connection."""
     events = aiter(events)
     pending = asyncio.ensure_future(anext(events))
     try:
