@@ -74,6 +74,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cap(path: str, body: dict, most: int) -> dict:
+    """`body` with its completion length at most `most` (set when it names none)."""
+    body = dict(body)
+    named = [f for f in LENGTH_FIELDS if body.get(f) is not None]
+    for f in named:
+        body[f] = min(body[f], most)
+    if not named:
+        field = next((f for s, f in DEFAULT_LENGTH_FIELD.items() if path.endswith(s)), None)
+        body[field or "max_tokens"] = most
+    return body
+
+
 class Recorder:
     """A reverse proxy that records request bodies under the current client's name and caps
     their completion length; clients run one at a time, so one current name suffices."""
@@ -85,16 +97,6 @@ class Recorder:
         self.statuses: dict[str, list[int]] = collections.defaultdict(list)
         self.http = httpx.AsyncClient(base_url=upstream, timeout=None)
         self.app = Starlette(routes=[Route("/{path:path}", self.forward, methods=_METHODS)])
-
-    def cap(self, path: str, body: dict) -> dict:
-        body = dict(body)
-        named = [f for f in LENGTH_FIELDS if body.get(f) is not None]
-        for f in named:
-            body[f] = min(body[f], self.max_tokens)
-        if not named:
-            field = next((f for s, f in DEFAULT_LENGTH_FIELD.items() if path.endswith(s)), None)
-            body[field or "max_tokens"] = self.max_tokens
-        return body
 
     async def forward(self, request: Request) -> Response:
         self.counts[self.client] += 1  # numbered on arrival: clients send requests in parallel
@@ -111,7 +113,7 @@ class Recorder:
         if isinstance(body, dict):
             (stem.with_suffix(".json")).write_text(json.dumps(meta | {"body": body}, indent=1))
             if request.method == "POST":
-                raw = json.dumps(self.cap(request.url.path, body)).encode()
+                raw = json.dumps(cap(request.url.path, body, self.max_tokens)).encode()
         else:
             (stem.with_suffix(".json")).write_text(json.dumps(meta | {"raw": raw.decode()}))
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
@@ -372,12 +374,30 @@ def statuses_text(statuses: list[int]) -> str:
     return "HTTP errors: " + ", ".join(f"{s}×{n}" for s, n in sorted(bad.items()))
 
 
-def run_client(name: str, recorder: Recorder, proxy: str, folder: Path, timeout: float) -> str:
+# How a client goes on with its last session, for `--turns` (the others start afresh).
+CONTINUE = {"claude": ["-p", "--continue"], "opencode": ["run", "--continue"]}
+
+
+def run_client(
+    name: str, recorder: Recorder, proxy: str, folder: Path, timeout: float, turns: int = 1
+) -> str:
+    """Run one client `turns` times (a session it goes on with, where it can) and judge the last
+    run."""
     home = folder / name
     home.mkdir()
     cmd, env = CLIENTS[name](home, proxy)
     env = os.environ | QUIET_ENV | {"HOME": str(home)} | env
     recorder.client = name
+    for turn in range(turns):
+        if turn and name in CONTINUE:
+            cmd = [cmd[0], *CONTINUE[name], PROMPT]
+        line = _run(name, cmd, env, home, recorder, timeout)
+    return line
+
+
+def _run(
+    name: str, cmd: list[str], env: dict, home: Path, recorder: Recorder, timeout: float
+) -> str:
     # A session of its own, so that a timeout ends the client's helpers too (codex.js runs a
     # native binary, for one).
     proc = subprocess.Popen(
@@ -398,9 +418,8 @@ def run_client(name: str, recorder: Recorder, proxy: str, folder: Path, timeout:
         out, err = proc.communicate()
         code = None
     (recorder.record / name).mkdir(parents=True, exist_ok=True)
-    (recorder.record / name / "client.log").write_text(
-        f"$ {' '.join(cmd)}\nexit {code}\n--- stdout\n{out}\n--- stderr\n{err}\n"
-    )
+    with (recorder.record / name / "client.log").open("a") as log:
+        log.write(f"$ {' '.join(cmd)}\nexit {code}\n--- stdout\n{out}\n--- stderr\n{err}\n")
     statuses, both = recorder.statuses[name], out + "\n" + err
     replied = any(200 <= s < 300 for s in statuses)
     if code == 0 and out.strip():
@@ -422,6 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--record", type=Path, help="Save request bodies here (default: temp).")
     parser.add_argument("--keep", action="store_true", help="Leave the temporary folder.")
     parser.add_argument(
+        "--turns", type=int, default=1, help="Runs per client; Claude Code and opencode continue."
+    )
+    parser.add_argument(
         "--fixtures", type=Path, help="Write trimmed recordings here (tests/fixtures)."
     )
     args = parser.parse_args(argv)
@@ -440,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
             if client_version is None:
                 print(f"{name:<11} not installed", flush=True)
                 continue
-            line = run_client(name, recorder, proxy, folder, args.timeout)
+            line = run_client(name, recorder, proxy, folder, args.timeout, args.turns)
             print(f"{line} | {client_version}", flush=True)
             if args.fixtures:
                 write_fixture(record, name, client_version, args.fixtures)

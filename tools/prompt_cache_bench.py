@@ -1,16 +1,13 @@
 """Prompt cache measurements (issue 21) against a server on a copy of the demo model with a
 64K context (made in a temporary folder; `--model` to use another).
 
-    PYTHONPATH=. python tools/prompt_cache_bench.py replay /work/notes/rec/claude [--strip-billing]
+    PYTHONPATH=. python tools/prompt_cache_bench.py replay RECORDING/claude
     PYTHONPATH=. python tools/prompt_cache_bench.py restart [--tokens 8000]
 
-`replay DIR` sends the recorded request bodies of DIR in order (``turnN.json`` with the path in
-``turnN.meta.json``, as tools/record_proxy.py writes them; with ``--files '0*.json'``, the
-``NNN.json`` files holding ``{path, body}``) to one server, with the proxy's rewrites
-(max_tokens capped, Claude Code's adaptive thinking and role "system" messages), and prints per
-turn the prompt tokens, the cached tokens and the share cached, from each API's usage fields.
-`--strip-billing` drops Claude Code's ``x-anthropic-billing-header`` system block first (what
-the server does once that fix lands).
+`replay DIR` sends the request bodies that `tools/agents_check.py --record` saved for one
+client (``NNN.json`` holding ``{path, body}``; `--turns` records a session over several turns) to
+one server in order, their completion lengths capped, and prints per request the prompt tokens,
+the cached tokens and the share cached, from each API's usage fields.
 
 `restart` times the first token of one N-token prompt (token ids, through /v1/completions) on a
 fresh server with an empty `--prompt-cache-dir`, then on a new server process on the same folder
@@ -22,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -34,9 +30,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record_proxy import rewrite  # noqa: E402
+from agents_check import cap  # noqa: E402
 
-BILLING = "x-anthropic-billing-header"
 DEMO = Path(__file__).resolve().parents[1] / "mlx_glm4moe" / "default_model"
 
 
@@ -78,29 +73,14 @@ class Server:
         self.proc.wait(timeout=600)
 
 
-def recorded(folder: Path, pattern: str) -> list[tuple[str, dict]]:
-    """(path, body) of each recorded POST among the files matching `pattern`, in order."""
+def recorded(folder: Path) -> list[tuple[str, dict]]:
+    """(path, body) of each recorded request with a JSON body, in order."""
     turns = []
-
-    def number(f: Path) -> list[int]:
-        return [int(d) for d in re.findall(r"\d+", f.name)]
-
-    for f in sorted(folder.glob(pattern), key=number):
-        if f.name.endswith(".meta.json"):
-            continue
+    for f in sorted(folder.glob("[0-9][0-9][0-9].json")):
         data = json.loads(f.read_text())
-        meta = f.with_name(f.stem + ".meta.json")
-        if meta.exists():
-            turns.append((json.loads(meta.read_text())["path"], data))
-        elif isinstance(data, dict) and isinstance(data.get("body"), dict):
+        if isinstance(data.get("body"), dict):
             turns.append((data["path"], data["body"]))
     return turns
-
-
-def strip_billing(body: dict) -> None:
-    if isinstance(body.get("system"), list):
-        keep = [b for b in body["system"] if not b.get("text", "").startswith(BILLING)]
-        body["system"] = keep
 
 
 def cached_share(path: str, usage: dict) -> tuple[int, int]:
@@ -114,7 +94,7 @@ def cached_share(path: str, usage: dict) -> tuple[int, int]:
 
 
 def replay(a: argparse.Namespace, model: Path) -> None:
-    turns = recorded(a.folder, a.files)
+    turns = recorded(a.folder)
     if not turns:
         raise SystemExit(f"no recorded requests in {a.folder}")
     server = Server(model)
@@ -127,9 +107,7 @@ def replay(a: argparse.Namespace, model: Path) -> None:
                     continue
                 if path.startswith("/v1/messages/count_tokens"):
                     continue
-                rewrite(path, body, a.max_tokens)
-                if a.strip_billing:
-                    strip_billing(body)
+                body = cap(path, body, a.max_tokens)
                 body["stream"] = False
                 body.pop("stream_options", None)
                 start = time.perf_counter()
@@ -178,8 +156,6 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("replay", help="Replay recorded turns; per-turn cache reuse.")
     r.add_argument("folder", type=Path)
-    r.add_argument("--files", default="turn*.json", help="Which files of the folder to send.")
-    r.add_argument("--strip-billing", action="store_true")
     r.add_argument("--max-tokens", type=int, default=16)
     s = sub.add_parser("restart", help="Time to first token cold and after a restart.")
     s.add_argument("--tokens", type=int, default=8000, help="Prompt tokens.")
