@@ -219,7 +219,7 @@ class DiskCache:
             return None
         try:
             cache, meta = load_prompt_cache(str(path), return_metadata=True)
-            cache = self._restore(cache, meta)
+            cache = self._restore(cache, meta, len(self.index[path]))
         except FileNotFoundError:  # removed by another server sharing the folder
             self.index.pop(path, None)
             return None
@@ -262,8 +262,9 @@ class DiskCache:
         self.index[path] = tokens
         self._trim()
 
-    def _restore(self, cache: list, meta: dict) -> list:
-        """The loaded cache with its MTP part rebuilt; raises ValueError when it does not fit."""
+    def _restore(self, cache: list, meta: dict, length: int) -> list:
+        """The loaded cache of `length` tokens with its MTP part rebuilt; raises ValueError
+        when it does not fit."""
         if meta.get("key") != self.key or len(cache) != self.expected:
             raise ValueError("not a prompt cache of this model")
         if "mtp_tokens" in meta:
@@ -271,7 +272,7 @@ class DiskCache:
             mtp.state = cache[-1].state
             mtp.tokens = json.loads(meta["mtp_tokens"])
             cache[-1] = mtp
-        if cache[0].offset != len(json.loads(meta["tokens"])):
+        if cache[0].offset != length:
             raise ValueError("its cache and its tokens differ in length")
         mx.eval([c.state for c in cache])
         return cache
