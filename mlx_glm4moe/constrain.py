@@ -209,17 +209,17 @@ class Constraints:
         tools: list[dict] | None,
         tool_choice: str | None,
         parallel: bool = True,
-    ) -> bool:
+    ) -> str | None:
         """Build and compile a request's grammar (the errors a request should get before it
-        runs); True when there is one."""
+        runs); the grammar, None when nothing is enforced."""
         grammar = self.grammar(response_format, tools, tool_choice, parallel)
         if grammar is None:
-            return False
+            return None
         try:
             self._matcher(grammar)
         except ValueError as e:
             raise ConstraintError(*self._blame(str(e), response_format, tools)) from None
-        return True
+        return grammar
 
     def sampler(
         self, grammar: str, sampler: Any, prompt: str | None, thinking: bool

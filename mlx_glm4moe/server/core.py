@@ -204,17 +204,15 @@ class Job:
     top_logprobs: int | None = None
     # Chat only: the rendered prompt (where the parser starts), OpenAI-shaped messages and
     # tools, the thinking switch, the tool choice ("none", "required", a function name, or None
-    # for auto), whether calls may come many, and the answer's format in chat completions'
-    # `response_format` shape (json_object / json_schema; None: free). The constraint that
-    # enforces the format, the tool choice and strict tools is built from these
-    # (`constrain.Constraints`).
+    # for auto), whether calls may come many, and the grammar that enforces the answer's
+    # format, the tool choice and strict tools (`constrain.Constraints`; None: free).
     prompt: str | None = None
     messages: list[dict] | None = None
     tools: list[dict] | None = None
     enable_thinking: bool = True
     tool_choice: str | None = None
     parallel: bool = True
-    response_format: dict | None = None
+    grammar: str | None = None
     # Keep this prompt's cache entry ahead of plain ones (Anthropic's cache_control).
     pin_cache: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -332,10 +330,10 @@ class Engine:
             raise APIError(400, "tool_choice 'required' needs 'tools'.", "tool_choice")
         choice = None if tool_choice == "auto" else tool_choice
         try:
-            constrained = self.constraints.check(response_format, tools, choice, parallel)
+            grammar = self.constraints.check(response_format, tools, choice, parallel)
         except ConstraintError as e:
             raise APIError(400, e.message, e.param) from None
-        if constrained and self.batch.mtp:
+        if grammar is not None and self.batch.mtp:
             # MTP drafts and verifies several tokens per step; the grammar follows one at a time.
             raise APIError(
                 400,
@@ -369,7 +367,7 @@ class Engine:
             enable_thinking=enable_thinking,
             tool_choice=choice,
             parallel=parallel,
-            response_format=response_format,
+            grammar=grammar,
             pin_cache=pin_cache,
         )
 
@@ -392,11 +390,8 @@ class Engine:
         custom = self.sampler_factory(job) if self.sampler_factory else None
         s = {k: v if v is not None else self.sampling[k] for k, v in job.sampling.items()}
         sampler = custom or make_sampler(s["temp"], s["top_p"], s["min_p"], top_k=s["top_k"])
-        grammar = self.constraints.grammar(
-            job.response_format, job.tools, job.tool_choice, job.parallel
-        )
-        if grammar is not None:
-            return self.constraints.sampler(grammar, sampler, job.prompt, job.enable_thinking)
+        if job.grammar is not None:
+            return self.constraints.sampler(job.grammar, sampler, job.prompt, job.enable_thinking)
         if job.tool_choice == "none":
             return forbid_token(sampler, self.tool_call_token)
         return sampler
