@@ -156,7 +156,7 @@ def test_thinking_adaptive_is_on(url, claude):
 
 
 def test_hints_accepted_and_logged_once(url, monkeypatch, caplog):
-    monkeypatch.setattr(core, "_logged_fields", set())
+    monkeypatch.setattr(core, "_logged", set())
     block = {"type": "text", "text": "hello", "cache_control": {"type": "ephemeral"}}
     body = {
         "model": "tiny",

@@ -14,7 +14,7 @@ from pydantic import TypeAdapter
 from test_agents import arrivals, slow_prefill  # noqa: F401 (fixture)
 from test_server import BROKEN, SCRIPTS, WEATHER_TOOL, client, server, url  # noqa: F401 (fixtures)
 
-from mlx_glm4moe.server import responses
+from mlx_glm4moe.server import core
 from mlx_glm4moe.server.responses import (
     ResponsesRequest,
     response_format,
@@ -184,9 +184,9 @@ def test_namespace_tools(client):  # noqa: F811
 
 
 def test_hosted_tools_left_out_and_logged_once(client, caplog, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(responses, "_logged_hosted", set())  # none logged yet
+    monkeypatch.setattr(core, "_logged", set())  # none logged yet
     hosted = [{"type": "image_generation"}, {"type": "custom", "name": "apply_patch"}]
-    with caplog.at_level(logging.WARNING, logger="mlx_glm4moe.server.responses"):
+    with caplog.at_level(logging.WARNING, logger=core.log.name):
         for _ in range(2):
             tools, names = to_tools([*hosted, WEATHER])
     assert [t["function"]["name"] for t in tools] == ["get_weather"]

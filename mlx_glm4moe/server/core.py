@@ -154,8 +154,15 @@ def _extra_fields(model: BaseModel, path: str = "") -> list[str]:
     return names
 
 
-_logged_fields: set[str] = set()
+_logged: set[str] = set()
 _MOST_LOGGED = 1000  # names a client makes up must not grow the set (or the log) without end
+
+
+def log_once(key: str, message: str, *args: Any) -> None:
+    """A warning the first time `key` comes up (what a client sends that is not acted on)."""
+    if key not in _logged and len(_logged) < _MOST_LOGGED:
+        _logged.add(key)
+        log.warning(message, *args)
 
 
 def parse_request(
@@ -180,9 +187,7 @@ def parse_request(
         param = _param(err["loc"], data)
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}.", param) from None
     for name in _extra_fields(req):
-        if name not in _logged_fields and len(_logged_fields) < _MOST_LOGGED:
-            _logged_fields.add(name)
-            log.warning("%s: field '%s' accepted and ignored", schema.__name__, name)
+        log_once(f"field {name}", "%s: field '%s' accepted and ignored", schema.__name__, name)
     return req
 
 

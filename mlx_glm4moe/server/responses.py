@@ -29,7 +29,6 @@ import base64
 import binascii
 import itertools
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -48,12 +47,10 @@ from .core import (
     chat_events,
     collect,
     keepalive,
+    log_once,
     parse_request,
     sse,
 )
-
-log = logging.getLogger(__name__)
-_logged_hosted: set[str] = set()
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
 THINKING_OFF = ("none", "minimal")
@@ -306,9 +303,11 @@ def to_tools(tools: list[dict[str, Any]] | None) -> tuple[list[dict] | None, dic
 
 
 def _skip_hosted(kind: Any) -> None:
-    if kind not in _logged_hosted:
-        _logged_hosted.add(kind)
-        log.warning("Responses API: tools of type %r cannot run here; left out of the prompt", kind)
+    log_once(
+        f"tool type {kind}",
+        "Responses API: tools of type %r cannot run here; left out of the prompt",
+        kind,
+    )
 
 
 def _tool_choice(req: ResponsesRequest) -> str | None:
