@@ -316,10 +316,6 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps({'type': event, **data}, ensure_ascii=False)}\n\n"
 
 
-def ping() -> str:
-    return _sse("ping", {})
-
-
 def _empty(block: str) -> dict:
     """A block as `content_block_start` opens it (the signature comes as the last delta)."""
     if block == "thinking":
@@ -358,7 +354,7 @@ async def stream(
         "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
     }
     yield _sse("message_start", {"message": start})
-    yield ping()
+    yield _sse("ping", {})
     index, open_kind, thinking = -1, None, ""
 
     def close() -> list[str]:
