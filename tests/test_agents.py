@@ -279,6 +279,12 @@ def test_max_tokens_clamped_to_the_context(server, url, client, claude, monkeypa
     ids = encode(tokenizer, render_prompt(tokenizer, history))  # the same prompt, cached
     r = client.completions.create(model="tiny", prompt=ids, max_tokens=context)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == room
+    # A Responses request that names no limit may fill the context, past the server's default.
+    short = [{"role": "user", "content": FOREVER}]
+    room = context - count(url, {"model": "tiny", "messages": short})
+    assert room > 64  # the test server's default max_tokens
+    r = client.responses.create(model="tiny", input=short)
+    assert r.status == "incomplete" and r.usage.output_tokens == room
     # A prompt that alone fills the context is still refused.
     full = [{"role": "user", "content": " ".join(["hello"] * context)}]
     r = httpx.post(f"{url}/v1/messages", json={"model": "x", "max_tokens": 1, "messages": full})

@@ -363,7 +363,8 @@ def prepare(
         tools=tools,
         tool_choice=_tool_choice(req),
         enable_thinking=effort not in THINKING_OFF,
-        max_tokens=req.max_output_tokens,
+        # Without a limit the answer may fill what the context leaves (`Engine.room`).
+        max_tokens=req.max_output_tokens or engine.context_length,
         stop=[],
         sampling={
             "temp": req.temperature,
@@ -375,8 +376,6 @@ def prepare(
         parallel=req.parallel_tool_calls,
         response_format=response_format(req.text),
     )
-    if req.max_output_tokens is None:  # the answer may fill what the context leaves
-        job.max_tokens = engine.context_length - len(job.tokens)
     return job, names
 
 
