@@ -384,3 +384,13 @@ def test_text_format_is_enforced(client):  # noqa: F811
         max_output_tokens=64,
     )
     assert isinstance(json.loads(r.output_text), dict)
+
+
+def test_usage_reports_the_prompt_cache(client):  # noqa: F811
+    ask = f"{uuid.uuid4()} think then answer"
+    first = client.responses.create(model="tiny", input=ask).usage
+    again = client.responses.create(model="tiny", input=ask).usage
+    details = first.input_tokens_details
+    # Written: the prompt past what came from the cache (a shared opening, at most).
+    assert details.cache_write_tokens == first.input_tokens - details.cached_tokens > 0
+    assert again.input_tokens_details.cached_tokens == again.input_tokens - 1

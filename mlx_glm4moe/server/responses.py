@@ -559,7 +559,7 @@ class Output:
             "input_tokens": prompt,
             "input_tokens_details": {
                 "cached_tokens": usage.get("cached_tokens", 0),
-                "cache_write_tokens": 0,  # as the Anthropic path's cache_creation_input_tokens
+                "cache_write_tokens": usage.get("cache_creation_tokens", 0),
             },
             "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": reasoning},
