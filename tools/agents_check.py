@@ -163,10 +163,11 @@ def serve_in_thread(app) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def start_glm_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """`python -m mlx_glm4moe.server` on a free port, once /health answers."""
+def start_glm_server(model: Path, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`python -m mlx_glm4moe.server` (with `args`) on a free port, once /health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "mlx_glm4moe.server", "--model", str(model), "--port", str(port)]
+    cmd += args
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -181,6 +182,12 @@ def start_glm_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
         time.sleep(0.5)
     proc.terminate()
     raise SystemExit(f"the server was not ready after 300 s; see {log}")
+
+
+def stop_glm_server(proc: subprocess.Popen) -> None:
+    """A clean shutdown (which writes the prompt cache to its folder, when it has one)."""
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=600)
 
 
 def demo_copy(folder: Path) -> Path:
@@ -468,8 +475,7 @@ def main(argv: list[str] | None = None) -> None:
                 write_fixture(record, name, client_version, args.fixtures)
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+            stop_glm_server(server)
         if args.keep:
             print(f"kept {folder}")
         else:

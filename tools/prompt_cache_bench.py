@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,47 +27,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agents_check import cap  # noqa: E402
-
-DEMO = Path(__file__).resolve().parents[1] / "mlx_glm4moe" / "default_model"
-
-
-def long_context_model(folder: Path) -> Path:
-    """A copy of the demo model whose config allows 65,536 positions."""
-    out = folder / "demo-64k"
-    out.mkdir()
-    for f in DEMO.iterdir():
-        (out / f.name).write_bytes(f.read_bytes())
-    config = json.loads((out / "config.json").read_text())
-    config["max_position_embeddings"] = 65536
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    return out
-
-
-class Server:
-    """`python -m mlx_glm4moe.server` in a process of its own; stopped with SIGINT (a clean
-    shutdown, which writes the prompt cache to its folder)."""
-
-    def __init__(self, model: Path, *args: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mlx_glm4moe.server", "--model", str(model)]
-        cmd += ["--port", str(self.port), "--log-level", "warning", *args]
-        self.proc = subprocess.Popen(cmd)
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                if self.proc.poll() is not None:
-                    raise SystemExit("the server did not start") from None
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout=600)
+from agents_check import cap, demo_copy, start_glm_server, stop_glm_server  # noqa: E402
 
 
 def recorded(folder: Path) -> list[tuple[str, dict]]:
@@ -93,11 +50,11 @@ def cached_share(path: str, usage: dict) -> tuple[int, int]:
     return usage["prompt_tokens"], details.get("cached_tokens") or 0
 
 
-def replay(a: argparse.Namespace, model: Path) -> None:
+def replay(a: argparse.Namespace, model: Path, folder: Path) -> None:
     turns = recorded(a.folder)
     if not turns:
         raise SystemExit(f"no recorded requests in {a.folder}")
-    server = Server(model)
+    server, url = start_glm_server(model, folder / "server.log")
     print("| turn | path | prompt tokens | cached tokens | % cached | seconds |")
     print("|---|---|---|---|---|---|")
     try:
@@ -111,7 +68,7 @@ def replay(a: argparse.Namespace, model: Path) -> None:
                 body["stream"] = False
                 body.pop("stream_options", None)
                 start = time.perf_counter()
-                r = http.post(server.url + path.split("?")[0], json=body)
+                r = http.post(url + path.split("?")[0], json=body)
                 seconds = time.perf_counter() - start
                 if r.status_code != 200:
                     print(f"| {i} | {path} | error {r.status_code}: {r.text[:80]} | | | |")
@@ -121,7 +78,7 @@ def replay(a: argparse.Namespace, model: Path) -> None:
                 row = [i, path.split("?")[0], total, cached, f"{share:.1f}", f"{seconds:.1f}"]
                 print("| " + " | ".join(map(str, row)) + " |")
     finally:
-        server.stop()
+        stop_glm_server(server)
 
 
 def restart(a: argparse.Namespace, model: Path, folder: Path) -> None:
@@ -131,16 +88,17 @@ def restart(a: argparse.Namespace, model: Path, folder: Path) -> None:
     cache_dir = folder / "prompt-cache"
     rows = []
     for label in ("cold", "after restart"):
-        server = Server(model, "--prompt-cache-dir", str(cache_dir))
+        log = folder / f"server-{label.replace(' ', '-')}.log"
+        server, url = start_glm_server(model, log, "--prompt-cache-dir", str(cache_dir))
         try:
             start = time.perf_counter()
-            r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=3600)
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=3600)
             seconds = time.perf_counter() - start
             r.raise_for_status()
             usage = r.json()["usage"]
             rows.append((label, usage["prompt_tokens"], cached_share("", usage)[1], seconds))
         finally:
-            server.stop()
+            stop_glm_server(server)
     print("| run | prompt tokens | cached tokens | time to first token (s) |")
     print("|---|---|---|---|")
     for label, n, cached, seconds in rows:
@@ -162,9 +120,9 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     with tempfile.TemporaryDirectory() as tmp:
-        model = a.model or long_context_model(Path(tmp))
+        model = a.model or demo_copy(Path(tmp))
         if a.command == "replay":
-            replay(a, model)
+            replay(a, model, Path(tmp))
         else:
             restart(a, model, Path(tmp))
 
