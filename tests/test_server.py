@@ -27,6 +27,7 @@ from mlx_lm import sample_utils
 
 from mlx_glm4moe.loading import load
 from mlx_glm4moe.server import create_app
+from mlx_glm4moe.server.app import main as server_main
 
 WEATHER_TOOL = {
     "type": "function",
@@ -1073,3 +1074,13 @@ def test_prompt_cache_dir_survives_a_restart(air_q4, tmp_path):
         assert len(list(tmp_path.glob("*/*.safetensors"))) == 1
     prompt = r.json()["usage"]["prompt_tokens"]
     assert cached == [0, prompt - 1]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--prompt-cache-gb", "-1"], ["--prompt-cache-disk-gb", "-1"], ["--prompt-cache-size", "0"]],
+)
+def test_command_line_refuses_bad_cache_flags(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        server_main(["--model", "never-read", *flags])
+    assert e.value.code == 2 and "--prompt-cache-disk-gb >= 0" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 `glm4moe-server` on a copy of the demo model with a 64K context, and print one line per client.
 
     PYTHONPATH=. python tools/agents_check.py [--only claude codex opencode agents-sdk]
-        [--max-tokens 256] [--timeout 600] [--record DIR] [--keep] [--fixtures tests/fixtures]
+        [--max-tokens 256] [--timeout 600] [--record DIR] [--turns N] [--keep]
+        [--fixtures tests/fixtures]
 
 Not in CI: it needs the clients installed (`npm i -g @anthropic-ai/claude-code @openai/codex
 opencode-ai`, `pip install openai-agents`). A recording proxy on 127.0.0.1 sits between the clients
