@@ -35,7 +35,7 @@ def _turns(model, tokenizer, use_mtp: bool) -> tuple[list, list]:
         for r in stream_generate(
             model, tokenizer, prompt, 6, prompt_cache=cache, prefill_step_size=STEP, mtp=use_mtp
         ):
-            out.append((r.token, np.array(r.logprobs)))
+            out.append((r.token, np.array(r.logprobs.astype(mx.float32))))
     return out, cache
 
 
@@ -162,3 +162,21 @@ def test_bench_streaming_measures_prefill_reads(air_q4):
         assert row["prompt_tokens"] == 512 and row["prompt_tps"] > 0
         assert row["prefill_mb_per_token"] == pytest.approx(row["prefill_mb_read"] / 511)
     assert 0 < rows[None]["prefill_mb_read"] <= experts < 4 * experts < rows[64]["prefill_mb_read"]
+
+
+@pytest.mark.parametrize("activations", ["native", "auto"])
+def test_layer_major_prefill_on_bfloat16_weights(air_bf16_q4, monkeypatch, activations):
+    """bfloat16 weights with "native" activations (the GPU's path, run on the CPU: the experts
+    go through SwitchGLU's sorted dispatch over all of a layer's tokens at once) and with the
+    CPU's float32 ones (the embeddings widened first): the same greedy tokens and logits as the
+    chunked prefill (on the CPU to the bit)."""
+    runs = []
+    for layer_major in (True, False):
+        for module in (generation, mtp):
+            monkeypatch.setattr(module, "streams_experts", lambda model, on=layer_major: on)
+        model, tokenizer = load(air_bf16_q4, expert_slots=K, activations=activations)
+        runs.append(_turns(model, tokenizer, use_mtp=False)[0])
+    (ours, ref) = runs
+    assert [t for t, _ in ours] == [t for t, _ in ref]
+    for (_, a), (_, b) in zip(ours, ref, strict=True):
+        np.testing.assert_array_equal(a, b)
