@@ -40,6 +40,10 @@ from .streaming import streams_experts
 log = logging.getLogger("mlx_glm4moe.batch")
 
 
+class QueueFull(Exception):
+    """The waiting queue is full: the request is refused at once (HTTP 429 / 529)."""
+
+
 class PromptStore(Protocol):
     """What the engine needs of a prompt cache (`chat.PromptCache`)."""
 
@@ -131,6 +135,7 @@ class BatchEngine:
         prefill_step_size: prompt tokens per sequence per step.
         prompt_cache: a `chat.PromptCache` (or None).
         mtp, num_draft: serve requests one at a time with MTP speculative decoding.
+        max_queue: the most requests waiting to start; `submit` refuses more (`QueueFull`).
     """
 
     def __init__(
@@ -144,8 +149,10 @@ class BatchEngine:
         prompt_cache: PromptStore | None = None,
         mtp: bool = False,
         num_draft: int = 1,
+        max_queue: int = 64,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.max_queue = max_queue
         self.decode_concurrency = 1 if mtp else decode_concurrency
         self.prompt_concurrency = min(prompt_concurrency, self.decode_concurrency)
         self.prefill_step_size = prefill_step_size
@@ -164,9 +171,17 @@ class BatchEngine:
         self._thread.start()
 
     def submit(self, request: Request) -> None:
-        """Queue `request`; its events arrive through `request.emit`."""
+        """Queue `request`; its events arrive through `request.emit`. Raises `QueueFull` when
+        `max_queue` requests are waiting already."""
+        if self._inbox.qsize() + len(self._waiting) >= self.max_queue:
+            raise QueueFull
         self.metrics.requests_total += 1
         self._inbox.put(request)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (it has not crashed, nor been closed)."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         """Stop the engine thread (running requests end as cancelled) and flush the prompt

@@ -33,6 +33,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+import jsonschema
 import llguidance
 import llguidance.hf
 import mlx.core as mx
@@ -54,6 +55,25 @@ class ConstraintError(ValueError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.message, self.param = message, param
+
+
+# What a schema that passes JSON Schema's own check can still raise while its grammar is built
+# (a keyword of an unexpected type that the meta-schema leaves open, nesting past the stack).
+_BAD_SCHEMA = (ValueError, TypeError, AttributeError, KeyError, RecursionError)
+
+
+def check_schema(schema: Any, what: str, param: str) -> None:
+    """Raise `ConstraintError` naming `what` when `schema` is not a valid JSON schema (Draft
+    2020-12's meta-schema): checked before a grammar is built from it."""
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in e.path)
+        raise ConstraintError(
+            f"{what} is not a valid JSON schema: {e.message} (at '{where or '.'}').", param
+        ) from None
+    except RecursionError:
+        raise ConstraintError(f"{what} is nested too deep.", param) from None
 
 
 def _lit(text: str) -> str:
@@ -187,19 +207,24 @@ class Constraints:
                 fn = tool["function"]
                 if forced and tool_choice != "required" and fn["name"] != tool_choice:
                     continue
+                param, what = f"tools[{i}].function.parameters", f"tools[{i}] ('{fn['name']}')"
+                check_schema(fn.get("parameters") or {}, f"The parameters of {what}", param)
                 try:
                     rules.append(g.call(i, fn))
-                except ValueError as e:
-                    raise ConstraintError(
-                        f"tools[{i}]: {e}.", f"tools[{i}].function.parameters"
-                    ) from None
+                except _BAD_SCHEMA as e:
+                    raise ConstraintError(f"{what}: {e}.", param) from None
             call = g.add("call", " | ".join(rules))
             more = f" ({g.sep}{call})*" if parallel else ""
             calls = g.add("calls", f"{call}{more}")
         if forced:
             return g.text(f'"\\n"? {calls}')
         if answer is not None:
-            json_rule = g.add("answer", _json(answer))
+            param = "response_format.json_schema.schema"
+            check_schema(answer, "The response format's schema", param)
+            try:
+                json_rule = g.add("answer", _json(answer))
+            except _BAD_SCHEMA as e:
+                raise ConstraintError(f"The response format's schema: {e}.", param) from None
             return g.text(f'"\\n"? ({json_rule} | {calls})' if calls else f'"\\n"? {json_rule}')
         return g.text(f"RAW {calls}?")
 
@@ -209,22 +234,29 @@ class Constraints:
         tools: list[dict] | None,
         tool_choice: str | None,
         parallel: bool = True,
-    ) -> str | None:
-        """Build and compile a request's grammar (the errors a request should get before it
-        runs); the grammar, None when nothing is enforced."""
+    ) -> llguidance.LLMatcher | None:
+        """Check a request's schemas (JSON Schema's meta-schema first, then whether llguidance
+        can hold them) and compile its grammar: the errors a request should get before it runs.
+        Returns the matcher its sampler starts from (the request's own: compiled here, in the
+        request's thread, never on the engine's), None when nothing is enforced."""
         grammar = self.grammar(response_format, tools, tool_choice, parallel)
         if grammar is None:
             return None
         try:
-            self._matcher(grammar)
+            return self._matcher(grammar)
         except ValueError as e:
             raise ConstraintError(*self._blame(str(e), response_format, tools)) from None
-        return grammar
 
     def sampler(
-        self, grammar: str, sampler: Any, prompt: str | None, thinking: bool
+        self,
+        grammar: str | llguidance.LLMatcher,
+        sampler: Any,
+        prompt: str | None,
+        thinking: bool,
     ) -> ConstrainedSampler:
-        """`sampler` held to `grammar` from where the answer starts (see `ConstrainedSampler`)."""
+        """`sampler` held to `grammar` (its text, or a matcher from `check`) from where the
+        answer starts (see `ConstrainedSampler`)."""
+        matcher = self._matcher(grammar) if isinstance(grammar, str) else grammar
         end = (prompt or "").rstrip()
         if end.endswith("<think>"):
             start = "reasoning"
@@ -232,7 +264,7 @@ class Constraints:
             start = "answer"
         else:
             start = "opening"
-        return ConstrainedSampler(self, self._matcher(grammar), sampler, start)
+        return ConstrainedSampler(self, matcher, sampler, start)
 
     def _matcher(self, grammar: str) -> llguidance.LLMatcher:
         """A fresh matcher for `grammar`; raises ValueError with llguidance's message."""

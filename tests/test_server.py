@@ -163,7 +163,9 @@ def collect(stream):
 
 
 def test_models_and_health(url, client):
-    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{url}/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "engine": "alive", "queue": 0}
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 

@@ -16,29 +16,27 @@ miss the prompt cache.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from ..chat import encode_messages
 from .core import (
+    API,
+    AnthropicSampling,
     APIError,
+    Encoder,
     Engine,
     Job,
+    Spec,
     Strict,
     anthropic_error_body,
-    chat_events,
-    collect,
-    keepalive,
     parse_request,
-    sse,
+    sampling,
     stop_list,
     text_only,
 )
@@ -131,15 +129,12 @@ class CountTokensRequest(Strict):
     container: Any = None
 
 
-class MessagesRequest(CountTokensRequest):
+class MessagesRequest(CountTokensRequest, AnthropicSampling):
     """The body of ``POST /v1/messages`` (the fields this server acts on)."""
 
     max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
     stream: bool = False
-    temperature: float | None = Field(None, ge=0, le=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
     metadata: dict[str, Any] | None = None
 
 
@@ -278,11 +273,13 @@ def stop_reason(done: dict) -> str:
     )
 
 
-def _usage(usage: dict) -> dict:
-    """Anthropic's usage: the prompt splits into tokens read from the prompt cache, tokens
-    written to it (the whole uncached rest, when the prompt was stored) and the others."""
+def _usage(usage: dict, breakpoints: bool) -> dict:
+    """Anthropic's usage: the prompt splits into the tokens read from the prompt cache, those
+    written to it, and the others (`input_tokens`). Writing counts only when the client asked
+    for it with `cache_control` breakpoints (`breakpoints`), as Anthropic counts it; otherwise
+    the uncached rest of the prompt is input."""
     cached = usage.get("cached_tokens", 0)
-    created = usage.get("cache_creation_tokens", 0)
+    created = usage.get("cache_creation_tokens", 0) if breakpoints else 0
     return {
         "input_tokens": usage["prompt_tokens"] - cached - created,
         "cache_read_input_tokens": cached,
@@ -291,8 +288,9 @@ def _usage(usage: dict) -> dict:
     }
 
 
-def message(head: dict, done: dict) -> dict:
-    """The whole reply as an Anthropic message (`head`: id and model)."""
+def message(head: dict, done: dict, breakpoints: bool = False) -> dict:
+    """The whole reply as an Anthropic message (`head`: id and model; `breakpoints`: see
+    `_usage`)."""
     msg = done["message"]
     content: list[dict] = []
     if msg["reasoning_content"]:
@@ -308,7 +306,7 @@ def message(head: dict, done: dict) -> dict:
         "content": content,
         "stop_reason": stop_reason(done),
         "stop_sequence": done.get("stop_sequence"),
-        "usage": _usage(done["usage"]),
+        "usage": _usage(done["usage"], breakpoints),
     }
 
 
@@ -331,108 +329,126 @@ def _empty_delta(block: str) -> dict:
     }[block]
 
 
-TICK = {"type": "tick"}  # nothing came for a while (`core.keepalive`)
+class MessageEncoder(Encoder):
+    """An Anthropic message, or its server-sent events, from our chat events (reasoning,
+    content and tool_call deltas, then done).
 
+    A ping sends an empty delta of the open content block, opening one first if none is (the
+    reasoning's when thinking is on, since it comes first, else the text's): Claude Code's idle
+    watchdog restarts on every event but `ping`, and gives up on a stream after 300 s without
+    one, so pings alone do not carry a long prefill."""
 
-async def stream(
-    head: dict, prompt_tokens: int, events: AsyncIterator[dict], thinking_on: bool = True
-) -> AsyncIterator[str]:
-    """Anthropic's server-sent events for a stream of our chat events (reasoning, content and
-    tool_call deltas, then done or error).
+    def __init__(
+        self,
+        head: dict,
+        prompt_tokens: int,
+        thinking_on: bool = True,
+        breakpoints: bool = False,
+    ) -> None:
+        self.head, self.prompt_tokens = head, prompt_tokens
+        self.thinking_on, self.breakpoints = thinking_on, breakpoints
+        self.index, self.open_kind, self.thinking = -1, None, ""
+        self.finished = False
+        self.done: dict | None = None
 
-    A `TICK` among the events sends an empty delta of the open content block, opening one
-    first if none is (the reasoning's when thinking is on, since it comes first, else the
-    text's): Claude Code's idle watchdog restarts on every event but `ping`, and gives up on a
-    stream after 300 s without one, so pings alone do not carry a long prefill."""
-    start = {
-        **head,
-        "type": "message",
-        "role": "assistant",
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
-    }
-    yield _sse("message_start", {"message": start})
-    yield _sse("ping", {})
-    index, open_kind, thinking = -1, None, ""
+    def open(self) -> list[str]:
+        start = {
+            **self.head,
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0},
+        }
+        return [_sse("message_start", {"message": start}), _sse("ping", {})]
 
-    def close() -> list[str]:
+    def _start(self, block: str, content_block: dict) -> str:
+        self.index, self.open_kind, self.thinking = self.index + 1, block, ""
+        return _sse("content_block_start", {"index": self.index, "content_block": content_block})
+
+    def _close(self) -> list[str]:
         out = []
-        if open_kind == "thinking":
-            delta = {"type": "signature_delta", "signature": signature(thinking)}
-            out.append(_sse("content_block_delta", {"index": index, "delta": delta}))
-        if open_kind is not None:
-            out.append(_sse("content_block_stop", {"index": index}))
+        if self.open_kind == "thinking":
+            delta = {"type": "signature_delta", "signature": signature(self.thinking)}
+            out.append(_sse("content_block_delta", {"index": self.index, "delta": delta}))
+        if self.open_kind is not None:
+            out.append(_sse("content_block_stop", {"index": self.index}))
+        self.open_kind = None
         return out
 
-    finished = False
-    async for event in events:
+    def ping(self) -> list[str]:
+        if self.finished:
+            return []
+        out = []
+        if self.open_kind is None:
+            block = "thinking" if self.thinking_on else "text"
+            out.append(self._start(block, _empty(block)))
+        delta = _empty_delta(self.open_kind)
+        return out + [_sse("content_block_delta", {"index": self.index, "delta": delta})]
+
+    def feed(self, event: dict) -> list[str]:
         kind = event["type"]
-        if kind == "tick":
-            if finished:
-                continue
-            if open_kind is None:
-                index, open_kind, thinking = index + 1, "thinking" if thinking_on else "text", ""
-                yield _sse(
-                    "content_block_start", {"index": index, "content_block": _empty(open_kind)}
-                )
-            yield _sse("content_block_delta", {"index": index, "delta": _empty_delta(open_kind)})
-        elif kind in ("reasoning", "content"):
+        out: list[str] = []
+        if kind in ("reasoning", "content"):
             block = "thinking" if kind == "reasoning" else "text"
-            if open_kind != block:
-                for s in close():
-                    yield s
-                index, open_kind, thinking = index + 1, block, ""
-                yield _sse("content_block_start", {"index": index, "content_block": _empty(block)})
+            if self.open_kind != block:
+                out += self._close()
+                out.append(self._start(block, _empty(block)))
             if block == "thinking":
-                thinking += event["delta"]
+                self.thinking += event["delta"]
                 delta = {"type": "thinking_delta", "thinking": event["delta"]}
             else:
                 delta = {"type": "text_delta", "text": event["delta"]}
-            yield _sse("content_block_delta", {"index": index, "delta": delta})
+            out.append(_sse("content_block_delta", {"index": self.index, "delta": delta}))
         elif kind == "tool_call":
-            for s in close():
-                yield s
-            index, open_kind = index + 1, "tool_use"
-            block = {**_tool_use(event["tool_call"]), "input": {}}
-            yield _sse("content_block_start", {"index": index, "content_block": block})
+            out += self._close()
+            out.append(self._start("tool_use", {**_tool_use(event["tool_call"]), "input": {}}))
             partial = event["tool_call"]["function"]["arguments"]
             delta = {"type": "input_json_delta", "partial_json": partial}
-            yield _sse("content_block_delta", {"index": index, "delta": delta})
+            out.append(_sse("content_block_delta", {"index": self.index, "delta": delta}))
         elif kind == "done":
-            for s in close():
-                yield s
-            open_kind, finished = None, True
+            self.done = event
+            out += self._close()
+            self.finished = True
             delta = {"stop_reason": stop_reason(event), "stop_sequence": event.get("stop_sequence")}
-            usage = _usage(event["usage"])
-            yield _sse("message_delta", {"delta": delta, "usage": usage})
-            yield _sse("message_stop", {})
-        elif kind == "error":
-            yield _sse("error", {"error": anthropic_error_body(500, event["message"])["error"]})
+            usage = _usage(event["usage"], self.breakpoints)
+            out.append(_sse("message_delta", {"delta": delta, "usage": usage}))
+            out.append(_sse("message_stop", {}))
+        return out
+
+    def fail(self, message: str) -> list[str]:
+        self.finished = True
+        return [_sse("error", {"error": anthropic_error_body(500, message)["error"]})]
+
+    def result(self) -> dict:
+        return message(self.head, self.done, self.breakpoints)
 
 
 # -- routes -------------------------------------------------------------------------------------
 
 
-def prepare(engine: Engine, req: MessagesRequest, loop: asyncio.AbstractEventLoop) -> Job:
+def spec(req: MessagesRequest, engine: Engine) -> Spec:
     chat = to_chat(req)
     if req.tool_choice and req.tool_choice.type == "tool" and not req.tool_choice.name:
         raise APIError(400, "tool_choice.name: a tool name is required.", "tool_choice")
-    return engine.prepare_chat(
-        req,
-        loop,
+    return Spec(
         messages=chat["messages"],
         tools=chat["tools"],
         tool_choice=chat["tool_choice"],
         enable_thinking=chat["enable_thinking"],
+        response_format=response_format(req.output_config),
+        parallel=chat["parallel"],
         max_tokens=req.max_tokens,
         stop=stop_list(req.stop_sequences),
-        sampling={"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": None},
-        parallel=chat["parallel"],
-        response_format=response_format(req.output_config),
+        sampling=sampling(req),
         pin_cache=has_cache_control(req),
     )
+
+
+def encoder(req: MessagesRequest, job: Job, engine: Engine) -> MessageEncoder:
+    head = {"id": f"msg_{uuid.uuid4().hex}", "model": req.model}
+    return MessageEncoder(head, len(job.tokens), job.spec.enable_thinking, job.spec.pin_cache)
 
 
 def response_format(config: OutputConfig | None) -> dict | None:
@@ -443,7 +459,7 @@ def response_format(config: OutputConfig | None) -> dict | None:
     return {"type": "json_schema", "json_schema": schema}
 
 
-def has_cache_control(req: MessagesRequest) -> bool:
+def has_cache_control(req: CountTokensRequest) -> bool:
     """Whether the request marks any `cache_control` breakpoint (top level, a system block, a
     tool or a content block): the client will send that prefix again."""
     blocks: list[Any] = [req, *(req.tools or ())]
@@ -455,38 +471,25 @@ def has_cache_control(req: MessagesRequest) -> bool:
     return any((b.model_extra or {}).get("cache_control") for b in blocks)
 
 
+MESSAGES = API(MessagesRequest, spec, encoder, check_blocks)
+
+
 def routes(engine: Engine) -> APIRouter:
     """``POST /messages`` and ``POST /messages/count_tokens`` (mounted under ``/v1``)."""
     router = APIRouter()
 
     @router.post("/messages")
     async def messages(request: Request):
-        req = parse_request(await request.body(), MessagesRequest, check_blocks)
-        job = await run_in_threadpool(prepare, engine, req, asyncio.get_running_loop())
-        engine.submit(job)
-        head = {"id": f"msg_{uuid.uuid4().hex}", "model": req.model}
-        events = chat_events(job, engine)
-        if req.stream:
-            ticks = keepalive(events, lambda: TICK, engine.keepalive_interval)
-            return sse(stream(head, len(job.tokens), ticks, job.enable_thinking), job)
-        done, _ = await collect(request, job, events)
-        return message(head, done)
+        return await engine.serve(request, MESSAGES)
 
     @router.post("/messages/count_tokens")
     async def count_tokens(request: Request) -> dict:
         req = parse_request(await request.body(), CountTokensRequest, check_blocks)
         chat = to_chat(req)
-
-        def count() -> int:
-            try:
-                return len(
-                    encode_messages(
-                        engine.tokenizer, chat["messages"], chat["tools"], chat["enable_thinking"]
-                    )
-                )
-            except ValueError as e:
-                raise APIError(400, str(e), "messages") from None
-
-        return {"input_tokens": await run_in_threadpool(count)}
+        chat_spec = Spec(
+            messages=chat["messages"], tools=chat["tools"], enable_thinking=chat["enable_thinking"]
+        )
+        prompt = await run_in_threadpool(engine.render, chat_spec)
+        return {"input_tokens": len(await run_in_threadpool(engine.encode, prompt))}
 
     return router

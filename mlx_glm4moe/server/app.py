@@ -76,6 +76,7 @@ def create_app(
     prefill_step_size: int = 512,
     mtp: bool = False,
     num_draft: int = 1,
+    max_queue: int = 64,
 ) -> FastAPI:
     """The server as an ASGI app (serve it with uvicorn).
 
@@ -96,6 +97,8 @@ def create_app(
         decode_concurrency, prompt_concurrency, prefill_step_size: the batching engine's
             limits (`batch.BatchEngine`).
         mtp, num_draft: MTP speculative decoding, one request at a time.
+        max_queue: the most requests waiting to start; more are refused at once (429, 529 on
+            the Anthropic routes).
     """
     prompt_cache = None
     if prompt_cache_bytes > 0:
@@ -120,6 +123,7 @@ def create_app(
             "prefill_step_size": prefill_step_size,
             "mtp": mtp,
             "num_draft": num_draft,
+            "max_queue": max_queue,
         },
     )
 
@@ -163,8 +167,12 @@ def create_app(
         return error.response(anthropic_route(request))
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        waiting = engine.batch.metrics.requests_waiting
+        if not engine.batch.alive:
+            body = {"status": "error", "engine": "dead", "queue": waiting}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ok", "engine": "alive", "queue": waiting})
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -251,6 +259,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--num-draft", type=int, default=1, help="Tokens drafted per MTP step.")
     p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="Most requests waiting to start; more get 429 (529 on /v1/messages) at once.",
+    )
+    p.add_argument(
         "--expert-slots", type=int, help="Stream routed experts from disk, N per layer in memory."
     )
     p.add_argument("--log-level", default="info")
@@ -259,8 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--max-tokens must be at least 1")
     if a.temp < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or not 0 <= a.min_p <= 1:
         p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
-    if a.num_draft < 1:
-        p.error("--num-draft must be at least 1")
+    if a.num_draft < 1 or a.max_queue < 1:
+        p.error("--num-draft and --max-queue must be at least 1")
     if a.prompt_cache_gb < 0 or a.prompt_cache_size < 1 or a.prompt_cache_disk_gb < 0:
         p.error("need --prompt-cache-gb, --prompt-cache-disk-gb >= 0, --prompt-cache-size >= 1")
     if a.mtp and (a.decode_concurrency or 1) > 1:
@@ -293,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         prefill_step_size=a.prefill_step_size,
         mtp=a.mtp,
         num_draft=a.num_draft,
+        max_queue=a.max_queue,
     )
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
 

@@ -1,7 +1,13 @@
-"""The core every API module shares: a validated request becomes a `Job` (prompt tokens, limits,
-sampling, tool choice), the batching engine generates it, and its tokens come back as parsed
-chat events (`chat.Reply`, the same assembly as `chat.stream_chat`) or plain text. The API
-modules only translate their wire formats to and from this.
+"""The one request pipeline every API module shares.
+
+An API module supplies three things (`API`): its request schema, a translation of a validated
+request into one `Spec` (what to generate and how), and an `Encoder` that turns the events of
+the generation into its wire format. The core does the rest, the same way for every API:
+parse the body (4xx for anything malformed, never a 500), tokenize (on one lock), submit to
+the batching engine (429/529 when its queue is full), then stream server-sent events (with
+keep-alives, an error event in the API's shape when anything fails, and the client's leaving
+watched all along) or collect the whole answer; whatever way a request ends, its generation is
+cancelled.
 """
 
 from __future__ import annotations
@@ -14,17 +20,19 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import llguidance
 import mlx.core as mx
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
-from ..batch import BatchEngine
+from ..batch import BatchEngine, QueueFull
 from ..batch import Request as BatchRequest
-from ..chat import PromptCache, Reply, render_prompt
+from ..chat import PromptCache, Reply, StopText, render_prompt
 from ..constrain import ConstraintError, Constraints
 from ..generate import Sampler, encode
 from ..models import Model
@@ -35,6 +43,11 @@ T = TypeVar("T")
 # The longest a stream stays silent: a client with an idle timeout (Claude Code's is 300 s)
 # must not take a long prefill for a dead server.
 KEEPALIVE_INTERVAL = 2.0
+# How often a request waiting for its events checks that the engine still runs.
+ENGINE_CHECK_INTERVAL = 1.0
+# Deeper JSON is refused before anything walks it: parsers, validators and the chat template
+# recurse, and would hit Python's recursion limit (a 500) on a body nested thousands deep.
+MAX_DEPTH = 128
 
 
 class Strict(BaseModel):
@@ -42,6 +55,36 @@ class Strict(BaseModel):
     fields are accepted, ignored and logged once each (see `parse_request`)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
+
+
+# Each API's sampling fields with the bounds its spec gives them.
+class OpenAISampling(Strict):
+    """OpenAI's (chat completions, completions, responses): temperature 0 to 2; top_k and
+    min_p are extensions other OpenAI-compatible servers take too."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
+
+
+class AnthropicSampling(Strict):
+    """Anthropic's: temperature 0 to 1, top_p, top_k."""
+
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+
+
+def sampling(req: OpenAISampling | AnthropicSampling) -> dict[str, Any]:
+    """A request's sampling fields as the engine's (None: the server's default)."""
+    return {
+        "temp": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": getattr(req, "min_p", None),
+    }
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -67,7 +110,8 @@ def anthropic_error_body(status: int, message: str) -> dict:
 
 class APIError(Exception):
     """An error answered with OpenAI's body, ``{"error": {message, type, param, code}}``, or on
-    the Anthropic routes with Anthropic's, ``{"type": "error", "error": {type, message}}``."""
+    the Anthropic routes with Anthropic's, ``{"type": "error", "error": {type, message}}``.
+    `anthropic_status` is the status there when it differs (529 for an overloaded server)."""
 
     def __init__(
         self,
@@ -76,6 +120,8 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str = "invalid_request_error",
+        anthropic_status: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = (
@@ -85,6 +131,8 @@ class APIError(Exception):
             code,
             type,
         )
+        self.anthropic_status = anthropic_status or status
+        self.headers = headers
 
     def body(self) -> dict:
         return {
@@ -98,10 +146,28 @@ class APIError(Exception):
 
     def response(self, anthropic_shape: bool = False) -> JSONResponse:
         if anthropic_shape:
-            body = anthropic_error_body(self.status, self.message)
+            status = self.anthropic_status
+            body = anthropic_error_body(status, self.message)
         else:
-            body = self.body()
-        return JSONResponse(body, status_code=self.status)
+            status, body = self.status, self.body()
+        return JSONResponse(body, status_code=status, headers=self.headers)
+
+
+def server_error(message: str) -> APIError:
+    return APIError(500, message, type="server_error")
+
+
+# The answer when the engine's waiting queue is full: OpenAI's rate-limit body (its SDKs retry
+# after Retry-After), Anthropic's 529 overloaded_error.
+def queue_full() -> APIError:
+    return APIError(
+        429,
+        "The server is busy: too many requests are waiting. Try again shortly.",
+        code="rate_limit_exceeded",
+        type="rate_limit_exceeded",
+        anthropic_status=529,
+        headers={"Retry-After": "1"},
+    )
 
 
 def _param(loc: tuple, data: Any) -> str | None:
@@ -165,19 +231,45 @@ def log_once(key: str, message: str, *args: Any) -> None:
         log.warning(message, *args)
 
 
+def check_json(data: Any) -> None:
+    """Refuse (400) JSON nested deeper than `MAX_DEPTH`, and text holding lone surrogates
+    (``"\\udcff"`` escapes, which are no Unicode text: the tokenizer cannot take them). Walks
+    without recursion."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise APIError(400, f"The request is nested more than {MAX_DEPTH} levels deep.")
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                where = f"'{path}'" if path else "the request"
+                raise APIError(
+                    400, f"{where} holds a lone surrogate: not valid Unicode text.", path or None
+                ) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path, depth + 1))
+                stack.append((item, f"{path}.{key}" if path else str(key), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
 def parse_request(
     body: bytes, schema: type[BaseModel], check: Callable[[dict], None] | None = None
 ) -> Any:
-    """Validate a request body against `schema` (after `check`, given the JSON object); raises
-    `APIError` (400) on invalid JSON or fields. Fields the schema does not know are hints this
-    server does not act on (fields that would change the form of the answer are declared, and
-    refused where they are read): they are accepted, and logged once per name."""
+    """Validate a request body against `schema` (after `check_json`, and `check` given the JSON
+    object); raises `APIError` (400) on invalid JSON or fields. Fields the schema does not know
+    are hints this server does not act on (fields that would change the form of the answer are
+    declared, and refused where they are read): they are accepted, and logged once per name."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "The request body is not valid JSON.") from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise APIError(400, "The request body is not valid JSON (or is nested too deep).") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    check_json(data)
     if check is not None:
         check(data)
     try:
@@ -191,51 +283,111 @@ def parse_request(
     return req
 
 
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    """A request's stop strings as a list (OpenAI takes one string or a list); none empty."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stops):
+        raise APIError(400, "Stop strings must not be empty.", "stop")
+    return stops
+
+
+# -- what an API module supplies ------------------------------------------------------------------
+
+
+@dataclass
+class Spec:
+    """One request as the engine takes it, whatever API it came through.
+
+    A chat has `messages` (OpenAI-shaped, as the template renders them), else `prompt` is a
+    raw prompt (text or token ids, no template). `tool_choice` is "auto" (or None), "none",
+    "required" or a function name; `response_format` is chat completions' (the answer's JSON
+    schema, enforced); `parallel` lets tool calls come many. `max_tokens` None is the server's
+    default; both are cut to what the context leaves. `sampling` holds temp, top_p, top_k and
+    min_p (None: the server's default); `top_logprobs` (0 or more) asks for log-probabilities.
+    `pin_cache` keeps the prompt's cache entry ahead of plain ones (Anthropic's cache_control).
+    """
+
+    messages: list[dict] | None = None
+    prompt: str | list[int] | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | None = None
+    enable_thinking: bool = True
+    template_kwargs: dict[str, Any] | None = None
+    response_format: dict | None = None
+    parallel: bool = True
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    top_logprobs: int | None = None
+    pin_cache: bool = False
+
+
+class Encoder:
+    """Turns one job's events into its API's answer. The stream is `open()`, then `feed(e)`
+    for each event (`chat_events`' or `text_events`'), `ping()` whenever nothing came for a
+    while, and `fail(message)` in place of the rest when the generation or the encoding
+    failed: each returns the server-sent events to send. A whole answer is `result()` once the
+    ``done`` event was fed."""
+
+    def open(self) -> list[str]:
+        return []
+
+    def feed(self, event: dict) -> list[str]:
+        raise NotImplementedError
+
+    def ping(self) -> list[str]:
+        raise NotImplementedError
+
+    def fail(self, message: str) -> list[str]:
+        raise NotImplementedError
+
+    def result(self) -> dict:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class API:
+    """An API module's part of the pipeline: `schema` validates the body (after `check`, given
+    the JSON object), `translate(req, engine)` makes its `Spec`, `encoder(req, job, engine)`
+    its `Encoder`. Requests whose schema has ``stream: true`` are streamed."""
+
+    schema: type[Strict]
+    translate: Callable[[Any, Engine], Spec]
+    encoder: Callable[[Any, Job, Engine], Encoder]
+    check: Callable[[dict], None] | None = None
+
+
 # -- generation ---------------------------------------------------------------------------------
 
 
 @dataclass
 class Job:
-    """One validated request: its prompt, limits and sampling, and the events of its
-    generation (from the engine thread)."""
+    """One validated request: its spec, its prompt tokens and the text they came from (a chat's
+    rendered prompt, where its parser starts), its completion length, its compiled grammar
+    (`constrain.Constraints.check`; None: free), and the events of its generation (from the
+    engine thread)."""
 
     request: BaseModel
+    spec: Spec
     tokens: list[int]
     max_tokens: int
-    stop: list[str]
-    sampling: dict[str, Any]  # temp, top_p, top_k, min_p (None: the server's default)
     loop: asyncio.AbstractEventLoop
-    seed: int | None = None
-    top_logprobs: int | None = None
-    # Chat only: the rendered prompt (where the parser starts), OpenAI-shaped messages and
-    # tools, the thinking switch, the tool choice ("none", "required", a function name, or None
-    # for auto), whether calls may come many, and the grammar that enforces the answer's
-    # format, the tool choice and strict tools (`constrain.Constraints`; None: free).
     prompt: str | None = None
-    messages: list[dict] | None = None
-    tools: list[dict] | None = None
-    enable_thinking: bool = True
-    tool_choice: str | None = None
-    parallel: bool = True
-    grammar: str | None = None
-    # Keep this prompt's cache entry ahead of plain ones (Anthropic's cache_control).
-    pin_cache: bool = False
+    tool_choice: str | None = None  # None for auto
+    grammar: llguidance.LLMatcher | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def messages(self) -> list[dict] | None:
+        return self.spec.messages
 
     def emit(self, event: dict) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (server shutting down)
             pass
-
-    async def engine_events(self) -> AsyncIterator[dict]:
-        """The engine's token events, then its done or error event."""
-        while True:
-            event = await self.events.get()
-            yield event
-            if event["type"] != "token":
-                return
 
 
 def forbid_token(sampler: Sampler, token_id: int) -> Sampler:
@@ -251,16 +403,12 @@ def forbid_token(sampler: Sampler, token_id: int) -> Sampler:
 SamplerFactory = Callable[[Job], "Sampler | None"]
 
 
-def stop_list(stop: str | list[str] | None) -> list[str]:
-    """A request's stop strings as a list (OpenAI takes one string or a list); none empty."""
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not s for s in stops):
-        raise APIError(400, "Stop strings must not be empty.", "stop")
-    return stops
-
-
 class Engine:
-    """The model, its prompt cache and the batching engine behind the HTTP routes."""
+    """The model, its prompt cache and the batching engine behind the HTTP routes.
+
+    Every use of the tokenizer goes through this class, behind one lock: Hugging Face fast
+    tokenizers are not made to be called from several threads at once (prompts are encoded in
+    worker threads while the event loop decodes tokens and counts reasoning)."""
 
     keepalive_interval = KEEPALIVE_INTERVAL  # seconds between pings of a silent stream
 
@@ -276,6 +424,7 @@ class Engine:
         batch_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.tokenizer_lock = threading.Lock()
         self.context_length = model.args.max_position_embeddings
         self.max_tokens = max_tokens
         self.sampling = {"temp": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, **(sampling or {})}
@@ -285,6 +434,42 @@ class Engine:
         self.batch = BatchEngine(
             model, tokenizer, prompt_cache=prompt_cache, **(batch_kwargs or {})
         )
+
+    # -- the tokenizer, on one lock ---------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        with self.tokenizer_lock:
+            return encode(self.tokenizer, prompt)
+
+    def render(self, spec: Spec) -> str:
+        """A chat spec's prompt text (400 when the template refuses its messages)."""
+        try:
+            with self.tokenizer_lock:
+                return render_prompt(
+                    self.tokenizer,
+                    spec.messages,
+                    spec.tools,
+                    spec.enable_thinking,
+                    chat_template_kwargs=spec.template_kwargs,
+                )
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+
+    def decode(self, tokens: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(tokens)
+
+    def token_text(self, token: int) -> str:
+        return self.decode([token])
+
+    def count_tokens(self, text: str) -> int:
+        with self.tokenizer_lock:
+            return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def is_eos(self, token: int) -> bool:
+        return token in self.tokenizer.eos_token_ids
+
+    # -- requests ---------------------------------------------------------------------------
 
     def room(self, n_prompt: int, requested: int | None, what: str, param: str) -> int:
         """The completion length: `requested`, else the default, cut to what the context
@@ -301,41 +486,25 @@ class Engine:
             )
         return min(requested or self.max_tokens, room)
 
-    def prepare_chat(
-        self,
-        request: BaseModel,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        messages: list[dict],
-        tools: list[dict] | None,
-        tool_choice: str | None,
-        enable_thinking: bool,
-        max_tokens: int | None,
-        stop: list[str],
-        sampling: dict[str, Any],
-        seed: int | None = None,
-        template_kwargs: dict[str, Any] | None = None,
-        top_logprobs: int | None = None,
-        parallel: bool = True,
-        response_format: dict | None = None,
-        pin_cache: bool = False,
-    ) -> Job:
-        """Check a chat request against the model (tools, context length, what it asks to
-        enforce) and make its job. `tool_choice` is "auto", "none", "required" or a function
-        name; `response_format` is chat completions' (see `Job`); `pin_cache` keeps the
-        prompt's cache entry ahead of plain ones."""
-        names = {t["function"]["name"] for t in tools or ()}
-        if tool_choice not in (None, "auto", "none", "required") and tool_choice not in names:
+    def prepare(self, request: BaseModel, spec: Spec, loop: asyncio.AbstractEventLoop) -> Job:
+        """Check a request's spec against the model (tools, context length, what it asks to
+        enforce, compiling its grammar) and make its job. Runs in a worker thread."""
+        if spec.messages is None:
+            return self._prepare_text(request, spec, loop)
+        names = {t["function"]["name"] for t in spec.tools or ()}
+        choice = None if spec.tool_choice == "auto" else spec.tool_choice
+        if choice not in (None, "none", "required") and choice not in names:
             raise APIError(
                 400,
-                f"Invalid value for 'tool_choice': no function named '{tool_choice}' in 'tools'.",
+                f"Invalid value for 'tool_choice': no function named '{choice}' in 'tools'.",
                 "tool_choice",
             )
-        if tool_choice == "required" and not tools:
+        if choice == "required" and not spec.tools:
             raise APIError(400, "tool_choice 'required' needs 'tools'.", "tool_choice")
-        choice = None if tool_choice == "auto" else tool_choice
         try:
-            grammar = self.constraints.check(response_format, tools, choice, parallel)
+            grammar = self.constraints.check(
+                spec.response_format, spec.tools, choice, spec.parallel
+            )
         except ConstraintError as e:
             raise APIError(400, e.message, e.param) from None
         if grammar is not None and self.batch.mtp:
@@ -344,79 +513,166 @@ class Engine:
                 400,
                 "Structured output, forced tool calls and strict tools are not available "
                 "with --mtp.",
-                "response_format" if response_format else "tools",
+                "response_format" if spec.response_format else "tools",
             )
-        try:
-            prompt = render_prompt(
-                self.tokenizer,
-                messages,
-                tools,
-                enable_thinking,
-                chat_template_kwargs=template_kwargs,
-            )
-        except ValueError as e:  # the chat template rejects these messages
-            raise APIError(400, str(e), "messages") from None
-        tokens = encode(self.tokenizer, prompt)
+        prompt = self.render(spec)
+        tokens = self.encode(prompt)
         return Job(
             request=request,
+            spec=spec,
             tokens=tokens,
-            prompt=prompt,
-            max_tokens=self.room(len(tokens), max_tokens, "messages", "messages"),
-            stop=stop,
-            sampling=sampling,
+            max_tokens=self.room(len(tokens), spec.max_tokens, "messages", "messages"),
             loop=loop,
-            seed=seed,
-            top_logprobs=top_logprobs,
-            messages=messages,
-            tools=tools,
-            enable_thinking=enable_thinking,
+            prompt=prompt,
             tool_choice=choice,
-            parallel=parallel,
             grammar=grammar,
-            pin_cache=pin_cache,
         )
 
+    def _prepare_text(self, request: BaseModel, spec: Spec, loop: asyncio.AbstractEventLoop) -> Job:
+        tokens = self.encode(spec.prompt)
+        if not tokens:
+            raise APIError(400, "The prompt is empty.", "prompt")
+        if any(not 0 <= t < self.model.args.vocab_size for t in tokens):
+            raise APIError(400, "The prompt holds token ids outside the vocabulary.", "prompt")
+        max_tokens = self.room(len(tokens), spec.max_tokens, "prompt", "prompt")
+        return Job(request=request, spec=spec, tokens=tokens, max_tokens=max_tokens, loop=loop)
+
     def submit(self, job: Job) -> None:
-        self.batch.submit(
-            BatchRequest(
-                job.tokens,
-                job.max_tokens,
-                job.emit,
-                make_sampler=lambda: self._sampler(job),
-                seed=job.seed,
-                top_logprobs=job.top_logprobs,
-                cancel=job.cancel,
-                pin_cache=job.pin_cache,
+        """Queue the job on the engine: 503 when the engine is not running, 429 (529 on the
+        Anthropic routes) when its waiting queue is full."""
+        if not self.batch.alive:
+            raise server_error("The engine is not running.")
+        try:
+            self.batch.submit(
+                BatchRequest(
+                    job.tokens,
+                    job.max_tokens,
+                    job.emit,
+                    make_sampler=lambda: self._sampler(job),
+                    seed=job.spec.seed,
+                    top_logprobs=job.spec.top_logprobs,
+                    cancel=job.cancel,
+                    pin_cache=job.spec.pin_cache,
+                )
             )
-        )
+        except QueueFull:
+            raise queue_full() from None
 
     def _sampler(self, job: Job) -> Sampler:
         """Runs on the engine thread when the job starts."""
         custom = self.sampler_factory(job) if self.sampler_factory else None
-        s = {k: v if v is not None else self.sampling[k] for k, v in job.sampling.items()}
+        given = job.spec.sampling
+        s = {k: d if given.get(k) is None else given[k] for k, d in self.sampling.items()}
         sampler = custom or make_sampler(s["temp"], s["top_p"], s["min_p"], top_k=s["top_k"])
         if job.grammar is not None:
-            return self.constraints.sampler(job.grammar, sampler, job.prompt, job.enable_thinking)
+            return self.constraints.sampler(
+                job.grammar, sampler, job.prompt, job.spec.enable_thinking
+            )
         if job.tool_choice == "none":
             return forbid_token(sampler, self.tool_call_token)
         return sampler
 
-    def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+    async def engine_events(self, job: Job) -> AsyncIterator[dict]:
+        """The engine's token events for `job`, then its done or error event; an error event
+        too if the engine stops meanwhile (its thread died), so that no request waits on it
+        for ever."""
+        pending = asyncio.ensure_future(job.events.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=ENGINE_CHECK_INTERVAL)
+                if not done:
+                    if not self.batch.alive:
+                        yield {"type": "error", "message": "The engine stopped."}
+                        return
+                    continue
+                event = pending.result()
+                yield event
+                if event["type"] != "token":
+                    return
+                pending = asyncio.ensure_future(job.events.get())
+        finally:
+            pending.cancel()
 
-    def is_eos(self, token: int) -> bool:
-        return token in self.tokenizer.eos_token_ids
+    async def serve(self, request: Request, api: API) -> Response | dict:
+        """A request through the pipeline (see the module docstring): the whole answer's body,
+        or the stream of server-sent events."""
+        req = parse_request(await request.body(), api.schema, api.check)
+        loop = asyncio.get_running_loop()
+        job = await run_in_threadpool(lambda: self.prepare(req, api.translate(req, self), loop))
+        encoder = api.encoder(req, job, self)
+        self.submit(job)
+        events = chat_events(job, self) if job.messages is not None else text_events(job, self)
+        if getattr(req, "stream", False):
+            return StreamingResponse(
+                self._stream(request, job, encoder, events),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+                # Also when the client left before the stream began (then it never ran).
+                background=BackgroundTask(job.cancel.set),
+            )
+        return await self._collect(request, job, encoder, events)
+
+    async def _stream(
+        self, request: Request, job: Job, encoder: Encoder, events: AsyncIterator[dict]
+    ) -> AsyncIterator[str]:
+        watcher = asyncio.create_task(_watch_disconnect(request, job.cancel))
+        try:
+            try:
+                for s in encoder.open():
+                    yield s
+                async for event in keepalive(events, lambda: TICK, self.keepalive_interval):
+                    if event is TICK:
+                        out = encoder.ping()
+                    elif event["type"] == "error":
+                        out = encoder.fail(event["message"])
+                    else:
+                        out = encoder.feed(event)
+                    for s in out:
+                        yield s
+            except Exception:
+                log.exception("a streamed answer failed")
+                job.cancel.set()
+                for s in encoder.fail("The server failed while answering."):
+                    yield s
+        finally:
+            # The end of the stream, or the client's leaving (the generator is closed then).
+            watcher.cancel()
+            job.cancel.set()
+
+    async def _collect(
+        self, request: Request, job: Job, encoder: Encoder, events: AsyncIterator[dict]
+    ) -> dict:
+        watcher = asyncio.create_task(_watch_disconnect(request, job.cancel))
+        try:
+            async for event in events:
+                if event["type"] == "error":
+                    raise server_error(event["message"])
+                encoder.feed(event)
+                if event["type"] == "done":
+                    return encoder.result()
+        except APIError:
+            raise
+        except Exception:
+            log.exception("an answer failed")
+            raise server_error("The server failed while answering.") from None
+        finally:
+            watcher.cancel()
+            job.cancel.set()  # ends the generation if the answer failed; no-op when done
+        raise server_error("The generation ended without an answer.")
 
 
 # -- replies ------------------------------------------------------------------------------------
+
+TICK = {"type": "tick"}  # nothing came for a while (`keepalive`)
 
 
 async def chat_events(job: Job, engine: Engine) -> AsyncIterator[dict]:
     """A chat job's reply events: ``reasoning`` / ``content`` deltas, whole ``tool_call``s,
     ``logprobs`` entries (when asked for), then ``done`` (see `chat.Reply`) or ``error``. A stop
     string ends the generation."""
-    reply = Reply(job.tools, job.prompt, stop=job.stop, parallel=job.parallel)
-    async for event in job.engine_events():
+    spec = job.spec
+    reply = Reply(spec.tools, job.prompt, stop=spec.stop, parallel=spec.parallel)
+    async for event in engine.engine_events(job):
         kind = event["type"]
         if kind == "token":
             lp = event["logprobs"]
@@ -429,6 +685,33 @@ async def chat_events(job: Job, engine: Engine) -> AsyncIterator[dict]:
         elif kind == "done":
             for e in reply.close(event["finish_reason"], event["usage"]):
                 yield e
+        else:
+            yield event
+
+
+async def text_events(job: Job, engine: Engine) -> AsyncIterator[dict]:
+    """A raw prompt's token events as plain text: ``text`` deltas (stop strings cut),
+    ``logprobs`` entries ``(token, logprob, {token: logprob})``, then ``done`` or ``error``."""
+    stop = StopText(job.spec.stop)
+    stopped = False
+    async for event in engine.engine_events(job):
+        if event["type"] == "token":
+            if stopped:
+                continue
+            text, stopped = stop.feed(event["text"])
+            if stopped:
+                job.cancel.set()
+            lp = event["logprobs"]
+            if lp is not None and not stopped and not engine.is_eos(event["token"]):
+                token = engine.token_text(event["token"])
+                top = {engine.token_text(t): v for t, v in lp["top"]}
+                yield {"type": "logprobs", "entry": (token, lp["logprob"], top)}
+            if text:
+                yield {"type": "text", "delta": text}
+        elif event["type"] == "done":
+            if not stopped and stop.held:
+                yield {"type": "text", "delta": stop.flush()}
+            yield {**event, "finish_reason": "stop" if stopped else event["finish_reason"]}
         else:
             yield event
 
@@ -447,30 +730,11 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
     cancel.set()
 
 
-async def collect(request: Request, job: Job, events: AsyncIterator[dict]) -> tuple[dict, list]:
-    """The done event and the logprobs entries of a reply not streamed; a client that leaves
-    cancels it. Raises APIError (500) when the generation failed."""
-    watcher = asyncio.create_task(_watch_disconnect(request, job.cancel))
-    logprobs: list = []
-    try:
-        async for event in events:
-            if event["type"] == "logprobs":
-                logprobs.append(event["entry"])
-            elif event["type"] == "done":
-                return event, logprobs
-            elif event["type"] == "error":
-                raise APIError(500, event["message"], type="server_error")
-    finally:
-        watcher.cancel()
-    raise APIError(500, "The generation ended without an answer.", type="server_error")
-
-
 async def keepalive(
     events: AsyncIterator[T], ping: Callable[[], T], interval: float
 ) -> AsyncIterator[T]:
-    """`events` (formatted server-sent events, or events the API module turns into some), with
-    `ping()` sent whenever `interval` seconds pass without one: a long prefill, or a long wait
-    for a decode slot, then does not look like a dead connection."""
+    """`events`, with `ping()` among them whenever `interval` seconds pass without one: a long
+    prefill, or a long wait for a decode slot, then does not look like a dead connection."""
     events = aiter(events)
     pending = asyncio.ensure_future(anext(events))
     try:
@@ -487,22 +751,3 @@ async def keepalive(
             pending = asyncio.ensure_future(anext(events))
     finally:
         pending.cancel()
-
-
-def sse(events: AsyncIterator[str], job: Job) -> StreamingResponse:
-    """A server-sent event stream whose end, or the client's leaving, ends the generation."""
-
-    async def guarded() -> AsyncIterator[str]:
-        try:
-            async for s in events:
-                yield s
-        finally:
-            job.cancel.set()  # stops the generation when the client went away; no-op when done
-
-    return StreamingResponse(
-        guarded(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-        # Also when the client left before the stream began (then `events` never ran).
-        background=BackgroundTask(job.cancel.set),
-    )

@@ -1,32 +1,29 @@
 """OpenAI's Chat Completions (``/v1/chat/completions``) and Completions (``/v1/completions``):
-request schema, translation to the core's jobs, and responses, whole or as server-sent events.
+request schemas, their translation to the core's `Spec`, and their encoders (whole responses
+and server-sent events).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import Field
-from starlette.concurrency import run_in_threadpool
 
-from ..chat import StopText
-from ..generate import encode
 from .core import (
+    API,
     APIError,
+    Encoder,
     Engine,
     Job,
+    OpenAISampling,
+    Spec,
     Strict,
-    chat_events,
-    collect,
-    keepalive,
-    parse_request,
-    sse,
+    sampling,
+    server_error,
     stop_list,
     text_only,
 )
@@ -92,17 +89,12 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class _Generation(Strict):
+class _Generation(OpenAISampling):
     """The fields both OpenAI generation endpoints share."""
 
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
 
@@ -131,11 +123,7 @@ class CompletionRequest(_Generation):
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
-# -- requests → jobs ----------------------------------------------------------------------------
-
-
-def _sampling(req: _Generation) -> dict[str, Any]:
-    return {"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p}
+# -- requests → specs ----------------------------------------------------------------------------
 
 
 def _one_choice(req: _Generation) -> None:
@@ -143,7 +131,11 @@ def _one_choice(req: _Generation) -> None:
         raise APIError(400, "Only n=1 is supported.", "n")
 
 
-def prepare_chat(engine: Engine, req: ChatRequest, loop: asyncio.AbstractEventLoop) -> Job:
+def _check_parts(data: dict) -> None:
+    text_only(data.get("messages"), {"text"})
+
+
+def chat_spec(req: ChatRequest, engine: Engine) -> Spec:
     _one_choice(req)
     kwargs = dict(req.chat_template_kwargs or {})
     thinking = kwargs.pop("enable_thinking", True)
@@ -160,50 +152,38 @@ def prepare_chat(engine: Engine, req: ChatRequest, loop: asyncio.AbstractEventLo
             msg["role"] = "system"
         messages.append(msg)
     choice = req.tool_choice
-    return engine.prepare_chat(
-        req,
-        loop,
+    fmt = req.response_format
+    return Spec(
         messages=messages,
         tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
         tool_choice=choice.function.name if isinstance(choice, NamedToolChoice) else choice,
         enable_thinking=thinking,
+        template_kwargs=kwargs,
+        response_format=fmt.model_dump(exclude_none=True) if fmt else None,
+        parallel=req.parallel_tool_calls,
         max_tokens=req.max_completion_tokens or req.max_tokens,
         stop=stop_list(req.stop),
-        sampling=_sampling(req),
+        sampling=sampling(req),
         seed=req.seed,
-        template_kwargs=kwargs,
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        parallel=req.parallel_tool_calls,
-        response_format=req.response_format.model_dump(exclude_none=True)
-        if req.response_format
-        else None,
     )
 
 
-def prepare_completion(
-    engine: Engine, req: CompletionRequest, loop: asyncio.AbstractEventLoop
-) -> Job:
+def completion_spec(req: CompletionRequest, engine: Engine) -> Spec:
     _one_choice(req)
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs is not supported.", "echo")
-    tokens = encode(engine.tokenizer, req.prompt)
-    if not tokens:
-        raise APIError(400, "The prompt is empty.", "prompt")
-    if any(not 0 <= t < engine.model.args.vocab_size for t in tokens):
-        raise APIError(400, "The prompt holds token ids outside the vocabulary.", "prompt")
-    return Job(
-        request=req,
-        tokens=tokens,
-        max_tokens=engine.room(len(tokens), req.max_tokens, "prompt", "prompt"),
+    return Spec(
+        prompt=req.prompt,
+        max_tokens=req.max_tokens,
         stop=stop_list(req.stop),
-        sampling=_sampling(req),
-        loop=loop,
+        sampling=sampling(req),
         seed=req.seed,
         top_logprobs=req.logprobs,
     )
 
 
-# -- responses ----------------------------------------------------------------------------------
+# -- our reply → OpenAI -------------------------------------------------------------------------
 
 
 def usage(usage: dict) -> dict:
@@ -220,96 +200,94 @@ def data(body: dict) -> str:
 
 
 def comment() -> str:
-    """An SSE comment line, which clients skip: sent while nothing else is (`core.keepalive`)."""
+    """An SSE comment line, which clients skip: sent while nothing else is."""
     return ": keepalive\n\n"
 
 
-def _check_parts(data: dict) -> None:
-    text_only(data.get("messages"), {"text"})
+DONE = "data: [DONE]\n\n"
 
 
-def _server_error(event: dict) -> str:
-    return data(APIError(500, event["message"], type="server_error").body())
+def _head(prefix: str, kind: str, model_id: str) -> dict:
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model_id,
+    }
 
 
-async def chat_stream(job: Job, head: dict, events: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per reply event; a tool call arrives whole in one chunk.
-    Log-probabilities ride on the next chunk."""
-    logprobs: list[dict] = []
+class _OpenAIEncoder(Encoder):
+    """What both endpoints' streams share: comment pings, the error event OpenAI's SDKs read
+    (``data: {"error": {...}}``), then ``[DONE]``."""
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        lp = {"content": logprobs[:]} if logprobs else None
-        logprobs.clear()
+    def ping(self) -> list[str]:
+        return [comment()]
+
+    def fail(self, message: str) -> list[str]:
+        return [data(server_error(message).body()), DONE]
+
+
+class ChatEncoder(_OpenAIEncoder):
+    """A ``chat.completion``, or its ``chat.completion.chunk`` events: one chunk per reply event
+    (a tool call arrives whole in one chunk); log-probabilities ride on the next chunk."""
+
+    def __init__(self, req: ChatRequest, model_id: str) -> None:
+        self.req = req
+        self.head = _head("chatcmpl", "chat.completion.chunk", model_id)
+        self.pending: list[dict] = []  # log-probabilities for the next chunk
+        self.logprobs: list[dict] = []
+        self.done: dict | None = None
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> str:
+        lp = {"content": self.pending} if self.pending else None
+        self.pending = []
         choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
-        return data({**head, "choices": [choice]})
+        return data({**self.head, "choices": [choice]})
 
-    options = job.request.stream_options
-    yield chunk({"role": "assistant", "content": ""})
-    async for event in events:
+    def open(self) -> list[str]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def feed(self, event: dict) -> list[str]:
         kind = event["type"]
         if kind == "logprobs":
-            logprobs.append(event["entry"])
+            self.pending.append(event["entry"])
+            self.logprobs.append(event["entry"])
         elif kind == "reasoning":
-            yield chunk({"reasoning_content": event["delta"]})
+            return [self._chunk({"reasoning_content": event["delta"]})]
         elif kind == "content":
-            yield chunk({"content": event["delta"]})
+            return [self._chunk({"content": event["delta"]})]
         elif kind == "tool_call":
-            yield chunk({"tool_calls": [event["tool_call"]]})
+            return [self._chunk({"tool_calls": [event["tool_call"]]})]
         elif kind == "done":
-            yield chunk({}, event["finish_reason"])
+            self.done = event
+            out = [self._chunk({}, event["finish_reason"])]
+            options = self.req.stream_options
             if options is not None and options.include_usage:
-                yield data({**head, "choices": [], "usage": usage(event["usage"])})
-        elif kind == "error":
-            yield _server_error(event)
-    yield "data: [DONE]\n\n"
+                out.append(data({**self.head, "choices": [], "usage": usage(event["usage"])}))
+            return out + [DONE]
+        return []
+
+    def result(self) -> dict:
+        """The whole reply as a ``chat.completion``."""
+        done = self.done
+        msg = done["message"]
+        message = {
+            "role": "assistant",
+            "content": msg["content"] or None,
+            "reasoning_content": msg["reasoning_content"],
+            "tool_calls": msg["tool_calls"] or None,
+        }
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": {"content": self.logprobs} if self.req.logprobs else None,
+            "finish_reason": done["finish_reason"],
+        }
+        body = {**self.head, "object": "chat.completion", "choices": [choice]}
+        return {**body, "usage": usage(done["usage"])}
 
 
-def chat_completion(head: dict, done: dict, logprobs: list | None) -> dict:
-    """The whole reply as a ``chat.completion``."""
-    msg = done["message"]
-    message = {
-        "role": "assistant",
-        "content": msg["content"] or None,
-        "reasoning_content": msg["reasoning_content"],
-        "tool_calls": msg["tool_calls"] or None,
-    }
-    choice = {
-        "index": 0,
-        "message": message,
-        "logprobs": {"content": logprobs} if logprobs is not None else None,
-        "finish_reason": done["finish_reason"],
-    }
-    return {**head, "object": "chat.completion", "choices": [choice], "usage": usage(done["usage"])}
-
-
-async def text_events(job: Job, engine: Engine) -> AsyncIterator[dict]:
-    """A completion job's token events as plain text: ``text`` deltas (stop strings cut),
-    ``logprobs`` entries, then ``done`` or ``error``."""
-    stop = StopText(job.stop)
-    stopped = False
-    async for event in job.engine_events():
-        if event["type"] == "token":
-            if stopped:
-                continue
-            text, stopped = stop.feed(event["text"])
-            if stopped:
-                job.cancel.set()
-            lp = event["logprobs"]
-            if lp is not None and not stopped and not engine.is_eos(event["token"]):
-                token = engine.token_text(event["token"])
-                top = {engine.token_text(t): v for t, v in lp["top"]}
-                yield {"type": "logprobs", "entry": (token, lp["logprob"], top)}
-            if text:
-                yield {"type": "text", "delta": text}
-        elif event["type"] == "done":
-            if not stopped and stop.held:
-                yield {"type": "text", "delta": stop.flush()}
-            yield {**event, "finish_reason": "stop" if stopped else event["finish_reason"]}
-        else:
-            yield event
-
-
-def _completion_logprobs(entries: list, offset: int) -> dict | None:
+def _completion_logprobs(entries: list, offset: int) -> dict:
     """OpenAI's legacy completions `logprobs`: tokens, their log-probabilities, the top
     alternatives and each token's offset in the text."""
     tokens, values, tops, offsets = [], [], [], []
@@ -332,34 +310,56 @@ def _text_choice(text: str, finish: str | None, logprobs: list | None, offset: i
     return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
 
 
-async def completion_stream(
-    job: Job, head: dict, echo: str, events: AsyncIterator[dict]
-) -> AsyncIterator[str]:
-    """Server-sent events of a completion: the echoed prompt, then a chunk per text delta
-    (with the log-probabilities of the tokens behind it), the finish reason, usage if asked."""
-    req = job.request
-    pending: list | None = [] if req.logprobs is not None else None
-    offset = len(echo)
-    yield comment()  # the first bytes, before the prefill ends
-    if echo:
-        yield data({**head, "choices": [_text_choice(echo, None, None, 0)]})
-    async for event in events:
+class CompletionEncoder(_OpenAIEncoder):
+    """A ``text_completion``, or its events: the echoed prompt, a chunk per text delta (with
+    the log-probabilities of the tokens behind it), the finish reason, usage if asked."""
+
+    def __init__(self, req: CompletionRequest, model_id: str, echo: str) -> None:
+        self.req, self.echo = req, echo
+        self.head = _head("cmpl", "text_completion", model_id)
+        self.wants_logprobs = req.logprobs is not None
+        self.pending: list = []  # log-probabilities of the next chunk's tokens
+        self.logprobs: list = []
+        self.text: list[str] = []
+        self.offset = len(echo)
+        self.done: dict | None = None
+
+    def _logprobs(self, entries: list) -> list | None:
+        return entries if self.wants_logprobs else None
+
+    def open(self) -> list[str]:
+        out = [comment()]  # the first bytes, before the prefill ends
+        if self.echo:
+            out.append(data({**self.head, "choices": [_text_choice(self.echo, None, None, 0)]}))
+        return out
+
+    def feed(self, event: dict) -> list[str]:
         kind = event["type"]
-        if kind == "logprobs" and pending is not None:
-            pending.append(event["entry"])
+        if kind == "logprobs":
+            self.pending.append(event["entry"])
+            self.logprobs.append(event["entry"])
         elif kind == "text":
-            choice = _text_choice(event["delta"], None, pending, offset)
-            yield data({**head, "choices": [choice]})
-            offset += len(event["delta"])
-            pending = [] if pending is not None else None
+            choice = _text_choice(event["delta"], None, self._logprobs(self.pending), self.offset)
+            self.text.append(event["delta"])
+            self.offset += len(event["delta"])
+            self.pending = []
+            return [data({**self.head, "choices": [choice]})]
         elif kind == "done":
-            choice = _text_choice("", event["finish_reason"], pending, offset)
-            yield data({**head, "choices": [choice]})
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield data({**head, "choices": [], "usage": usage(event["usage"])})
-        elif kind == "error":
-            yield _server_error(event)
-    yield "data: [DONE]\n\n"
+            self.done = event
+            lp = self._logprobs(self.pending)
+            choice = _text_choice("", event["finish_reason"], lp, self.offset)
+            out = [data({**self.head, "choices": [choice]})]
+            options = self.req.stream_options
+            if options is not None and options.include_usage:
+                out.append(data({**self.head, "choices": [], "usage": usage(event["usage"])}))
+            return out + [DONE]
+        return []
+
+    def result(self) -> dict:
+        text = self.echo + "".join(self.text)
+        lp = self._logprobs(self.logprobs)
+        choice = _text_choice(text, self.done["finish_reason"], lp, len(self.echo))
+        return {**self.head, "choices": [choice], "usage": usage(self.done["usage"])}
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -369,52 +369,26 @@ def routes(engine: Engine, model_id: str) -> APIRouter:
     """``POST /chat/completions`` and ``POST /completions`` (mounted under ``/v1``)."""
     router = APIRouter()
 
-    def head(prefix: str, kind: str) -> dict:
-        return {
-            "id": f"{prefix}-{uuid.uuid4().hex}",
-            "object": kind,
-            "created": int(time.time()),
-            "model": model_id,
-        }
+    def completion_encoder(req: CompletionRequest, job: Job, engine: Engine) -> Encoder:
+        echo = ""
+        if req.echo:
+            echo = req.prompt if isinstance(req.prompt, str) else engine.decode(req.prompt)
+        return CompletionEncoder(req, model_id, echo)
+
+    chat = API(
+        ChatRequest,
+        chat_spec,
+        lambda req, job, engine: ChatEncoder(req, model_id),
+        _check_parts,
+    )
+    completion = API(CompletionRequest, completion_spec, completion_encoder)
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(await request.body(), ChatRequest, _check_parts)
-        job = await run_in_threadpool(prepare_chat, engine, req, asyncio.get_running_loop())
-        engine.submit(job)
-        chunk_head = head("chatcmpl", "chat.completion.chunk")
-        events = chat_events(job, engine)
-        if req.stream:
-            events = chat_stream(job, chunk_head, events)
-            return sse(keepalive(events, comment, engine.keepalive_interval), job)
-        done, logprobs = await collect(request, job, events)
-        return chat_completion(chunk_head, done, logprobs if req.logprobs else None)
+        return await engine.serve(request, chat)
 
     @router.post("/completions")
     async def completions(request: Request):
-        req = parse_request(await request.body(), CompletionRequest)
-        job = await run_in_threadpool(prepare_completion, engine, req, asyncio.get_running_loop())
-        engine.submit(job)
-        text_head = head("cmpl", "text_completion")
-        echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
-        if req.echo and not echo:
-            echo = engine.tokenizer.decode(req.prompt)
-        events = text_events(job, engine)
-        if req.stream:
-            events = completion_stream(job, text_head, echo, events)
-            return sse(keepalive(events, comment, engine.keepalive_interval), job)
-        text: list[str] = []
-
-        async def texts() -> AsyncIterator[dict]:
-            async for event in events:
-                if event["type"] == "text":
-                    text.append(event["delta"])
-                else:
-                    yield event
-
-        done, logprobs = await collect(request, job, texts())
-        lp = logprobs if req.logprobs is not None else None
-        body = _text_choice(echo + "".join(text), done["finish_reason"], lp, len(echo))
-        return {**text_head, "choices": [body], "usage": usage(done["usage"])}
+        return await engine.serve(request, completion)
 
     return router

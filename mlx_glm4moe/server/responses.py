@@ -24,32 +24,30 @@ leaves it on (GLM has one switch, no budget).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from .anthropic import signature
 from .core import (
+    API,
     APIError,
+    Encoder,
     Engine,
     Job,
+    OpenAISampling,
+    Spec,
     Strict,
-    chat_events,
-    collect,
-    keepalive,
     log_once,
-    parse_request,
-    sse,
+    sampling,
 )
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
@@ -130,7 +128,7 @@ class TextConfig(Strict):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(Strict):
+class ResponsesRequest(OpenAISampling):
     """The body of ``POST /v1/responses`` (the fields this server acts on)."""
 
     model: str | None = None
@@ -141,11 +139,6 @@ class ResponsesRequest(Strict):
     parallel_tool_calls: bool = True
     reasoning: Reasoning | None = None
     max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
     include: list[str] | None = None
     text: TextConfig | None = None
     stream: bool = False
@@ -337,10 +330,7 @@ def response_format(text: TextConfig | None) -> dict | None:
     return {"type": "json_schema", "json_schema": schema}
 
 
-def prepare(
-    engine: Engine, req: ResponsesRequest, loop: asyncio.AbstractEventLoop
-) -> tuple[Job, dict[str, tuple]]:
-    """The request's job, and the tool names of its calls (see `to_tools`)."""
+def spec(req: ResponsesRequest, engine: Engine) -> Spec:
     for field, what in (
         ("previous_response_id", "it keeps no responses"),
         ("conversation", "it keeps no conversations"),
@@ -354,29 +344,20 @@ def prepare(
             )
     if req.background:
         raise APIError(400, "'background' responses are not supported.", "background")
-    tools, names = to_tools(req.tools)
+    tools, _ = to_tools(req.tools)
     effort = req.reasoning.effort if req.reasoning else None
-    job = engine.prepare_chat(
-        req,
-        loop,
+    return Spec(
         messages=to_messages(req),
         tools=tools,
         tool_choice=_tool_choice(req),
         enable_thinking=effort not in THINKING_OFF,
+        response_format=response_format(req.text),
+        parallel=req.parallel_tool_calls,
         # Without a limit the answer may fill what the context leaves (`Engine.room`).
         max_tokens=req.max_output_tokens or engine.context_length,
-        stop=[],
-        sampling={
-            "temp": req.temperature,
-            "top_p": req.top_p,
-            "top_k": req.top_k,
-            "min_p": req.min_p,
-        },
+        sampling=sampling(req),
         seed=req.seed,
-        parallel=req.parallel_tool_calls,
-        response_format=response_format(req.text),
     )
-    return job, names
 
 
 # -- our reply → Responses ----------------------------------------------------------------------
@@ -386,10 +367,14 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class Output:
-    """Builds a response's output items from the core's chat events: `feed` turns each event
+class Output(Encoder):
+    """Builds a response's output items from the core's chat events: `events` turns each event
     into the Responses stream events it makes (`sse` numbers and formats them), and keeps the
-    items and the final status for `response`. The streamed and the whole response share it."""
+    items and the final status for `response`. The streamed and the whole response share it.
+
+    While nothing comes (a long prefill) it pings with a numbered `response.in_progress`:
+    Codex's idle timer counts events, not SSE comment lines. A failure ends the stream with
+    an `error` event and `response.failed`."""
 
     def __init__(
         self,
@@ -402,7 +387,7 @@ class Output:
         self.id, self.created = _id("resp"), int(time.time())
         self.sealed = ENCRYPTED_REASONING in (req.include or ())
         self.items: list[dict] = []
-        self.open: dict | None = None  # the reasoning or message item being written
+        self.current: dict | None = None  # the reasoning or message item being written
         self.status, self.usage, self.error = "in_progress", None, None
         self.reasoning = ""
         self.numbers = itertools.count()  # the streamed events' sequence_number
@@ -447,7 +432,30 @@ class Output:
         body = json.dumps({**event, "sequence_number": next(self.numbers)}, ensure_ascii=False)
         return f"event: {event['type']}\ndata: {body}\n\n"
 
-    def feed(self, event: dict) -> list[dict]:
+    def open(self) -> list[str]:
+        return [
+            self.sse({"type": "response.created", "response": self.response()}),
+            self.sse({"type": "response.in_progress", "response": self.response()}),
+        ]
+
+    def feed(self, event: dict) -> list[str]:
+        return [self.sse(e) for e in self.events(event)]
+
+    def ping(self) -> list[str]:
+        return [self.sse({"type": "response.in_progress", "response": self.response()})]
+
+    def fail(self, message: str) -> list[str]:
+        self.status = "failed"
+        self.error = {"code": "server_error", "message": message}
+        failed = {"type": "response.failed", "response": self.response()}
+        error = {"type": "error", "code": "server_error", "message": message, "param": None}
+        return [self.sse(error), self.sse(failed)]
+
+    def result(self) -> dict:
+        return self.response()
+
+    def events(self, event: dict) -> list[dict]:
+        """The Responses stream events that one of our chat events makes."""
         kind = event["type"]
         if kind == "reasoning":
             return self._delta("reasoning", event["delta"])
@@ -461,26 +469,21 @@ class Output:
             self.usage = self._usage(event["usage"])
             kind = "response.incomplete" if self.status == "incomplete" else "response.completed"
             return out + [{"type": kind, "response": self.response()}]
-        if kind == "error":
-            self.status = "failed"
-            self.error = {"code": "server_error", "message": event["message"]}
-            failed = {"type": "response.failed", "response": self.response()}
-            return [{"type": "error", "code": "server_error", "message": event["message"]}, failed]
         return []  # logprobs: not asked for here
 
     def _where(self) -> dict:
-        return {"item_id": self.open["id"], "output_index": len(self.items)}
+        return {"item_id": self.current["id"], "output_index": len(self.items)}
 
     def _delta(self, kind: str, delta: str) -> list[dict]:
         out = []
-        if self.open is None or self.open["type"] != kind:
+        if self.current is None or self.current["type"] != kind:
             out = self._close()
             if kind == "reasoning":
-                self.open = {"type": "reasoning", "id": _id("rs"), "text": ""}
-                item = {"type": "reasoning", "id": self.open["id"], "summary": []}
+                self.current = {"type": "reasoning", "id": _id("rs"), "text": ""}
+                item = {"type": "reasoning", "id": self.current["id"], "summary": []}
                 out.append(self._added({**item, "content": [], "status": "in_progress"}))
             else:
-                self.open = {"type": "message", "id": _id("msg"), "text": ""}
+                self.current = {"type": "message", "id": _id("msg"), "text": ""}
                 item = {**self._message_item(), "content": [], "status": "in_progress"}
                 part = {"type": "output_text", "text": "", "annotations": []}
                 where = {**self._where(), "content_index": 0}
@@ -488,7 +491,7 @@ class Output:
                     self._added(item),
                     {"type": "response.content_part.added", **where, "part": part},
                 ]
-        self.open["text"] += delta
+        self.current["text"] += delta
         where = {**self._where(), "content_index": 0}
         if kind == "reasoning":
             return out + [{"type": "response.reasoning_text.delta", **where, "delta": delta}]
@@ -508,22 +511,22 @@ class Output:
         }
 
     def _reasoning_item(self, text: str) -> dict:
-        item = {"type": "reasoning", "id": self.open["id"], "summary": []}
+        item = {"type": "reasoning", "id": self.current["id"], "summary": []}
         item["content"] = [{"type": "reasoning_text", "text": text}]
         if self.sealed:
             item["encrypted_content"] = seal(text)
         return item
 
     def _message_item(self) -> dict:
-        part = {"type": "output_text", "text": self.open["text"], "annotations": [], "logprobs": []}
-        return {"type": "message", "id": self.open["id"], "role": "assistant", "content": [part]}
+        part = {"type": "output_text", "text": self.current["text"], "annotations": [], "logprobs": []}
+        return {"type": "message", "id": self.current["id"], "role": "assistant", "content": [part]}
 
     def _close(self, status: str = "completed") -> list[dict]:
         """The events that finish the open reasoning or message item."""
-        if self.open is None:
+        if self.current is None:
             return []
-        where, text = {**self._where(), "content_index": 0}, self.open["text"]
-        if self.open["type"] == "reasoning":
+        where, text = {**self._where(), "content_index": 0}, self.current["text"]
+        if self.current["type"] == "reasoning":
             self.reasoning += text
             item = {**self._reasoning_item(text), "status": status}
             out = [{"type": "response.reasoning_text.done", **where, "text": text}]
@@ -534,7 +537,7 @@ class Output:
                 {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
                 {"type": "response.content_part.done", **where, "part": part},
             ]
-        self.open = None
+        self.current = None
         return out + [self._done(item)]
 
     def _call(self, call: dict) -> list[dict]:
@@ -567,15 +570,6 @@ class Output:
         }
 
 
-async def stream(output: Output, events: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """The Responses server-sent events for a stream of our chat events."""
-    yield output.sse({"type": "response.created", "response": output.response()})
-    yield output.sse({"type": "response.in_progress", "response": output.response()})
-    async for event in events:
-        for e in output.feed(event):
-            yield output.sse(e)
-
-
 # -- routes -------------------------------------------------------------------------------------
 
 
@@ -583,30 +577,14 @@ def routes(engine: Engine, model_id: str) -> APIRouter:
     """``POST /responses`` (mounted under ``/v1``)."""
     router = APIRouter()
 
-    def count_tokens(text: str) -> int:
-        return len(engine.tokenizer.encode(text, add_special_tokens=False))
+    def encoder(req: ResponsesRequest, job: Job, engine: Engine) -> Output:
+        _, names = to_tools(req.tools)
+        return Output(req, model_id, names, engine.count_tokens)
+
+    api = API(ResponsesRequest, spec, encoder)
 
     @router.post("/responses")
     async def responses(request: Request):
-        req = parse_request(await request.body(), ResponsesRequest)
-        job, names = await run_in_threadpool(prepare, engine, req, asyncio.get_running_loop())
-        engine.submit(job)
-        output = Output(req, model_id, names, count_tokens)
-        events = chat_events(job, engine)
-        if req.stream:
-            # While nothing comes (a long prefill), a numbered `response.in_progress`: Codex's
-            # idle timer counts events, not SSE comment lines.
-            def ping() -> str:
-                return output.sse({"type": "response.in_progress", "response": output.response()})
-
-            return sse(keepalive(stream(output, events), ping, engine.keepalive_interval), job)
-
-        async def fed() -> AsyncIterator[dict]:
-            async for event in events:
-                output.feed(event)
-                yield event
-
-        await collect(request, job, fed())
-        return output.response()
+        return await engine.serve(request, api)
 
     return router
