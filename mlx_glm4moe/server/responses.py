@@ -518,7 +518,12 @@ class Output(Encoder):
         return item
 
     def _message_item(self) -> dict:
-        part = {"type": "output_text", "text": self.current["text"], "annotations": [], "logprobs": []}
+        part = {
+            "type": "output_text",
+            "text": self.current["text"],
+            "annotations": [],
+            "logprobs": [],
+        }
         return {"type": "message", "id": self.current["id"], "role": "assistant", "content": [part]}
 
     def _close(self, status: str = "completed") -> list[dict]:
