@@ -277,6 +277,8 @@ def parse_request(
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         param = _param(err["loc"], data)
+        if err["type"] == "missing":  # the field is not in the body: name it all the same
+            param = ".".join(filter(None, [param, str(err["loc"][-1])]))
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}.", param) from None
     for name in _extra_fields(req):
         log_once(f"field {name}", "%s: field '%s' accepted and ignored", schema.__name__, name)
@@ -538,10 +540,10 @@ class Engine:
         return Job(request=request, spec=spec, tokens=tokens, max_tokens=max_tokens, loop=loop)
 
     def submit(self, job: Job) -> None:
-        """Queue the job on the engine: 503 when the engine is not running, 429 (529 on the
-        Anthropic routes) when its waiting queue is full."""
+        """Queue the job on the engine: 503 when the engine is not running (its thread died),
+        429 (529 on the Anthropic routes) when its waiting queue is full."""
         if not self.batch.alive:
-            raise server_error("The engine is not running.")
+            raise APIError(503, "The engine is not running.", type="server_error")
         try:
             self.batch.submit(
                 BatchRequest(
