@@ -15,6 +15,8 @@ import httpx
 import openai
 import pytest
 import test_server
+from anthropic.types import RawMessageStreamEvent
+from pydantic import TypeAdapter
 from test_server import FOREVER, SCRIPTS, collect, user
 
 from mlx_glm4moe.chat import render_prompt
@@ -291,6 +293,22 @@ def test_max_tokens_clamped_to_the_context(server, url, client, claude, monkeypa
     assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
 
 
+def test_a_prompt_as_long_as_the_context_is_refused(url, monkeypatch):
+    """A prompt one token short of the context leaves room for one token; a prompt of exactly
+    the context length leaves none and is refused."""
+    context = 48
+    monkeypatch.setattr(
+        core.Engine, "context_length", property(lambda self: context), raising=False
+    )
+    word = 100  # any token id
+    r = httpx.post(
+        f"{url}/v1/completions", json={"prompt": [word] * (context - 1), "max_tokens": 9}
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": [word] * context, "max_tokens": 9})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
 # -- streams that never go quiet ----------------------------------------------------------------
 
 
@@ -305,6 +323,63 @@ def test_keepalive_pings_while_nothing_comes():
 
     out = asyncio.run(run())
     assert out[0] == "a" and out[-1] == "b" and 2 <= out.count(".") <= 4
+
+
+DONE = {
+    "type": "done",
+    "message": {"content": "Hi", "reasoning_content": None, "tool_calls": []},
+    "finish_reason": "stop",
+    "usage": {"prompt_tokens": 7, "completion_tokens": 2, "cached_tokens": 0},
+}
+
+
+def assert_message_stream(pairs: list[tuple[str, dict]], thinking: bool) -> list[dict]:
+    """That (event name, data) pairs make one whole Anthropic message stream: every event
+    one the SDK knows (named as its type), the content blocks opened, continued and closed in
+    order, the first of them the keep-alive's kind (thinking when thinking is on, else text);
+    the events, pings left out."""
+    adapter = TypeAdapter(RawMessageStreamEvent)
+    events = []
+    for name, data in pairs:
+        assert name == data["type"]
+        if name != "ping":
+            adapter.validate_python(data)
+            events.append(data)
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    opened, index = None, -1
+    for e in events[1:-2]:
+        if e["type"] == "content_block_start":
+            assert opened is None and e["index"] == index + 1
+            opened = index = e["index"]
+        else:
+            assert e["index"] == opened
+            if e["type"] == "content_block_stop":
+                opened = None
+    assert opened is None and index >= 0
+    first = events[1]["content_block"]["type"]
+    assert first == ("thinking" if thinking else "text")
+    return events
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_keepalive_opens_the_block_the_answer_continues(thinking):
+    """While nothing comes, the encoder sends empty deltas of a block it opens: the thinking
+    block when thinking is on (the reasoning comes first), the text block when it is off; the
+    answer then continues that block."""
+    encoder = messages_api.MessageEncoder({"id": "msg_1", "model": "m"}, 7, thinking)
+    first = {"type": "reasoning" if thinking else "content", "delta": "Hi"}
+    sent = encoder.open() + encoder.ping() + encoder.ping() + encoder.feed(first)
+    sent += encoder.feed(DONE)
+    pairs = []
+    for s in sent:
+        name, data = s.strip().split("\n")
+        pairs.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    events = assert_message_stream(pairs, thinking)
+    deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+    key = "thinking" if thinking else "text"
+    assert [d.get(key) for d in deltas[:3]] == ["", "", "Hi"]
+    assert [e["type"] for e in events].count("content_block_start") == 1
 
 
 SLOW_PREFILL = 1.5  # seconds the model takes over every prompt chunk
@@ -347,30 +422,25 @@ def test_no_silence_during_a_slow_prefill(url, client, claude, slow_prefill):
     assert first < 1.0 and gap < 1.0 and text.startswith("event: message_start")
     # Not pings, which Claude Code's idle watchdog does not count: empty deltas of the block
     # that the reasoning then continues.
-    events = [json.loads(e.split("data: ", 1)[1]) for e in text.strip().split("\n\n")]
+    sent = [json.loads(e.split("data: ", 1)[1]) for e in text.strip().split("\n\n")]
+    assert_message_stream([(e["type"], e) for e in sent], thinking=True)
     empty = {"type": "thinking_delta", "thinking": ""}
-    assert events[2] == {
+    assert sent[2] == {
         "type": "content_block_start",
         "index": 0,
         "content_block": {"type": "thinking", "thinking": "", "signature": ""},
     }
-    waits = [e for e in events if e.get("delta") == empty]
+    waits = [e for e in sent if e.get("delta") == empty]
     assert len(waits) >= 4
-    assert [e["type"] for e in events[-3:]] == [
+    assert [e["type"] for e in sent[-3:]] == [
         "content_block_stop",
         "message_delta",
         "message_stop",
     ]
     for thinking in (True, False):
-        message = claude.messages.create(
-            model="tiny",
-            max_tokens=8,
-            messages=fresh(),
-            stream=True,
-            thinking={"type": "enabled" if thinking else "disabled", "budget_tokens": 1024},
-        )
-        kinds = [e.type for e in message]
-        assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+        switch = {"type": "enabled" if thinking else "disabled", "budget_tokens": 1024}
+        pairs = events({**body, "messages": fresh(), "thinking": switch}, url)
+        assert_message_stream(pairs, thinking)
     first, gap, text = arrivals(url, "/v1/chat/completions", {**body, "messages": fresh()})
     assert first < 1.0 and gap < 1.0 and text.count(": keepalive") >= 4
     first, gap, text = arrivals(url, "/v1/completions", {**body, "prompt": str(uuid.uuid4())})

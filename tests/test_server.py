@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -1048,6 +1049,27 @@ def test_prompt_cache_usage_in_both_apis(url, client, claude):
     assert usage[-1].prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 1
 
 
+def test_anthropic_usage_without_cache_control(claude):
+    """Without a cache_control breakpoint nothing counts as cache creation (the client asked to
+    cache nothing): input_tokens is the prompt less what was read from the cache, and an
+    identical request sent again reads more of it and creates nothing, streamed or not."""
+    ask = {
+        "model": "tiny",
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": f"{uuid.uuid4()} usage without breakpoints"}],
+    }
+    first = claude.messages.create(**ask).usage
+    again = claude.messages.create(**ask).usage
+    with claude.messages.stream(**ask) as stream:
+        streamed = stream.get_final_message().usage
+    for u in (first, again, streamed):
+        assert u.cache_creation_input_tokens == 0
+        prompt = u.input_tokens + u.cache_read_input_tokens
+        assert prompt == first.input_tokens + first.cache_read_input_tokens
+    assert first.input_tokens > again.input_tokens
+    assert again.cache_read_input_tokens > first.cache_read_input_tokens
+
+
 def test_cache_control_marks_the_request_pinned():
     from mlx_glm4moe.server.anthropic import MessagesRequest, has_cache_control
 
@@ -1086,3 +1108,20 @@ def test_command_line_refuses_bad_cache_flags(flags, capsys):
     with pytest.raises(SystemExit) as e:
         server_main(["--model", "never-read", *flags])
     assert e.value.code == 2 and "--prompt-cache-disk-gb >= 0" in capsys.readouterr().err
+
+
+def test_command_line_max_queue(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        server_main(["--model", "never-read", "--max-queue", "0"])
+    assert e.value.code == 2 and "--max-queue must be at least 1" in capsys.readouterr().err
+    made = {}
+
+    def create_app(model, tokenizer, **kwargs):
+        made.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("mlx_glm4moe.loading.load", lambda *a, **k: (None, None))
+    monkeypatch.setattr("mlx_glm4moe.server.app.create_app", create_app)
+    with pytest.raises(SystemExit):
+        server_main(["--max-queue", "3"])
+    assert made["max_queue"] == 3
