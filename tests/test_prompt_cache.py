@@ -108,6 +108,7 @@ def test_evicted_entries_go_to_disk_and_come_back(loaded, tmp_path):
     pc = PromptCache(model, max_entries=1, directory=tmp_path)
     pc.store(a, filled(model, a))
     pc.store(b, filled(model, b))  # evicts a to disk
+    pc.wait_for_writes()  # written on the writer thread
     assert len(pc) == 1 and len(pc.disk.index) == 1
     cache, rest, n = pc.fetch(a + [5])
     assert (n, rest) == (len(a), [5])
