@@ -1,7 +1,10 @@
 """The continuous-batching engine: every request's tokens equal what it gets alone."""
 
 import queue
+import shutil
 import threading
+import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -10,11 +13,14 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_glm4moe import batch
+from mlx_glm4moe import prefill as prefill_module
 from mlx_glm4moe.batch import BatchEngine, QueueFull, Request
 from mlx_glm4moe.chat import PromptCache
 from mlx_glm4moe.generate import stream_generate
 from mlx_glm4moe.loading import load
 from mlx_glm4moe.streaming import ExpertReadError
+
+DEMO = Path(batch.__file__).parent / "default_model"
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +207,44 @@ def test_seeded_sampling_is_independent_of_the_batch(loaded):
         assert len({tuple(t) for t in one_by_one.values()}) > 1
     finally:
         engine.close()
+
+
+def test_a_seeded_sampler_leaves_the_threads_generator_alone():
+    """A request's draws come from its own stream: the same for the same seed, and MLX's
+    generator (which other requests' samplers draw from) is as it was."""
+    logprobs = mx.zeros((1, 1000))  # uniform over 1000 tokens
+    before = mx.random.state[0].tolist()
+    seeded = batch._OwnRandom(make_sampler(1.0), 7)
+    draws = [seeded(logprobs).item() for _ in range(8)]
+    assert mx.random.state[0].tolist() == before
+    again = batch._OwnRandom(make_sampler(1.0), 7)
+    assert [again(logprobs).item() for _ in range(8)] == draws and len(set(draws)) > 1
+    a, b = (batch._OwnRandom(make_sampler(1.0), None) for _ in range(2))
+    assert [a(logprobs).item() for _ in range(8)] != [b(logprobs).item() for _ in range(8)]
+
+
+def test_unseeded_requests_beside_a_seeded_one_stay_random(loaded):
+    """Two unseeded requests sampling in the same steps as a seeded one: their tokens differ
+    from run to run (a seed used to reseed the engine thread's generator before each of its
+    draws, so theirs followed from it), while the seeded request repeats itself."""
+    model, tokenizer = loaded
+    [p] = prompts(tokenizer, 1)
+    engine = BatchEngine(model, tokenizer, decode_concurrency=3, prompt_concurrency=3)
+
+    def run():
+        hot = lambda: make_sampler(3.0)  # noqa: E731  nearly uniform: runs differ
+        seeded = Collector(p, 12, seed=5, make_sampler=hot)
+        others = [Collector(p, 12, make_sampler=hot) for _ in range(2)]
+        for c in (seeded, *others):
+            engine.submit(c.request)
+        return seeded.result()[0], [c.result()[0] for c in others]
+
+    try:
+        (seeded, first), (again, second) = run(), run()
+    finally:
+        engine.close()
+    assert seeded == again
+    assert first != second
 
 
 def test_one_request_fails_or_leaves_alone(loaded):
@@ -437,4 +481,82 @@ def test_a_full_queue_refuses_at_once(loaded):
         assert again.result()[0] == expected
     finally:
         go.set()
+        engine.close()
+
+
+def closes_within(engine, seconds):
+    """close() on a thread of its own: whether it returned within `seconds`."""
+    closer = threading.Thread(target=engine.close)
+    tic = time.perf_counter()
+    closer.start()
+    closer.join(seconds)
+    return not closer.is_alive(), time.perf_counter() - tic
+
+
+def test_close_cancels_a_streamed_prefill_between_layers(air_q4, monkeypatch):
+    """close() during a layer-major prefill (each layer made to take 0.7 s, three layers) returns
+    after the layer under way, and the request ends as cancelled."""
+    model, tokenizer = load(air_q4, expert_slots=2)
+    started = threading.Event()
+    attend = prefill_module._attend
+
+    def slow(*args):
+        started.set()
+        time.sleep(0.7)
+        return attend(*args)
+
+    monkeypatch.setattr(prefill_module, "_attend", slow)
+    engine = BatchEngine(model, tokenizer)
+    request = Collector(prompts(tokenizer, 3)[2], 5)
+    engine.submit(request.request)
+    assert started.wait(60)
+    closed, took = closes_within(engine, 20)
+    assert closed and took < 1.4
+    tokens, done = request.result()
+    assert tokens == [] and done["finish_reason"] == "cancelled"
+
+
+def test_close_cancels_an_mtp_generation(loaded):
+    """close() while MTP generates a long answer: it returns at the next token."""
+    model, tokenizer = loaded
+    engine = BatchEngine(model, tokenizer, mtp=True)
+    request = Collector(prompts(tokenizer, 1)[0], 10**6)
+    try:
+        engine.submit(request.request)
+        assert request.events.get(timeout=60)["type"] == "token"
+        closed, took = closes_within(engine, 20)
+        assert closed and took < 5
+        tokens, done = request.result()
+        assert done["finish_reason"] == "cancelled" and len(tokens) < 10**6
+    finally:
+        request.request.cancel.set()
+
+
+def test_a_weight_file_cut_short_while_serving(tmp_path):
+    """The demo model with streamed experts, its weight file truncated while the engine runs
+    (a drive going away): each request that needs an expert past the cut ends with an error,
+    none hangs, the engine stays alive, and once the file is whole again the answers are
+    the same as before (no slot kept the bytes it failed to read)."""
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO, folder)
+    [weights] = folder.glob("*.safetensors")
+    whole = weights.read_bytes()
+    model, tokenizer = load(folder, expert_slots=2)
+    asks = prompts(tokenizer, 3)
+    engine = BatchEngine(model, tokenizer)
+
+    def ask(tokens):
+        c = Collector(tokens, 6)
+        engine.submit(c.request)
+        return c.result()
+
+    try:
+        before = [ask(p)[0] for p in asks]
+        weights.write_bytes(whole[: len(whole) // 2])
+        ends = [ask(p)[1] for p in asks]
+        assert {"type": "error", "message": "The generation failed."} in ends
+        assert engine.alive
+        weights.write_bytes(whole)
+        assert [ask(p)[0] for p in asks] == before
+    finally:
         engine.close()
