@@ -20,6 +20,10 @@ from mlx_glm4moe.generate import stream_generate
 from mlx_glm4moe.loading import load
 from mlx_glm4moe.streaming import ExpertReadError
 
+# Batched tokens equal a request's alone to the bit on float32 activations: MLX's CPU (see
+# conftest's `cpu`).
+pytestmark = pytest.mark.usefixtures("cpu")
+
 DEMO = Path(batch.__file__).parent / "default_model"
 
 
