@@ -12,6 +12,16 @@ activations (the CPU): the MoE adds each token's experts in expert order whateve
 the batch holds, and masked padding contributes exact zeros to attention. `tests/test_batch.py`
 holds it.
 
+Sampling requests draw from random streams of their own (`_OwnRandom`): a seeded request gives
+the same tokens alone and in any batch, and never makes another request's draws predictable.
+
+A failure stays inside its request: a fault while a request starts (the prompt cache, the
+streamed prefill, the insertion), handles its tokens or stores its cache ends that request with
+an error event, and the others go on; a failed batched pass ends the requests in it. Should the
+engine's thread end anyway, every request it holds and every later one gets an error event, and
+`alive` turns False. At most `max_queue` requests wait; past that `submit` raises `QueueFull`.
+`close()` cancels running requests at their next step (a streamed prefill between layers).
+
 MTP does not run in batched steps (each sequence would accept a different number of drafts,
 and the batch cache rewinds all rows together). With `mtp=True` the engine serves one request
 at a time with `stream_generate(..., mtp=True)` instead.
@@ -21,9 +31,11 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,10 +46,17 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .generate import Sampler, stream_generate
 from .models import Model
 from .mtp import make_cache
-from .prefill import prefill
+from .prefill import PrefillCancelled, prefill
 from .streaming import streams_experts
 
 log = logging.getLogger("mlx_glm4moe.batch")
+
+FAILED = "The generation failed."
+STOPPED = "The engine is not running."
+# Requests that may wait for a place in the batch. Each holds its prompt in memory, and at the
+# default 8 decoded together the last of 64 waits for 8 whole rounds of the batch: a client
+# past that is better told at once (429 / 529) to retry than left minutes in line.
+MAX_QUEUE = 64
 
 
 class QueueFull(Exception):
@@ -48,6 +67,10 @@ class PromptStore(Protocol):
     """What the engine needs of a prompt cache (`chat.PromptCache`)."""
 
     def fetch(self, tokens: list[int]) -> tuple[list, list[int], int]: ...
+
+    def lend(self, cache: list) -> int: ...
+
+    def release(self, nbytes: int) -> None: ...
 
     def store(self, tokens: list[int], cache: list, pinned: bool = False) -> bool: ...
 
@@ -64,10 +87,11 @@ class Request:
     the prompt tokens read from the prompt cache, and those newly written to it.
 
     `make_sampler` is called when the request starts (an error there fails only this request).
-    With `top_logprobs` set (0 or more), each token event carries
-    ``{"logprob": float, "top": [(token, logprob), ...]}``, else None. Setting `cancel` stops
-    the request between steps. `pin_cache` keeps the request's cache entry ahead of plain
-    ones (the client marked its prefix as one it sends again).
+    A sampling request draws from a random stream of its own, from `seed` when given (the same
+    tokens whatever else runs), else from fresh entropy. With `top_logprobs` set (0 or more),
+    each token event carries ``{"logprob": float, "top": [(token, logprob), ...]}``, else None.
+    Setting `cancel` stops the request between steps. `pin_cache` keeps the request's cache
+    entry ahead of plain ones (the client marked its prefix as one it sends again).
     """
 
     tokens: list[int]
@@ -93,17 +117,31 @@ class Metrics:
     batch_size: int = 0
 
 
-class _Seeded:
-    """A sampler with a random stream of its own: draw n reseeds MLX's global generator from
-    (seed, n), so a seeded request draws the same tokens whatever else runs in the batch."""
+class _OwnRandom:
+    """A sampler with a random stream of its own. mlx-lm's samplers take no key: they draw from
+    the thread's generator. Draw n runs with that generator set to the key of (seed, n), and
+    puts it back as it was after, so this request's draws depend on nothing else in the batch,
+    and no other request's draws depend on this one's seed."""
 
-    def __init__(self, sampler: Sampler, seed: int) -> None:
-        self.sampler, self.seed, self.draws = sampler, seed, 0
+    def __init__(self, sampler: Sampler, seed: int | None) -> None:
+        self.sampler, self.draws = sampler, 0
+        self.seed = secrets.randbits(63) if seed is None else seed
 
     def __call__(self, logprobs: mx.array) -> mx.array:
-        mx.random.seed(hash((self.seed, self.draws)) & (2**63 - 1))
-        self.draws += 1
-        return self.sampler(logprobs)
+        with _random_key(hash((self.seed, self.draws)) & (2**63 - 1)):
+            self.draws += 1
+            return self.sampler(logprobs)
+
+
+@contextmanager
+def _random_key(seed: int) -> Iterator[None]:
+    """The thread's MLX generator at `mx.random.key(seed)` inside the block, as it was after."""
+    hi, lo = mx.random.state[0].tolist()
+    mx.random.seed(seed)
+    try:
+        yield
+    finally:
+        mx.random.seed(hi << 32 | lo)  # a key is its seed's two 32-bit halves
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -117,6 +155,7 @@ class _Running:
     cached: int
     detokenizer: Any
     sampler: Sampler
+    lent: int = 0  # bytes of the prompt cache's copy, counted against its cap until released
     generated: int = 0
     failed: str | None = None
     stored: bool = False
@@ -135,7 +174,7 @@ class BatchEngine:
         prefill_step_size: prompt tokens per sequence per step.
         prompt_cache: a `chat.PromptCache` (or None).
         mtp, num_draft: serve requests one at a time with MTP speculative decoding.
-        max_queue: the most requests waiting to start; `submit` refuses more (`QueueFull`).
+        max_queue: the most requests waiting to start; `submit` refuses more.
     """
 
     def __init__(
@@ -149,20 +188,26 @@ class BatchEngine:
         prompt_cache: PromptStore | None = None,
         mtp: bool = False,
         num_draft: int = 1,
-        max_queue: int = 64,
+        max_queue: int = MAX_QUEUE,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.max_queue = max_queue
         self.decode_concurrency = 1 if mtp else decode_concurrency
         self.prompt_concurrency = min(prompt_concurrency, self.decode_concurrency)
         self.prefill_step_size = prefill_step_size
         self.prompt_cache = prompt_cache
         self.mtp, self.num_draft = mtp, num_draft
+        self.max_queue = max_queue
         self.metrics = Metrics()
         self._stops = StopSequences([[t] for t in tokenizer.eos_token_ids])
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: deque[Request] = deque()
         self._running: dict[int, _Running] = {}
+        # Guards what `submit` shares with the engine's thread: the count of requests not yet
+        # started (in the inbox or waiting) and whether the engine still takes requests.
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._stopped = False
+        self._stopping = threading.Event()  # set by close(): running requests end now
         self._closed = False
         # Lazily loaded weights belong to the loading thread's MLX stream; read them here, on
         # the caller's thread, before the engine's thread uses them.
@@ -170,61 +215,92 @@ class BatchEngine:
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, request: Request) -> None:
-        """Queue `request`; its events arrive through `request.emit`. Raises `QueueFull` when
-        `max_queue` requests are waiting already."""
-        if self._inbox.qsize() + len(self._waiting) >= self.max_queue:
-            raise QueueFull
-        self.metrics.requests_total += 1
-        self._inbox.put(request)
-
     @property
     def alive(self) -> bool:
-        """Whether the engine thread runs (it has not crashed, nor been closed)."""
-        return self._thread.is_alive()
+        """The engine's thread runs and takes requests (not closed, not crashed)."""
+        return not self._stopped and self._thread.is_alive()
+
+    def submit(self, request: Request) -> None:
+        """Queue `request`; its events arrive through `request.emit`. Raises `QueueFull` when
+        `max_queue` requests are waiting already. A request submitted once the engine has
+        stopped gets its error event at once."""
+        with self._lock:
+            if not self._stopped:
+                if self._queued >= self.max_queue:
+                    raise QueueFull(f"{self._queued} requests are waiting")
+                self._queued += 1
+                self.metrics.requests_total += 1
+                self.metrics.requests_waiting = self._queued
+                self._inbox.put(request)
+                return
+        _emit(request, {"type": "error", "message": STOPPED})
 
     def close(self) -> None:
-        """Stop the engine thread (running requests end as cancelled) and flush the prompt
-        cache (to its folder, when it has one)."""
-        self._inbox.put(None)
+        """Stop the engine thread (running requests end as cancelled at their next step,
+        waiting ones at once) and flush the prompt cache (to its folder, when it has one)."""
+        with self._lock:
+            self._stopped = True
+            self._inbox.put(None)
+        self._stopping.set()
         self._thread.join()
 
     # -- the engine thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException:
+            # A bug outside every request's guard: nothing here can go on, but nobody waits.
+            log.exception("the batch engine stopped")
+            with self._lock:
+                self._stopped = True
+            self._end_all(lambda _: {"type": "error", "message": STOPPED})
+            return
+        self._end_all(lambda tokens: _done("cancelled", tokens))
+        if self.prompt_cache is not None:
+            # Here: the caches' arrays belong to this thread's MLX stream.
+            self.prompt_cache.flush()
+
+    def _serve(self) -> None:
         generator = self._new_generator()
-        while not self._closed:
+        while True:
             self._receive(block=not self._running and not self._waiting)
+            if self._closed:
+                return
             if self.mtp:
                 if self._waiting:
-                    self._run_alone(self._waiting.popleft())
+                    self._run_alone(self._take())
                 continue
             self._admit(generator)
-            self._cancel(generator)
             if not self._running:
                 continue
             try:
-                _, responses = generator.next()
+                self._cancel(generator)
+                self._step(generator)
             except Exception:
                 # The pass itself failed: every sequence in it is lost.
                 log.exception("batched generation failed")
                 for uid in list(self._running):
-                    self._finish(uid, error="The generation failed.")
+                    self._finish(uid, error=FAILED)
                 generator = self._new_generator()
-                continue
-            if responses:
-                self.metrics.decode_steps_total += 1
-                self.metrics.batch_size = len(responses)
-            for r in responses:
-                self._on_token(r)
-            self._drop_failed(generator)
+
+    def _end_all(self, event: Callable[[int], dict]) -> None:
+        """End every request the engine holds with `event(prompt_tokens)`."""
         for uid in list(self._running):
-            self._finish(uid, "cancelled")
-        for request in self._waiting:
-            request.emit(_done("cancelled", len(request.tokens)))
-        if self.prompt_cache is not None:
-            # Here: the caches' arrays belong to this thread's MLX stream.
-            self.prompt_cache.flush()
+            state = self._running.pop(uid)
+            self._release(state)
+            _emit(state.request, event(state.prompt_tokens))
+        self.metrics.requests_running = self.metrics.batch_size = 0
+        while True:
+            try:
+                request = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if request is not None:
+                self._waiting.append(request)
+        while self._waiting:
+            request = self._take()
+            _emit(request, event(len(request.tokens)))
 
     def _new_generator(self) -> BatchGenerator:
         return BatchGenerator(
@@ -246,41 +322,63 @@ class BatchEngine:
                 break
             self._waiting.append(request)
             block = False
-        self.metrics.requests_waiting = len(self._waiting)
+
+    def _take(self) -> Request:
+        """The next waiting request, no longer counted as waiting."""
+        with self._lock:
+            self._queued -= 1
+            self.metrics.requests_waiting = self._queued
+        return self._waiting.popleft()
 
     def _start(self, request: Request) -> tuple[list, list[int], _Running] | None:
-        """The request's cache, the tokens still to feed and its state; None if it ended."""
+        """The request's cache, the tokens still to feed and its state; None if it was
+        cancelled. Raises what the sampler or the prompt cache raises."""
         if request.cancel.is_set():
-            request.emit(_done("cancelled", len(request.tokens)))
+            _emit(request, _done("cancelled", len(request.tokens)))
             return None
-        try:
-            sampler = request.make_sampler() or _greedy
-        except Exception:
-            log.exception("the sampler could not be made")
-            request.emit({"type": "error", "message": "The generation failed."})
-            return None
-        if request.seed is not None:
-            sampler = _Seeded(sampler, request.seed)
+        sampler = request.make_sampler()
+        sampler = _greedy if sampler is None else _OwnRandom(sampler, request.seed)
+        lent = 0
         if self.prompt_cache is not None:
             cache, rest, cached = self.prompt_cache.fetch(request.tokens)
+            lent = self.prompt_cache.lend(cache)
         else:
             cache, rest, cached = make_cache(self.model, self.mtp), list(request.tokens), 0
         self.metrics.prompt_tokens_total += len(rest)
-        state = _Running(request, len(request.tokens), cached, self.tokenizer.detokenizer, sampler)
+        detokenizer = self.tokenizer.detokenizer
+        state = _Running(request, len(request.tokens), cached, detokenizer, sampler, lent)
         return cache, rest, state
 
     def _admit(self, generator: BatchGenerator) -> None:
         while self._waiting and len(self._running) < self.decode_concurrency:
-            started = self._start(self._waiting.popleft())
-            if started is None:
-                continue
-            cache, rest, state = started
+            request = self._take()
+            try:
+                self._join(generator, request)
+            except PrefillCancelled:
+                _emit(request, _done("cancelled", len(request.tokens)))
+            except Exception:
+                log.exception("a request failed to start")
+                _emit(request, {"type": "error", "message": FAILED})
+        self.metrics.requests_running = len(self._running)
+
+    def _join(self, generator: BatchGenerator, request: Request) -> None:
+        """Start `request` in the batch (its prefill first when the model streams experts)."""
+        started = self._start(request)
+        if started is None:
+            return
+        cache, rest, state = started
+        try:
             if streams_experts(self.model) and len(rest) > 1:
                 # Layer by layer, reading each streamed expert once, not once per chunk; the
                 # running sequences wait for it.
-                prefill(self.model, mx.array(rest[:-1]), cache, self.prefill_step_size)
+                prefill(
+                    self.model,
+                    mx.array(rest[:-1]),
+                    cache,
+                    self.prefill_step_size,
+                    cancel=lambda: request.cancel.is_set() or self._stopping.is_set(),
+                )
                 rest = rest[-1:]
-            sampler = state.sampler
 
             def sample(logprobs: mx.array, state: _Running = state) -> mx.array:
                 # A failing sampler fails its own request; the step goes on with a stand-in.
@@ -293,29 +391,45 @@ class BatchEngine:
 
             [uid] = generator.insert(
                 [rest],
-                max_tokens=[state.request.max_tokens],
+                max_tokens=[request.max_tokens],
                 caches=[cache],
-                all_tokens=[state.request.tokens[: len(state.request.tokens) - len(rest)]],
-                samplers=[sample if sampler is not _greedy else None],
+                all_tokens=[request.tokens[: len(request.tokens) - len(rest)]],
+                samplers=[sample if state.sampler is not _greedy else None],
                 stop_sequences=[self._stops],
             )
-            self._running[uid] = state
-        self.metrics.requests_waiting = len(self._waiting)
-        self.metrics.requests_running = len(self._running)
+        except BaseException:
+            self._release(state)
+            raise
+        self._running[uid] = state
 
     def _cancel(self, generator: BatchGenerator) -> None:
         gone = [uid for uid, s in self._running.items() if s.request.cancel.is_set()]
         if gone:
             for uid, (cache, tokens) in generator.remove(gone, return_prompt_caches=True).items():
-                self._store(self._running[uid], tokens, cache)
+                try:
+                    self._store(self._running[uid], tokens, cache)
+                except Exception:
+                    log.exception("a cancelled request's cache could not be stored")
                 self._finish(uid, "cancelled")
 
-    def _drop_failed(self, generator: BatchGenerator) -> None:
+    def _step(self, generator: BatchGenerator) -> None:
+        """One batched pass; each token to its request (a fault there fails only that one)."""
+        _, responses = generator.next()
+        if responses:
+            self.metrics.decode_steps_total += 1
+            self.metrics.batch_size = len(responses)
+        for r in responses:
+            try:
+                self._on_token(r)
+            except Exception as e:
+                log.exception("a token could not be handled")
+                if (state := self._running.get(r.uid)) is not None:
+                    state.failed = str(e) or type(e).__name__
         failed = [uid for uid, s in self._running.items() if s.failed]
         if failed:
             generator.remove(failed)
             for uid in failed:
-                self._finish(uid, error="The generation failed.")
+                self._finish(uid, error=FAILED)
 
     def _on_token(self, r: Any) -> None:
         state = self._running[r.uid]
@@ -342,21 +456,33 @@ class BatchEngine:
 
     def _store(self, state: _Running, tokens: list[int], cache: list) -> None:
         if self.prompt_cache is not None and tokens:
+            self._release(state)  # the copy comes back as this entry, counted as one
             state.stored = self.prompt_cache.store(tokens, cache, state.request.pin_cache)
+
+    def _release(self, state: _Running) -> None:
+        if state.lent:
+            lent, state.lent = state.lent, 0
+            self.prompt_cache.release(lent)
 
     def _finish(self, uid: int, finish: str | None = None, error: str | None = None) -> None:
         state = self._running.pop(uid)
+        self._release(state)
         if error:
-            state.request.emit({"type": "error", "message": error})
+            _emit(state.request, {"type": "error", "message": error})
         else:
-            state.request.emit(state.done(finish))
+            _emit(state.request, state.done(finish))
         self.metrics.requests_running = len(self._running)
         if not self._running:
             self.metrics.batch_size = 0
 
     def _run_alone(self, request: Request) -> None:
         """One request with MTP speculative decoding (`stream_generate`)."""
-        started = self._start(request)
+        try:
+            started = self._start(request)
+        except Exception:
+            log.exception("a request failed to start")
+            _emit(request, {"type": "error", "message": FAILED})
+            return
         if started is None:
             return
         cache, rest, state = started
@@ -389,14 +515,27 @@ class BatchEngine:
                     }
                 )
                 finish = r.finish_reason
+                if self._stopping.is_set():
+                    request.cancel.set()  # close(): stream_generate ends at the next token
+            self._store(state, tokens, cache)
         except Exception:
             log.exception("generation failed")
-            request.emit({"type": "error", "message": "The generation failed."})
+            _emit(request, {"type": "error", "message": FAILED})
         else:
-            self._store(state, tokens, cache)
-            request.emit(state.done(finish or "length"))
-        self.metrics.requests_running = 0
-        self.metrics.batch_size = 0
+            _emit(request, state.done(finish or "length"))
+        finally:
+            self._release(state)
+            self.metrics.requests_running = 0
+            self.metrics.batch_size = 0
+
+
+def _emit(request: Request, event: dict) -> None:
+    """A request's last event. A failing `emit` (the receiving side's fault) is logged: there
+    is nothing more to tell that request, and the engine goes on."""
+    try:
+        request.emit(event)
+    except Exception:
+        log.exception("a request's emit failed")
 
 
 def _done(

@@ -18,6 +18,7 @@ Written against the mlx-lm layout every architecture here shares: `model.model.e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -31,6 +32,11 @@ from .streaming import prefilling
 # Tokens in flight per layer pass: longer prompts go through the layers in spans of this many
 # tokens, each span reading the experts once (a 40,000-token prompt: 5 reads, not 20 or 80).
 SPAN = 8192
+
+
+class PrefillCancelled(Exception):
+    """`prefill` stopped at its `cancel` check: the cache holds part of the prompt in some
+    layers only, and must be dropped."""
 
 
 def activation_bytes(args: Any, tokens: int, step: int, context: int) -> int:
@@ -86,12 +92,15 @@ def prefill(
     kv_group_size: int = 64,
     quantized_kv_start: int = 5000,
     span: int = SPAN,
+    cancel: Callable[[], bool] | None = None,
 ) -> mx.array | None:
     """Feed `prompt` (token ids `[L]`) into the main layers' caches `cache` (updated in place;
     it may hold a prefix), layer by layer, attention in chunks of `step` tokens. With `hidden`,
     returns the final normed hidden states `[1, L, hidden]` (what the MTP layer reads); without,
     the last layer's MoE, whose output only the logits would read, is skipped. `kv_bits` etc.
-    quantize the cache as `generate.generate_step` does."""
+    quantize the cache as `generate.generate_step` does. `cancel` is asked before each layer
+    (a long prompt takes seconds a layer when experts come from disk): when it answers True,
+    `PrefillCancelled` is raised."""
     quantize = None
     if kv_bits is not None:
         quantize = {
@@ -107,6 +116,8 @@ def prefill(
             h = lm.embed_tokens(prompt[None, start : start + span])
             h = h if dtype is None else h.astype(dtype)
             for i, layer in enumerate(layers):
+                if cancel is not None and cancel():
+                    raise PrefillCancelled
                 one = cache[i : i + 1]
                 h = _attend(layer, h, one, step, quantize)
                 cache[i] = one[0]

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import struct
 import threading
 from collections import OrderedDict
@@ -58,12 +59,15 @@ class PromptCache:
     takes ownership of a cache after generation. Holds at most `max_entries` caches and
     `max_bytes` bytes of cache state; eviction takes the least recently used entry not
     `pinned` first (a pinned entry holds a prefix the client said it will send again), then the
-    least recently used pinned one. Thread-safe. With `mtp`, its caches carry the MTP layer's
-    part, for `stream_generate(..., mtp=True)`.
+    least recently used pinned one. Copies in use count against `max_bytes` too, between
+    `lend(copy)` and `release`. Thread-safe. With `mtp`, its caches carry the MTP layer's part,
+    for `stream_generate(..., mtp=True)`.
 
     With `directory`, evicted entries (and all of them at `flush()`) are written there, at most
     `max_disk_bytes` in all (least recently used files go first), and a fetch whose longest
-    common prefix is on disk loads it back, across restarts. `kv_bits` names the KV
+    common prefix is on disk loads it back, across restarts. The writes run on a thread of
+    their own (an entry can be gigabytes); until written, an evicted entry is still served from
+    memory. `kv_bits` names the KV
     quantization the caches are made with (part of the disk key). A folder that cannot be used
     is a warning, and the cache runs in memory only.
     """
@@ -85,19 +89,29 @@ class PromptCache:
         self.max_entries = max_entries
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next_key = 0
+        self._lent = 0
         self._lock = threading.Lock()
         self.disk: DiskCache | None = None
+        self._writing: list[_Entry] = []  # queued for the folder, not written yet
+        self._writes: queue.Queue[_Entry] = queue.Queue()
         if directory is not None:
             key = model_key(model, mtp, kv_bits)
             self.disk = DiskCache.open(Path(directory), key, max_disk_bytes, self._expected())
+        if self.disk is not None:
+            threading.Thread(target=self._writer, name="prompt-cache-writer", daemon=True).start()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of cache state held in memory."""
+        """Bytes of cache state held in memory as entries."""
         return sum(_nbytes(e.cache) for e in self._entries.values())
+
+    @property
+    def lent(self) -> int:
+        """Bytes of the copies in use (between `lend` and `release`)."""
+        return self._lent
 
     def fetch(self, tokens: list[int]) -> tuple[list, list[int], int]:
         """(cache, remaining_tokens, cached_count): feed `remaining_tokens` to `cache`.
@@ -109,11 +123,13 @@ class PromptCache:
             raise ValueError("fetch() needs at least one token")
         query = np.asarray(tokens)
         with self._lock:
-            best, n = None, 0
+            best, entry, n = None, None, 0
             for key, e in self._entries.items():
                 if (common := _usable(e.tokens, e.cache, query)) > n:
-                    best, n = key, common
-            entry = self._entries[best] if best is not None else None
+                    best, entry, n = key, e, common
+            for e in self._writing:
+                if (common := _usable(e.tokens, e.cache, query)) > n:
+                    best, entry, n = None, e, common
             if self.disk is not None and (found := self.disk.best(query, n)) is not None:
                 seq, cache, path = found
                 if (common := _usable(seq, cache, query)) > n:
@@ -127,6 +143,20 @@ class PromptCache:
             cache = copy.deepcopy(entry.cache)
         trim_prompt_cache(cache, len(entry.tokens) - n)
         return cache, list(tokens[n:]), n
+
+    def lend(self, cache: list) -> int:
+        """Count `cache`, a copy from `fetch` now in use, against `max_bytes` (entries are
+        evicted to make room); the bytes to `release` when its user is done with it."""
+        nbytes = _nbytes(cache)
+        with self._lock:
+            self._lent += nbytes
+            self._evict()
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        """A lent copy (`lend`'s count) is no longer in use."""
+        with self._lock:
+            self._lent -= nbytes
 
     def store(self, tokens: list[int], cache: list, pinned: bool = False) -> bool:
         """Keep `cache`, which holds `tokens` (or a prefix of them: anything past the cache's
@@ -152,19 +182,30 @@ class PromptCache:
         return True
 
     def flush(self) -> None:
-        """Write every entry held in memory to the folder (when there is one); at shutdown."""
+        """Write every entry held in memory to the folder (when there is one), and wait for
+        the writes; at shutdown."""
+        if self.disk is None:
+            return
         with self._lock:
-            if self.disk is not None:
-                for e in self._entries.values():
-                    self.disk.save(e.tokens, e.cache)
+            for e in self._entries.values():
+                self._write(e)
+        self.wait_for_writes()
+
+    def wait_for_writes(self) -> None:
+        """Return when every entry queued for the folder is written."""
+        self._writes.join()
 
     def _insert(self, entry: _Entry) -> int:
         """Add an entry, evict down to the caps (to disk, when there is one); its key."""
         key = self._next_key
         self._entries[key] = entry
         self._next_key += 1
+        self._evict()
+        return key
+
+    def _evict(self) -> None:
         sizes = {k: _nbytes(e.cache) for k, e in self._entries.items()}
-        total = sum(sizes.values())
+        total = sum(sizes.values()) + self._lent
         while self._entries and (total > self.max_bytes or len(self._entries) > self.max_entries):
             victim = next((k for k, e in self._entries.items() if not e.pinned), None)
             if victim is None:
@@ -172,8 +213,26 @@ class PromptCache:
             evicted = self._entries.pop(victim)
             total -= sizes[victim]
             if self.disk is not None:
-                self.disk.save(evicted.tokens, evicted.cache)
-        return key
+                self._write(evicted)
+
+    def _write(self, entry: _Entry) -> None:
+        """Queue `entry` for the writer thread."""
+        # Evaluated here: pending work on this thread's MLX stream cannot run on another's.
+        mx.eval([c.state for c in entry.cache])
+        self._writing.append(entry)
+        self._writes.put(entry)
+
+    def _writer(self) -> None:
+        while True:
+            entry = self._writes.get()
+            try:
+                self.disk.save(entry.tokens, entry.cache)
+            except Exception:
+                log.exception("prompt cache: an entry could not be written")
+            finally:
+                with self._lock:
+                    self._writing.remove(entry)
+                self._writes.task_done()
 
     def _expected(self) -> int:
         """Caches per entry: the main layers, and the MTP layer's when it has one."""
@@ -182,12 +241,13 @@ class PromptCache:
 
 class DiskCache:
     """Prompt caches in `root/key/<digest of tokens>.safetensors` (see the module docstring).
-    Not thread-safe: `PromptCache` calls it under its lock."""
+    Thread-safe: its lock guards the index, not the reading and writing of files."""
 
     def __init__(self, root: Path, key: str, max_bytes: int, expected: int) -> None:
         self.root, self.key, self.max_bytes, self.expected = root, key, max_bytes, expected
         self.folder = root / key
         self.index: dict[Path, np.ndarray] = {}
+        self._lock = threading.Lock()
         self.folder.mkdir(parents=True, exist_ok=True)
         probe = self.folder / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
@@ -213,20 +273,22 @@ class DiskCache:
     def best(self, query: np.ndarray, longer_than: int) -> tuple[np.ndarray, list, Path] | None:
         """The entry with the longest common prefix with `query`, if longer than
         `longer_than`, loaded: (tokens, cache, file). A file that does not load is removed."""
-        scored = [(_common_prefix(seq, query), path) for path, seq in self.index.items()]
-        n, path = max(scored, default=(0, None), key=lambda s: s[0])
+        with self._lock:
+            scored = [(_common_prefix(seq, query), path, seq) for path, seq in self.index.items()]
+        n, path, seq = max(scored, default=(0, None, None), key=lambda s: s[0])
         if path is None or min(n, len(query) - 1) <= longer_than:
             return None
         try:
             cache, meta = load_prompt_cache(str(path), return_metadata=True)
-            cache = self._restore(cache, meta, len(self.index[path]))
+            cache = self._restore(cache, meta, len(seq))
         except FileNotFoundError:  # removed by another server sharing the folder
-            self.index.pop(path, None)
+            with self._lock:
+                self.index.pop(path, None)
             return None
         except Exception as e:
             self._drop(path, f"does not load ({type(e).__name__}: {e})")
             return None
-        return self.index[path], cache, path
+        return seq, cache, path
 
     def touch(self, path: Path) -> None:
         """Mark a file used now (least recently used files go first)."""
@@ -238,14 +300,15 @@ class DiskCache:
     def save(self, tokens: np.ndarray, cache: list) -> None:
         """Write an entry (atomically: a temporary file, then a rename), unless one holding
         these tokens or more is there; entries it covers go. Then trim to the size bound."""
-        for path, seq in list(self.index.items()):
-            n = _common_prefix(seq, tokens)
-            if n == len(tokens):
-                self.touch(path)
-                return
-            if n == len(seq):
-                self.index.pop(path)
-                _remove(path)
+        with self._lock:
+            for path, seq in list(self.index.items()):
+                n = _common_prefix(seq, tokens)
+                if n == len(tokens):
+                    self.touch(path)
+                    return
+                if n == len(seq):
+                    self.index.pop(path)
+                    _remove(path)
         path = self.folder / f"{hashlib.sha256(tokens.astype(np.int64).tobytes()).hexdigest()}"
         path = path.with_suffix(".safetensors")
         temp = self.folder / f".{path.stem}.{os.getpid()}.{threading.get_ident()}.safetensors"
@@ -259,8 +322,9 @@ class DiskCache:
             log.warning("prompt cache: could not write %s (%s)", path, e)
             _remove(temp)
             return
-        self.index[path] = tokens
-        self._trim()
+        with self._lock:
+            self.index[path] = tokens
+            self._trim()
 
     def _restore(self, cache: list, meta: dict, length: int) -> list:
         """The loaded cache of `length` tokens with its MTP part rebuilt; raises ValueError
@@ -297,7 +361,8 @@ class DiskCache:
 
     def _drop(self, path: Path, why: str) -> None:
         log.warning("prompt cache: %s %s: removed", path, why)
-        self.index.pop(path, None)
+        with self._lock:
+            self.index.pop(path, None)
         _remove(path)
 
 

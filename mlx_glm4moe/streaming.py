@@ -227,7 +227,8 @@ class StreamingSwitchGLU(nn.Module):
             return
         slots = self._evict_for(needed, len(missing))
         self._slot_of[self._expert_in[slots][self._expert_in[slots] >= 0]] = -1
-        self._slot_of[missing], self._expert_in[slots] = slots, missing
+        # Empty until every read is in: a failed read leaves them to be read again later.
+        self._expert_in[slots] = -1
         tic = perf_counter()
         fds = {f: os.open(f, os.O_RDONLY) for f in {t.file for t, _ in self._views}}
         try:
@@ -242,6 +243,7 @@ class StreamingSwitchGLU(nn.Module):
         finally:
             for fd in fds.values():
                 os.close(fd)
+        self._slot_of[missing], self._expert_in[slots] = slots, missing
         nbytes = sum(len(missing) * t.row_bytes for t, _ in self._views)
         self._stats["bytes_read"] += nbytes
         self._stats["prefill_bytes_read"] += nbytes if self.prefill else 0

@@ -1,8 +1,10 @@
 """Shared fixtures: tiny GLM-4.5, GLM-4.5-Air and GLM-4.7-Flash checkpoints in the real Hugging Face
 layout."""
 
+import importlib
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from mlx_glm4moe.convert import convert
@@ -59,3 +61,21 @@ def air_bf16_q4(air_checkpoint, tmp_path_factory) -> Path:
     """The Air fixture at 4 bits with bfloat16 scales: `activations="native"` runs bfloat16."""
     out = tmp_path_factory.mktemp("bf16-q4") / "out"
     return convert(str(air_checkpoint), str(out), quantize=True, dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    """MLX's CPU for a whole test module (`pytestmark = pytest.mark.usefixtures("cpu")`): the
+    bit-exact comparisons (float32 staging of bfloat16, the order of sums) and the allocator's
+    peak-memory figures hold there, and a Mac runs the GPU by default. Pins the default device
+    before the module's models load (activations="auto" follows it), and mlx-lm's generation
+    stream, made on the default device when mlx-lm was imported (our modules hold it by name)."""
+    modules = ("mlx_lm.generate", "mlx_glm4moe.generate", "mlx_glm4moe.mtp", "mlx_glm4moe.prefill")
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    with pytest.MonkeyPatch.context() as patch:
+        stream = mx.new_thread_local_stream(mx.cpu)  # as mlx-lm makes it: each thread its own
+        for name in modules:
+            patch.setattr(importlib.import_module(name), "generation_stream", stream)
+        yield
+    mx.set_default_device(device)

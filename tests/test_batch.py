@@ -1,17 +1,30 @@
 """The continuous-batching engine: every request's tokens equal what it gets alone."""
 
 import queue
+import shutil
 import threading
+import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_glm4moe.batch import BatchEngine, Request
+from mlx_glm4moe import batch
+from mlx_glm4moe import prefill as prefill_module
+from mlx_glm4moe.batch import BatchEngine, QueueFull, Request
 from mlx_glm4moe.chat import PromptCache
 from mlx_glm4moe.generate import stream_generate
 from mlx_glm4moe.loading import load
+from mlx_glm4moe.streaming import ExpertReadError
+
+# Batched tokens equal a request's alone to the bit on float32 activations: MLX's CPU (see
+# conftest's `cpu`).
+pytestmark = pytest.mark.usefixtures("cpu")
+
+DEMO = Path(batch.__file__).parent / "default_model"
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +102,7 @@ def test_batched_equals_alone(any_loaded):
         engine.submit(again.request)
         tokens, done = again.result()
         assert tokens == expected[2] and done["usage"]["cached_tokens"] == len(asks[2]) - 1
+        assert cache.lent == 0  # every copy the requests used came back
     finally:
         engine.close()
 
@@ -199,6 +213,44 @@ def test_seeded_sampling_is_independent_of_the_batch(loaded):
         engine.close()
 
 
+def test_a_seeded_sampler_leaves_the_threads_generator_alone():
+    """A request's draws come from its own stream: the same for the same seed, and MLX's
+    generator (which other requests' samplers draw from) is as it was."""
+    logprobs = mx.zeros((1, 1000))  # uniform over 1000 tokens
+    before = mx.random.state[0].tolist()
+    seeded = batch._OwnRandom(make_sampler(1.0), 7)
+    draws = [seeded(logprobs).item() for _ in range(8)]
+    assert mx.random.state[0].tolist() == before
+    again = batch._OwnRandom(make_sampler(1.0), 7)
+    assert [again(logprobs).item() for _ in range(8)] == draws and len(set(draws)) > 1
+    a, b = (batch._OwnRandom(make_sampler(1.0), None) for _ in range(2))
+    assert [a(logprobs).item() for _ in range(8)] != [b(logprobs).item() for _ in range(8)]
+
+
+def test_unseeded_requests_beside_a_seeded_one_stay_random(loaded):
+    """Two unseeded requests sampling in the same steps as a seeded one: their tokens differ
+    from run to run (a seed used to reseed the engine thread's generator before each of its
+    draws, so theirs followed from it), while the seeded request repeats itself."""
+    model, tokenizer = loaded
+    [p] = prompts(tokenizer, 1)
+    engine = BatchEngine(model, tokenizer, decode_concurrency=3, prompt_concurrency=3)
+
+    def run():
+        hot = lambda: make_sampler(3.0)  # noqa: E731  nearly uniform: runs differ
+        seeded = Collector(p, 12, seed=5, make_sampler=hot)
+        others = [Collector(p, 12, make_sampler=hot) for _ in range(2)]
+        for c in (seeded, *others):
+            engine.submit(c.request)
+        return seeded.result()[0], [c.result()[0] for c in others]
+
+    try:
+        (seeded, first), (again, second) = run(), run()
+    finally:
+        engine.close()
+    assert seeded == again
+    assert first != second
+
+
 def test_one_request_fails_or_leaves_alone(loaded):
     model, tokenizer = loaded
     asks = prompts(tokenizer, 3)
@@ -302,5 +354,213 @@ def test_mtp_serves_one_at_a_time(loaded):
         engine.submit(again.request)
         tokens, done = again.result()
         assert tokens == expected[0] and done["usage"]["cached_tokens"] == len(asks[0]) - 1
+    finally:
+        engine.close()
+
+
+def fail_once(monkeypatch, owner, name, when, error=None):
+    """`owner.name` raises `error` (a RuntimeError by default) the first time `when(*args)`
+    holds."""
+    error = error or RuntimeError("injected fault")
+    original = getattr(owner, name)
+    armed = [True]
+
+    def wrapper(*args, **kwargs):
+        if armed[0] and when(*args, **kwargs):
+            armed[0] = False
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+@pytest.mark.parametrize("fault", ["fetch", "prefill", "insert", "emit", "detokenizer", "store"])
+def test_a_fault_ends_only_its_request(air_q4, monkeypatch, fault):
+    """A fault while a request starts (prompt cache, streamed prefill, insertion), handles its
+    tokens or stores its cache: that request ends with an error, the one running beside it
+    gets the tokens it gets alone, and the engine answers the next request."""
+    model, tokenizer = load(air_q4, expert_slots=2 if fault == "prefill" else None)
+    good, bad, later = prompts(tokenizer, 3)
+    expected = alone(model, tokenizer, good, 12), alone(model, tokenizer, later, 4)
+    assert len(expected[0]) > 2  # the bad request (2 tokens) finishes first
+    cache = PromptCache(model)
+    emit_fails = False
+    if fault == "fetch":
+        fail_once(monkeypatch, cache, "fetch", lambda tokens: tokens == bad)
+    elif fault == "prefill":
+        is_bad = lambda model, rest, *a, **kw: rest.size == len(bad) - 1  # noqa: E731
+        fail_once(monkeypatch, batch, "prefill", is_bad, ExpertReadError("bytes missing"))
+    elif fault == "insert":
+        is_bad = lambda self, rest, **kw: kw["all_tokens"][0] + rest[0] == bad  # noqa: E731
+        fail_once(monkeypatch, BatchGenerator, "insert", is_bad)
+    elif fault == "emit":
+        emit_fails = True
+    elif fault == "detokenizer":
+        fail_once(monkeypatch, type(tokenizer.detokenizer), "finalize", lambda self: True)
+    else:
+        fail_once(monkeypatch, cache, "store", lambda tokens, *a: tokens[: len(bad)] == bad)
+    engine = BatchEngine(model, tokenizer, decode_concurrency=2, prompt_cache=cache)
+    try:
+        first = Collector(good, 12)
+        engine.submit(first.request)
+        head = first.events.get(timeout=60)
+        assert head["type"] == "token"
+        failing = Collector(bad, 2)
+        if emit_fails:
+            fail_once(monkeypatch, failing.request, "emit", lambda e: e["type"] == "token")
+        engine.submit(failing.request)
+        assert failing.result()[1] == {"type": "error", "message": "The generation failed."}
+        tokens, done = first.result()
+        assert [head["token"], *tokens] == expected[0] and done["type"] == "done"
+        next_one = Collector(later, 4)
+        engine.submit(next_one.request)
+        tokens, done = next_one.result()
+        assert tokens == expected[1] and done["type"] == "done"
+        assert engine.alive and engine.metrics.requests_running == 0 and cache.lent == 0
+    finally:
+        engine.close()
+
+
+def test_a_dead_engine_answers_every_request(loaded, monkeypatch):
+    """A bug that ends the engine's thread: the requests it holds and every later one get an
+    error event (none waits forever), and `alive` turns False."""
+    model, tokenizer = loaded
+    [p] = prompts(tokenizer, 1)
+    blocked, go = threading.Event(), threading.Event()
+
+    def stuck():
+        blocked.set()
+        go.wait(60)
+
+    engine = BatchEngine(model, tokenizer, decode_concurrency=1)
+    try:
+        running = Collector(p, 50, make_sampler=stuck)
+        engine.submit(running.request)
+        assert blocked.wait(60)
+        waiting = Collector(p, 5)
+        engine.submit(waiting.request)
+        assert engine.alive
+        monkeypatch.setattr(engine, "_step", lambda generator: 1 / 0)  # outside every guard
+        monkeypatch.setattr(engine, "_finish", lambda *a, **k: 1 / 0)
+        go.set()
+        stopped = {"type": "error", "message": "The engine is not running."}
+        assert running.result() == ([], stopped) and waiting.result() == ([], stopped)
+        assert not engine.alive
+        later = Collector(p, 5)
+        engine.submit(later.request)
+        assert later.events.get_nowait() == stopped  # at once
+    finally:
+        engine.close()
+
+
+def test_a_full_queue_refuses_at_once(loaded):
+    """With `max_queue` requests waiting, `submit` raises `QueueFull`; the queue's depth is
+    `metrics.requests_waiting`; the waiting ones are served, and then new ones again."""
+    model, tokenizer = loaded
+    [p] = prompts(tokenizer, 1)
+    expected = alone(model, tokenizer, p, 3)
+    blocked, go = threading.Event(), threading.Event()
+
+    def stuck():
+        blocked.set()
+        go.wait(60)
+
+    engine = BatchEngine(model, tokenizer, decode_concurrency=1, max_queue=2)
+    try:
+        first = Collector(p, 3, make_sampler=stuck)
+        engine.submit(first.request)
+        assert blocked.wait(60)  # started: no longer waiting
+        waiting = [Collector(p, 3) for _ in range(2)]
+        for c in waiting:
+            engine.submit(c.request)
+        assert engine.metrics.requests_waiting == 2
+        with pytest.raises(QueueFull):
+            engine.submit(Collector(p, 3).request)
+        assert engine.metrics.requests_total == 3
+        go.set()
+        assert [c.result()[0] for c in [first, *waiting]] == [expected] * 3
+        assert engine.metrics.requests_waiting == 0
+        again = Collector(p, 3)
+        engine.submit(again.request)
+        assert again.result()[0] == expected
+    finally:
+        go.set()
+        engine.close()
+
+
+def closes_within(engine, seconds):
+    """close() on a thread of its own: whether it returned within `seconds`."""
+    closer = threading.Thread(target=engine.close)
+    tic = time.perf_counter()
+    closer.start()
+    closer.join(seconds)
+    return not closer.is_alive(), time.perf_counter() - tic
+
+
+def test_close_cancels_a_streamed_prefill_between_layers(air_q4, monkeypatch):
+    """close() during a layer-major prefill (each layer made to take 0.7 s, three layers) returns
+    after the layer under way, and the request ends as cancelled."""
+    model, tokenizer = load(air_q4, expert_slots=2)
+    started = threading.Event()
+    attend = prefill_module._attend
+
+    def slow(*args):
+        started.set()
+        time.sleep(0.7)
+        return attend(*args)
+
+    monkeypatch.setattr(prefill_module, "_attend", slow)
+    engine = BatchEngine(model, tokenizer)
+    request = Collector(prompts(tokenizer, 3)[2], 5)
+    engine.submit(request.request)
+    assert started.wait(60)
+    closed, took = closes_within(engine, 20)
+    assert closed and took < 1.4
+    tokens, done = request.result()
+    assert tokens == [] and done["finish_reason"] == "cancelled"
+
+
+def test_close_cancels_an_mtp_generation(loaded):
+    """close() while MTP generates a long answer: it returns at the next token."""
+    model, tokenizer = loaded
+    engine = BatchEngine(model, tokenizer, mtp=True)
+    request = Collector(prompts(tokenizer, 1)[0], 10**6)
+    try:
+        engine.submit(request.request)
+        assert request.events.get(timeout=60)["type"] == "token"
+        closed, took = closes_within(engine, 20)
+        assert closed and took < 5
+        tokens, done = request.result()
+        assert done["finish_reason"] == "cancelled" and len(tokens) < 10**6
+    finally:
+        request.request.cancel.set()
+
+
+def test_a_weight_file_cut_short_while_serving(tmp_path):
+    """The demo model with streamed experts, its weight file truncated while the engine runs
+    (a drive going away): each request that needs an expert past the cut ends with an error,
+    none hangs, the engine stays alive, and once the file is whole again the answers are
+    the same as before (no slot kept the bytes it failed to read)."""
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO, folder)
+    [weights] = folder.glob("*.safetensors")
+    whole = weights.read_bytes()
+    model, tokenizer = load(folder, expert_slots=2)
+    asks = prompts(tokenizer, 3)
+    engine = BatchEngine(model, tokenizer)
+
+    def ask(tokens):
+        c = Collector(tokens, 6)
+        engine.submit(c.request)
+        return c.result()
+
+    try:
+        before = [ask(p)[0] for p in asks]
+        weights.write_bytes(whole[: len(whole) // 2])
+        ends = [ask(p)[1] for p in asks]
+        assert {"type": "error", "message": "The generation failed."} in ends
+        assert engine.alive
+        weights.write_bytes(whole)
+        assert [ask(p)[0] for p in asks] == before
     finally:
         engine.close()

@@ -21,6 +21,10 @@ from mlx_glm4moe.generate import generate_step
 from mlx_glm4moe.models.base import SortedSwitchGLU
 from mlx_glm4moe.synthetic import PRESETS
 
+# The report's device is the CPU, its figures (deep decode at 4K, peak memory) the CPU's: pin it
+# (see conftest's `cpu`).
+pytestmark = pytest.mark.usefixtures("cpu")
+
 # mlx-lm's SwitchGLU sorts the (token, expert) pairs by expert from this many on.
 SORT_PAIRS = 64
 

@@ -24,6 +24,9 @@ from mlx_glm4moe.mtp import (
 )
 from mlx_glm4moe.synthetic import make_agreeing_checkpoint
 
+# Bit-exact comparisons of float32 activations: MLX's CPU (see conftest's `cpu`).
+pytestmark = pytest.mark.usefixtures("cpu")
+
 
 @pytest.fixture(scope="module")
 def random_models(air_f32, air_q4):

@@ -13,6 +13,9 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_glm4moe import load
 from mlx_glm4moe.models import activation_dtype
 
+# The GPU's code path, to the bit on MLX's CPU kernels (see conftest's `cpu`).
+pytestmark = pytest.mark.usefixtures("cpu")
+
 PROMPT = mx.array(np.random.default_rng(0).integers(0, 380, 80), dtype=mx.uint32)
 
 

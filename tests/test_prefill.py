@@ -12,12 +12,17 @@ import pytest
 from mlx_lm.models.cache import QuantizedKVCache
 
 from mlx_glm4moe import load, mtp
+from mlx_glm4moe import prefill as prefill_module
 from mlx_glm4moe import streaming as st
 from mlx_glm4moe.batch import BatchEngine, Request
 from mlx_glm4moe.bench import streaming_row
 from mlx_glm4moe.chat import PromptCache
 from mlx_glm4moe.generate import stream_generate
 from mlx_glm4moe.prefill import activation_bytes, prefill
+
+# Bit-exact comparisons of float32 (and bfloat16 through float32) activations, and the
+# allocator's peak memory: MLX's CPU (see conftest's `cpu`).
+pytestmark = pytest.mark.usefixtures("cpu")
 
 generation = importlib.import_module("mlx_glm4moe.generate")  # the package's name is a function
 K = 2  # the tiny models' top-k: the minimum slot count
@@ -180,3 +185,26 @@ def test_layer_major_prefill_on_bfloat16_weights(air_bf16_q4, monkeypatch, activ
     assert [t for t, _ in ours] == [t for t, _ in ref]
     for (_, a), (_, b) in zip(ours, ref, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_prompts_longer_than_the_span(air_q4, monkeypatch):
+    """A prompt of two and a half spans (48-token spans, 16-token attention chunks): the same KV
+    caches, hidden states and MTP cache as one span holding it all, to the bit (a span boundary
+    off by one drops or repeats a token)."""
+    model, _ = load(air_q4, expert_slots=K)
+    prompt = mx.array(np.random.default_rng(1).integers(0, 380, 120))
+    runs = []
+    for span in (48, prefill_module.SPAN):
+        monkeypatch.setattr(prefill_module, "SPAN", span)  # prefill_mtp's
+        cache, mtp_cache = model.make_cache(), mtp.make_cache(model, True)[-1]
+        hidden = prefill(model, prompt, cache, 16, hidden=True, span=span)
+        prefill_module.prefill_mtp(model, prompt[1:], hidden[:, :-1], mtp_cache, 16)
+        runs.append((np.array(hidden), [*cache, mtp_cache]))
+    (hidden, caches), (ref_hidden, ref_caches) = runs
+    assert hidden.shape == (1, 120, model.args.hidden_size)
+    np.testing.assert_array_equal(hidden, ref_hidden)
+    offsets = [120] * len(model.layers) + [119]  # the MTP layer's pairs: one fewer
+    assert [c.offset for c in caches] == [c.offset for c in ref_caches] == offsets
+    for a, b in zip(caches, ref_caches, strict=True):
+        for x, y in zip(a.state[:2], b.state[:2], strict=True):
+            np.testing.assert_array_equal(np.array(x), np.array(y))

@@ -5,12 +5,15 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_glm4moe import prompt_cache
 from mlx_glm4moe.chat import PromptCache, chat, encode_messages
 from mlx_glm4moe.loading import load
 
@@ -108,6 +111,7 @@ def test_evicted_entries_go_to_disk_and_come_back(loaded, tmp_path):
     pc = PromptCache(model, max_entries=1, directory=tmp_path)
     pc.store(a, filled(model, a))
     pc.store(b, filled(model, b))  # evicts a to disk
+    pc.wait_for_writes()  # written on the writer thread
     assert len(pc) == 1 and len(pc.disk.index) == 1
     cache, rest, n = pc.fetch(a + [5])
     assert (n, rest) == (len(a), [5])
@@ -199,3 +203,119 @@ def test_disk_bound_drops_the_least_recently_used(loaded, tmp_path):
     assert len(files) == 2
     fresh = PromptCache(model, max_entries=1, directory=tmp_path / "c")
     assert [fresh.fetch(p)[2] == len(p) - 1 for p in prompts] == [True, False, True]
+
+
+def test_copies_in_use_count_against_the_cap(loaded):
+    """A copy handed to a request counts against `max_bytes` from `lend` to `release`: room
+    for one entry, and a copy of it in use, leaves no room for the entry."""
+    model, tok = loaded
+    a, b = prompt(tok, "Copied"), prompt(tok, "Stored after")
+    size = sum(c.nbytes for c in filled(model, a))
+    pc = PromptCache(model, max_bytes=size * 3 // 2)
+    pc.store(a, filled(model, a))
+    cache, _, n = pc.fetch(a)
+    assert n == len(a) - 1 and len(pc) == 1
+    lent = pc.lend(cache)
+    assert lent == size and pc.lent == size
+    assert len(pc) == 0  # the entry went to make room for the copy
+    pc.release(lent)
+    assert pc.lent == 0
+    pc.store(b, filled(model, b))
+    assert len(pc) == 1 and pc.nbytes == size
+
+
+def test_eviction_writes_on_a_thread_of_its_own(loaded, tmp_path, monkeypatch):
+    """An evicted entry is written by the writer thread: `store` returns while the write waits,
+    the entry is still served from memory meanwhile, and `flush` waits for every write."""
+    model, tok = loaded
+    a, b = prompt(tok, "Evicted"), prompt(tok, "Evicting")
+    go, writers = threading.Event(), []
+    save = prompt_cache.save_prompt_cache
+
+    def held(*args, **kwargs):
+        writers.append(threading.current_thread().name)
+        assert go.wait(10)
+        save(*args, **kwargs)
+
+    monkeypatch.setattr(prompt_cache, "save_prompt_cache", held)
+    pc = PromptCache(model, max_entries=1, directory=tmp_path)
+    pc.store(a, filled(model, a))
+    pc.store(b, filled(model, b))  # evicts a: its write waits for `go`
+    assert len(pc) == 1 and pc.fetch(a)[2] == len(a) - 1
+    assert not list(tmp_path.glob("*/*.safetensors"))
+    go.set()
+    pc.flush()
+    assert writers == ["prompt-cache-writer"] * 2
+    assert len(list(tmp_path.glob("*/*.safetensors"))) == 2
+
+
+def test_an_entry_extending_a_pinned_prefix_keeps_the_pin(loaded):
+    """A plain request that continues a pinned prefix replaces its entry and keeps its pin (and
+    a pinned store that an entry already covers pins that entry): plain entries go first."""
+    model, tok = loaded
+    plain = [prompt(tok, t) for t in ("Plain one", "Plain two")]
+    for first_pinned in (True, False):
+        a = prompt(tok, "Pinned prefix")
+        longer = a + [5, 6, 7]
+        pc = PromptCache(model, max_entries=2)
+        if first_pinned:
+            pc.store(a, filled(model, a), pinned=True)
+            pc.store(longer, filled(model, longer))  # covers a: takes its place
+        else:
+            pc.store(longer, filled(model, longer))
+            assert not pc.store(a, filled(model, a), pinned=True)  # covered: pins `longer`
+        for p in plain:
+            pc.store(p, filled(model, p))  # over the cap: a plain entry goes, not `longer`
+        assert len(pc) == 2 and pc.fetch(longer)[2] == len(longer) - 1, first_pinned
+
+
+def test_a_write_cut_short_is_never_an_entry(loaded, tmp_path, monkeypatch):
+    """The process dying halfway through writing an entry leaves no file by an entry's name (the
+    data goes to a hidden temporary file, renamed into place once whole), and the next start
+    removes the leftover."""
+    model, tok = loaded
+    tokens = prompt(tok, "Written when it died")
+    save = prompt_cache.save_prompt_cache
+
+    class Died(BaseException):
+        pass
+
+    def dies_halfway(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+        raise Died
+
+    pc = PromptCache(model, directory=tmp_path)
+    monkeypatch.setattr(prompt_cache, "save_prompt_cache", dies_halfway)
+    with pytest.raises(Died):
+        pc.disk.save(np.asarray(tokens), filled(model, tokens))
+    monkeypatch.undo()
+    left = list(pc.disk.folder.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".")  # only the temporary file
+    again = PromptCache(model, directory=tmp_path)
+    assert not list(again.disk.folder.iterdir()) and again.fetch(tokens)[2] == 0
+
+
+def test_disk_bound_counts_every_model_in_the_folder(loaded, tmp_path):
+    """Two models' caches (other KV bits: another key) in one folder: the bound is on the
+    folder, and the least recently used file goes whichever model wrote it."""
+    model, tok = loaded
+    prompts = [prompt(tok, f"Shared folder {i}") for i in range(3)]
+    probe = PromptCache(model, directory=tmp_path / "probe")
+    probe.store(prompts[0], filled(model, prompts[0]))
+    probe.flush()
+    size = next((tmp_path / "probe").glob("*/*.safetensors")).stat().st_size
+    bound = size * 5 // 2
+    theirs = PromptCache(model, max_entries=1, directory=tmp_path / "c", kv_bits=4)
+    ours = PromptCache(model, max_entries=1, directory=tmp_path / "c", max_disk_bytes=bound)
+    for p in prompts[:2]:
+        theirs.store(p, filled(model, p))
+        theirs.flush()
+        time.sleep(0.02)  # distinct modification times
+    oldest = min(theirs.disk.folder.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)
+    ours.store(prompts[2], filled(model, prompts[2]))
+    ours.flush()  # three files in the folder over a bound of two and a half: theirs, oldest
+    files = list((tmp_path / "c").glob("*/*.safetensors"))
+    assert len(files) == 2 and oldest not in files
+    assert len(list(ours.disk.folder.glob("*.safetensors"))) == 1

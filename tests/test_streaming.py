@@ -19,6 +19,9 @@ from mlx_glm4moe.cli import generate_main
 from mlx_glm4moe.convert import convert
 from mlx_glm4moe.synthetic import make_checkpoint
 
+# Bit-exact comparisons with the resident model: MLX's CPU (see conftest's `cpu`).
+pytestmark = pytest.mark.usefixtures("cpu")
+
 ROOT = Path(__file__).resolve().parents[1]
 E, K = 16, 2  # the small model: 16 routed experts, top-2
 IDS = mx.array(np.random.default_rng(0).integers(0, 380, size=(2, 48)))
@@ -59,10 +62,12 @@ def big(big_hf, tmp_path_factory):
 
 
 # Each measurement runs in a fresh interpreter (peak memory is per process), imports first so
-# that the baseline holds the libraries, not the weights; it prints its figures as JSON.
+# that the baseline holds the libraries, not the weights; it prints its figures as JSON. On the
+# CPU: the bounds count the process's own memory (a Mac's GPU buffers are the driver's).
 PRELUDE = """
 import json, sys
 import mlx.core as mx, numpy as np, transformers
+mx.set_default_device(mx.cpu)
 from mlx_glm4moe import load
 from mlx_glm4moe.convert import convert
 from mlx_glm4moe.bench import peak_rss_bytes
