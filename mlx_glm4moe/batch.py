@@ -52,7 +52,7 @@ from .streaming import streams_experts
 log = logging.getLogger("mlx_glm4moe.batch")
 
 FAILED = "The generation failed."
-STOPPED = "The engine is not running."
+STOPPED = "The engine stopped."
 # Requests that may wait for a place in the batch. Each holds its prompt in memory, and at the
 # default 8 decoded together the last of 64 waits for 8 whole rounds of the batch: a client
 # past that is better told at once (429 / 529) to retry than left minutes in line.

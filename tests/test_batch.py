@@ -443,7 +443,7 @@ def test_a_dead_engine_answers_every_request(loaded, monkeypatch):
         monkeypatch.setattr(engine, "_step", lambda generator: 1 / 0)  # outside every guard
         monkeypatch.setattr(engine, "_finish", lambda *a, **k: 1 / 0)
         go.set()
-        stopped = {"type": "error", "message": "The engine is not running."}
+        stopped = {"type": "error", "message": "The engine stopped."}
         assert running.result() == ([], stopped) and waiting.result() == ([], stopped)
         assert not engine.alive
         later = Collector(p, 5)
