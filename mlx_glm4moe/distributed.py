@@ -185,7 +185,9 @@ class Elsewhere(nn.Module):
     """A decoder layer that another pipeline stage runs: it passes the hidden state through and
     holds no weights, so this rank never reads them."""
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: Any = None, cache: Any = None, state: dict | None = None
+    ) -> mx.array:
         return x
 
 
@@ -209,9 +211,11 @@ class Receive(nn.Module):
         self.layer = layer
         self.group = group
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: Any = None, cache: Any = None, state: dict | None = None
+    ) -> mx.array:
         x = mx.distributed.recv_like(x, self.group.rank() - 1, group=self.group)
-        return self.layer(x, mask, cache)
+        return self.layer(x, mask, cache, state)
 
 
 class Send(nn.Module):
@@ -222,8 +226,11 @@ class Send(nn.Module):
         self.layer = layer
         self.group = group
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        x = mx.distributed.send(self.layer(x, mask, cache), self.group.rank() + 1, group=self.group)
+    def __call__(
+        self, x: mx.array, mask: Any = None, cache: Any = None, state: dict | None = None
+    ) -> mx.array:
+        x = self.layer(x, mask, cache, state)
+        x = mx.distributed.send(x, self.group.rank() + 1, group=self.group)
         if cache is not None:
             # Prefill evaluates only the caches: tie the send to them so that it happens then too.
             cache.keys = mx.depends(cache.keys, x)
