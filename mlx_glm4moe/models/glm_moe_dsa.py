@@ -107,9 +107,7 @@ class Indexer(nn.Module):
         return q, w.transpose(0, 2, 1)[..., None]
 
 
-def index_scores(
-    q: mx.array, w: mx.array, keys: mx.array, mask: mx.array | None
-) -> mx.array:
+def index_scores(q: mx.array, w: mx.array, keys: mx.array, mask: mx.array | None) -> mx.array:
     """The indexer's scores [B, 1, L, T] of the cached `keys` [B, 1, T, dim] (float32) for
     queries `q` with weights `w` (`Indexer.queries`); -inf where `mask` is False."""
     scores = (mx.maximum(q @ keys.swapaxes(-1, -2), 0) * w).sum(axis=1, keepdims=True)

@@ -123,9 +123,7 @@ class MultiLatentAttention(nn.Module):
             )
             return self.unembed_out(out)
         k, v = self.embed_q(latent, transpose=False), self.unembed_out(latent)
-        return scaled_dot_product_attention(
-            q_nope, k, v, cache=None, scale=self.scale, mask=scores
-        )
+        return scaled_dot_product_attention(q_nope, k, v, cache=None, scale=self.scale, mask=scores)
 
     def __call__(
         self, x: mx.array, mask: Any = None, cache: Any = None, state: dict | None = None
