@@ -179,6 +179,11 @@ PRESETS: dict[str, dict] = {
         index_topk=8,
         index_head_dim=32,
         index_n_heads=16,
+        # Keys GLM-5's config.json carries and mlx-lm's glm_moe_dsa requires.
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        moe_layer_freq=1,
     ),
 }
 # GLM-5.2's IndexShare: layers 1 and 3 reuse the selection of layer 0 and 2, as transformers

@@ -166,7 +166,7 @@ class Attention(mla.MultiLatentAttention):
                 raise ValueError("a shared-indexer layer needs a full layer's selection before it")
             chosen = state["selection"]
 
-        rows = block_rows(B, T, self.score_heads)
+        rows = min(L, block_rows(B, T, self.score_heads))
         outs, picks = [], []
         for i in range(0, L, rows):
             part = slice(i, i + rows)
@@ -174,8 +174,8 @@ class Attention(mla.MultiLatentAttention):
             pick = None
             if sparse:
                 if full:
-                    pick = select(index_scores(q_idx[:, :, part], w_idx[:, :, part], keys, m),
-                                  self.topk)  # fmt: skip
+                    scores = index_scores(q_idx[:, :, part], w_idx[:, :, part], keys, m)
+                    pick = select(scores, self.topk)
                     picks.append(pick)
                 else:
                     pick = chosen[:, :, part]
