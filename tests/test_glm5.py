@@ -329,3 +329,88 @@ def test_fp8_source_matches_transformers_on_its_dequantized_weights(glm5_hf, tmp
     out = convert(str(fp8_dir), str(tmp_path / "out"), dtype="float32")
     model, _ = load(out)
     assert np.abs(logits(model) - hf_logits(ref_dir)).max() <= 1e-4
+
+
+# What the other architectures have, on this one. The test modules' own checks are reused.
+@pytest.fixture(scope="module", params=["glm5", "glm52"])
+def dsa_q4(request, tmp_path_factory):
+    """4-bit, 16 routed experts (what test_streaming's check expects), with the MTP layer."""
+    root = tmp_path_factory.mktemp(f"{request.param}-q4")
+    hf = make_checkpoint(root / "hf", request.param, n_routed_experts=16)
+    return convert(str(hf), str(root / "q4"), quantize=True)
+
+
+def test_mtp_greedy_matches_plain(dsa_q4):
+    """Verification passes of 2-4 tokens over a context beyond index_topk (the masked path)."""
+    from test_mtp import check_same_as_plain
+
+    model, tokenizer = load(dsa_q4)
+    for text, n, k in (("Hello, world! How are you", 20, 1), ("def add(a, b):", 14, 3)):
+        check_same_as_plain(model, tokenizer, tokenizer.encode(text), n, k)
+
+
+def test_expert_streaming_gives_the_same_output(dsa_q4):
+    from test_streaming import check_streaming_equals_resident
+
+    check_streaming_equals_resident(dsa_q4)
+
+
+@pytest.mark.parametrize("use_mtp", [False, True])
+def test_layer_major_prefill_equals_chunked(dsa_q4, monkeypatch, use_mtp):
+    """Streamed experts prefill layer by layer: shared-indexer layers take each chunk's
+    selection from the full layer before them there too."""
+    from test_prefill import _turns, generation
+
+    from mlx_glm4moe import mtp
+
+    model, tokenizer = load(dsa_q4, expert_slots=2)
+    layers, cache = _turns(model, tokenizer, use_mtp)
+    for module in (generation, mtp):
+        monkeypatch.setattr(module, "streams_experts", lambda model: False)
+    chunks, ref = _turns(*load(dsa_q4, expert_slots=2), use_mtp)
+    assert [t for t, _ in layers] == [t for t, _ in chunks]
+    for (_, a), (_, b) in zip(layers, chunks, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(cache, ref, strict=True):
+        for x, y in zip(a.state[:2], b.state[:2], strict=True):
+            np.testing.assert_array_equal(np.array(x), np.array(y))
+
+
+def test_the_prompt_cache_on_disk_restores_latents_and_indexer_keys(dsa_q4, tmp_path):
+    from test_prompt_cache import MESSAGES, recording
+
+    from mlx_glm4moe.chat import PromptCache, chat
+
+    model, tok = load(dsa_q4)
+    cold_logits, logits = [], []
+    cold = chat(model, tok, MESSAGES, max_tokens=8, sampler=recording(cold_logits))
+    pc = PromptCache(model, directory=tmp_path)
+    chat(model, tok, MESSAGES, max_tokens=8, prompt_cache=pc)
+    pc.flush()
+    restarted = PromptCache(model, directory=tmp_path)
+    again = chat(
+        model, tok, MESSAGES, max_tokens=8, prompt_cache=restarted, sampler=recording(logits)
+    )
+    assert again["usage"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
+    assert again["content"] == cold["content"]
+    for x, y in zip(logits, cold_logits, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_batched_equals_alone(dsa_q4):
+    """Left-padded rows: padding is masked out of the indexer's choice as of attention."""
+    from test_batch import Collector, alone, prompts
+
+    from mlx_glm4moe.batch import BatchEngine
+
+    model, tokenizer = load(dsa_q4)
+    asks, max_tokens = prompts(tokenizer, 4), [10, 4, 12, 7]
+    expected = [alone(model, tokenizer, p, m) for p, m in zip(asks, max_tokens, strict=True)]
+    engine = BatchEngine(model, tokenizer, decode_concurrency=4, prefill_step_size=16)
+    try:
+        collectors = [Collector(p, m) for p, m in zip(asks, max_tokens, strict=True)]
+        for c in collectors:
+            engine.submit(c.request)
+        assert [c.result()[0] for c in collectors] == expected
+    finally:
+        engine.close()
