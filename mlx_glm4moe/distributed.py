@@ -16,8 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .models import Model, glm4_moe, glm4_moe_lite
+from .models import Model, glm4_moe, glm4_moe_lite, glm_moe_dsa
 from .models.base import MLP, MoE
+from .models.mla import MultiLatentAttention
 
 Group = mx.distributed.Group
 MODES = ("tensor", "pipeline")
@@ -119,7 +120,7 @@ def _split_output(attn: nn.Module, start: int, stop: int, group: Group) -> None:
     attn.o_proj = AllSum(attn.o_proj, group)
 
 
-def _shard_mla(attn: glm4_moe_lite.Attention, group: Group) -> None:
+def _shard_mla(attn: MultiLatentAttention, group: Group) -> None:
     """Whole heads per rank (latent attention): each keeps its heads' query rows and their
     slices of the per-head up-projections; the down-projections to the latent, which all heads
     share, stay whole, so every rank computes and caches the whole latent."""
@@ -139,7 +140,12 @@ def _shard_mla(attn: glm4_moe_lite.Attention, group: Group) -> None:
 
 _PARAMS = ("weight", "scales", "biases")
 # How each architecture's attention is split over the ranks, by model_type.
-_SHARD_ATTENTION = {glm4_moe.MODEL_TYPE: _shard_gqa, glm4_moe_lite.MODEL_TYPE: _shard_mla}
+# GLM-5's indexer is small and stays whole on every rank, as the latent projections do.
+_SHARD_ATTENTION = {
+    glm4_moe.MODEL_TYPE: _shard_gqa,
+    glm4_moe_lite.MODEL_TYPE: _shard_mla,
+    glm_moe_dsa.MODEL_TYPE: _shard_mla,
+}
 
 
 def shard(model: Model, group: Group | None = None) -> None:
