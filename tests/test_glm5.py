@@ -414,3 +414,32 @@ def test_batched_equals_alone(dsa_q4):
         assert [c.result()[0] for c in collectors] == expected
     finally:
         engine.close()
+
+
+def test_generate_server_and_report_run_a_glm5_model(glm5_hf, tmp_path, capsys):
+    """A smoke test of the command line (plain and MTP), the server and `bench --report`."""
+    from starlette.testclient import TestClient
+
+    from mlx_glm4moe.bench import main as bench_main
+    from mlx_glm4moe.cli import generate_main
+    from mlx_glm4moe.server import create_app
+
+    q4 = convert(str(glm5_hf), str(tmp_path / "q4"), quantize=True)
+    for extra in ([], ["--mtp"]):
+        generate_main(["--model", str(q4), "-p", "Hello, world!", "--max-tokens", "4", *extra])
+    assert capsys.readouterr().out.strip()
+
+    model, tokenizer = load(q4)
+    with TestClient(create_app(model, tokenizer, model_id="glm5", max_tokens=8)) as client:
+        r = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+
+    out = tmp_path / "report.json"
+    bench_main(["--model", str(q4), "--report", "--prompt-tokens", "32", "--gen-tokens", "2"]
+               + ["--json", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["agreement"]["max_logit_diff"] < 1e-4
+    assert report["mtp"]["speed_ratio"] > 0 and report["streaming"]
