@@ -160,22 +160,31 @@ def test_prefill_memory_stays_within_the_score_budget(tmp_path, monkeypatch):
     assert unbounded > whole
 
 
-@pytest.mark.parametrize("preset", ["lite", "glm5"])
-def test_latent_norms_use_transformers_epsilon(preset, tmp_path, monkeypatch):
-    """The latent attention GLM-4.7-Flash and GLM-5 share, with kv_a_proj_with_mqa and q_a_proj
-    scaled down 1000x: the latents' mean squares (~1e-6) are then of the order of the norms'
-    epsilon, so 1e-6 against rms_norm_eps (1e-5) moves the logits far beyond the parity bound."""
+@pytest.mark.parametrize(
+    "preset,module,eps,inputs",
+    [
+        ("lite", mla, "LORA_NORM_EPS", ("kv_a_proj_with_mqa.weight", "q_a_proj.weight")),
+        ("glm5", mla, "LORA_NORM_EPS", ("kv_a_proj_with_mqa.weight", "q_a_proj.weight")),
+        ("glm5", glm_moe_dsa, "INDEXER_NORM_EPS", ("indexer.wk.weight",)),
+    ],
+    ids=["lite-latent", "glm5-latent", "glm5-indexer-keys"],
+)
+def test_norms_use_transformers_epsilon(preset, module, eps, inputs, tmp_path, monkeypatch):
+    """The latent attention's two norms (GLM-4.7-Flash and GLM-5 share it) and the indexer's
+    key norm, with the projections into them scaled down 1000x: their inputs' mean squares
+    (~1e-6) are then of the order of the epsilon, so 1e-6 against 1e-5 (rms_norm_eps; mlx-lm's
+    LayerNorm default) moves the logits far beyond the parity bound."""
     src = make_checkpoint(tmp_path / "hf", preset)
     for shard in src.glob("model-*.safetensors"):
         tensors = load_file(shard)
         for name in tensors:
-            if name.endswith(("kv_a_proj_with_mqa.weight", "q_a_proj.weight")):
+            if name.endswith(inputs):
                 tensors[name] = tensors[name] * np.float32(1e-3)
         save_file(tensors, shard, metadata={"format": "pt"})
     expected = hf_logits(src)
     model, _ = load(src)
     assert np.abs(logits(model) - expected).max() <= 1e-4
-    monkeypatch.setattr(mla, "LORA_NORM_EPS", 1e-5)
+    monkeypatch.setattr(module, eps, 1e-5)
     model, _ = load(src)
     assert np.abs(logits(model) - expected).max() > 1e-2
 
