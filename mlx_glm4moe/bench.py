@@ -28,6 +28,7 @@ import mlx_lm
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step as mlx_lm_generate_step
+from mlx_lm.models.cache import CacheList, KVCache
 
 from . import streaming
 from .convert import convert
@@ -357,6 +358,23 @@ def context_depth(kv_bits: int | None) -> int:
     return 32768 if kv_bits == 4 else 16384
 
 
+def in_mlx_lm_layout(model, cache: list) -> list:
+    """A copy of our prompt cache as mlx-lm's model of the same folder takes it: ours as it is,
+    but for GLM-5 (`glm_moe_dsa`), whose layers mlx-lm gives two caches (the latent with the
+    rotary key, then the indexer keys) where ours keeps the indexer keys beside the latent."""
+    if model.args.model_type != "glm_moe_dsa":
+        return copy.deepcopy(cache)
+    out = []
+    for c in cache:
+        keys, values = c.keys_and_values()
+        latent, index = mx.split(keys, [model.args.kv_lora_rank], axis=-1)
+        pair = CacheList(KVCache(), KVCache())
+        pair[0].update_and_fetch(latent, values)
+        pair[1].update_and_fetch(index, mx.zeros_like(index))
+        out.append(pair)
+    return out
+
+
 def deep_decode(
     loaded: dict, depth: int, gen_tokens: int, kv_bits: int | None = None, kv_group_size: int = 64
 ) -> dict:
@@ -379,7 +397,9 @@ def deep_decode(
             ids[depth:],
             gen_tokens,
             resident,
-            prompt_cache=copy.deepcopy(cache),
+            prompt_cache=in_mlx_lm_layout(ours, cache)
+            if name == "mlx-lm"
+            else copy.deepcopy(cache),
             quantized_kv_start=0,
             **kwargs,
         )

@@ -27,13 +27,13 @@ from .weights import (
     INDEX_FILE,
     QuantPredicate,
     fp8_format,
-    is_router,
     layer_of,
     load_lazy,
     module_path,
     read_config,
     resolve,
     sanitize,
+    stays_float32,
     uniform_quant,
     weight_files,
 )
@@ -149,7 +149,7 @@ def convert_tensors(
     the quantization parameters used for each module."""
     out, params = {}, {}
     for name, w in weights.items():
-        if is_router(name):
+        if stays_float32(name):
             out[name] = w.astype(mx.float32)
             continue
         w = w.astype(dtype)

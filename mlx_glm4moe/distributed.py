@@ -16,8 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .models import Model, glm4_moe, glm4_moe_lite
+from .models import Model, glm4_moe, glm4_moe_lite, glm_moe_dsa
 from .models.base import MLP, MoE
+from .models.mla import MultiLatentAttention
 
 Group = mx.distributed.Group
 MODES = ("tensor", "pipeline")
@@ -119,7 +120,7 @@ def _split_output(attn: nn.Module, start: int, stop: int, group: Group) -> None:
     attn.o_proj = AllSum(attn.o_proj, group)
 
 
-def _shard_mla(attn: glm4_moe_lite.Attention, group: Group) -> None:
+def _shard_mla(attn: MultiLatentAttention, group: Group) -> None:
     """Whole heads per rank (latent attention): each keeps its heads' query rows and their
     slices of the per-head up-projections; the down-projections to the latent, which all heads
     share, stay whole, so every rank computes and caches the whole latent."""
@@ -139,7 +140,12 @@ def _shard_mla(attn: glm4_moe_lite.Attention, group: Group) -> None:
 
 _PARAMS = ("weight", "scales", "biases")
 # How each architecture's attention is split over the ranks, by model_type.
-_SHARD_ATTENTION = {glm4_moe.MODEL_TYPE: _shard_gqa, glm4_moe_lite.MODEL_TYPE: _shard_mla}
+# GLM-5's indexer is small and stays whole on every rank, as the latent projections do.
+_SHARD_ATTENTION = {
+    glm4_moe.MODEL_TYPE: _shard_gqa,
+    glm4_moe_lite.MODEL_TYPE: _shard_mla,
+    glm_moe_dsa.MODEL_TYPE: _shard_mla,
+}
 
 
 def shard(model: Model, group: Group | None = None) -> None:
@@ -185,7 +191,9 @@ class Elsewhere(nn.Module):
     """A decoder layer that another pipeline stage runs: it passes the hidden state through and
     holds no weights, so this rank never reads them."""
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: Any = None, cache: Any = None, state: dict | None = None
+    ) -> mx.array:
         return x
 
 
@@ -209,9 +217,11 @@ class Receive(nn.Module):
         self.layer = layer
         self.group = group
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: Any = None, cache: Any = None, state: dict | None = None
+    ) -> mx.array:
         x = mx.distributed.recv_like(x, self.group.rank() - 1, group=self.group)
-        return self.layer(x, mask, cache)
+        return self.layer(x, mask, cache, state)
 
 
 class Send(nn.Module):
@@ -222,8 +232,11 @@ class Send(nn.Module):
         self.layer = layer
         self.group = group
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        x = mx.distributed.send(self.layer(x, mask, cache), self.group.rank() + 1, group=self.group)
+    def __call__(
+        self, x: mx.array, mask: Any = None, cache: Any = None, state: dict | None = None
+    ) -> mx.array:
+        x = self.layer(x, mask, cache, state)
+        x = mx.distributed.send(x, self.group.rank() + 1, group=self.group)
         if cache is not None:
             # Prefill evaluates only the caches: tie the send to them so that it happens then too.
             cache.keys = mx.depends(cache.keys, x)

@@ -54,19 +54,28 @@ def activation_bytes(args: Any, tokens: int, step: int, context: int) -> int:
 
 
 def _attend(
-    layer: nn.Module, x: mx.array, cache: Any, step: int, quantize: dict | None
+    layer: nn.Module,
+    x: mx.array,
+    cache: Any,
+    step: int,
+    quantize: dict | None,
+    states: list[dict] | None = None,
 ) -> mx.array:
     """The layer's attention half (`x + attention(norm(x))`) over `x`, `step` tokens at a time
     through `cache`, each chunk evaluated before the next so that one chunk's attention working
     set is alive at a time. `quantize` (mlx-lm's `maybe_quantize_kv_cache` arguments) turns the
     cache quantized after the chunk that passes its start, as a chunked prefill does; the
-    (possibly new) cache is the list's only entry on return."""
+    (possibly new) cache is the list's only entry on return. `states` holds each chunk's pass
+    state (see `models.base.DecoderLayer`), handed on from the layer before."""
     out = []
-    for i in range(0, x.shape[1], step):
+    for j, i in enumerate(range(0, x.shape[1], step)):
         chunk = x[:, i : i + step]
         c = cache[0]
         h = chunk + layer.self_attn(
-            layer.input_layernorm(chunk), create_attention_mask(chunk, c), c
+            layer.input_layernorm(chunk),
+            create_attention_mask(chunk, c),
+            c,
+            None if states is None else states[j],
         )
         if quantize is not None:
             maybe_quantize_kv_cache(cache, **quantize)
@@ -115,11 +124,12 @@ def prefill(
         for start in range(0, prompt.size, span):
             h = lm.embed_tokens(prompt[None, start : start + span])
             h = h if dtype is None else h.astype(dtype)
+            states = [{} for _ in range(0, h.shape[1], step)]
             for i, layer in enumerate(layers):
                 if cancel is not None and cancel():
                     raise PrefillCancelled
                 one = cache[i : i + 1]
-                h = _attend(layer, h, one, step, quantize)
+                h = _attend(layer, h, one, step, quantize, states)
                 cache[i] = one[0]
                 if hidden or i + 1 < len(layers):
                     h = _feed_forward(layer, h)

@@ -1,4 +1,4 @@
-"""Tiny GLM-4.5- and GLM-4.7-Flash-shaped checkpoints in the real Hugging Face layout, built
+"""Tiny GLM-4.5-, GLM-4.7-Flash- and GLM-5-shaped checkpoints in the real Hugging Face layout, built
 offline.
 
 Used by the tests, the benchmark and the bundled default: per-expert tensor names, sharded
@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .weights import INDEX_FILE, layer_of
+from .weights import FLOAT32, INDEX_FILE, layer_of
 
 TEMPLATE_FILE = Path(__file__).parent / "chat_template.jinja"
 
@@ -52,7 +52,7 @@ STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
 LAYOUTS = ("glm45", "glm46", "glm46-unlisted")
 MTP_FILE = "mtp.safetensors"
 MTP_SHARED = (".embed_tokens.weight", ".shared_head.head.weight")
-ROUTER = ("mlp.gate.weight", "e_score_correction_bias")
+LATENT = ("glm4_moe_lite", "glm_moe_dsa")  # the model types with latent attention
 
 # The tiny presets share their sizes and differ in the switches that matter.
 _TINY = dict(
@@ -66,7 +66,8 @@ _TINY = dict(
     num_experts_per_tok=2,
 )
 # GLM-4.7-Flash's: glm4_moe_lite's own keys (no head_dim: transformers reads it as the rotary
-# head dim there) and its switches.
+# head dim there) and its switches. The no-rope, value and rotary head dims differ, as in the
+# published models (192/256/64), so that a port that swaps two of them fails.
 _LITE_TINY = dict(
     model_type="glm4_moe_lite",
     architectures=["Glm4MoeLiteForCausalLM"],
@@ -75,9 +76,9 @@ _LITE_TINY = dict(
     num_key_value_heads=4,
     q_lora_rank=32,
     kv_lora_rank=32,
-    qk_nope_head_dim=16,
+    qk_nope_head_dim=24,
     qk_rope_head_dim=8,
-    v_head_dim=16,
+    v_head_dim=32,
     first_k_dense_replace=1,
     n_group=1,
     topk_group=1,
@@ -160,7 +161,36 @@ PRESETS: dict[str, dict] = {
         n_routed_experts=64,
         num_experts_per_tok=4,
     ),
+    # GLM-5's switches (glm_moe_dsa): latent attention with DSA's indexer in every layer (16
+    # heads: with few, ReLU ties make the top-k ambiguous), 8 positions selected so that prompts
+    # longer than that are sparse, the first layer dense, scaling 2.5. config.json's head_dim is
+    # meaningless (64 in GLM-5): a wrong one here must change nothing.
+    "glm5": dict(
+        _LITE_TINY,
+        model_type="glm_moe_dsa",
+        architectures=["GlmMoeDsaForCausalLM"],
+        head_dim=24,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        routed_scaling_factor=2.5,
+        index_topk=8,
+        index_head_dim=32,
+        index_n_heads=16,
+        # Keys GLM-5's config.json carries and mlx-lm's glm_moe_dsa requires.
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        moe_layer_freq=1,
+    ),
 }
+# GLM-5.2's IndexShare: layers 1 and 3 reuse the selection of layer 0 and 2, as transformers
+# derives it from these keys (GLM-5.2 itself lists `indexer_types`).
+PRESETS["glm52"] = dict(
+    PRESETS["glm5"], num_hidden_layers=4, index_topk_freq=2, index_skip_topk_offset=1
+)
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. Hello, world! How are you today?
@@ -279,8 +309,12 @@ def weight_groups(config: dict, seed: int = 0, dtype=np.float32) -> Iterator[dic
         p, w = f"model.layers.{i}", {}
         w[f"{p}.input_layernorm.weight"] = norm(H)
         w[f"{p}.post_attention_layernorm.weight"] = norm(H)
-        attention = _latent_attention if config["model_type"] == "glm4_moe_lite" else _attention
+        attention = _latent_attention if config["model_type"] in LATENT else _attention
         w.update({f"{p}.self_attn.{k}": a for k, a in attention(config, lin, norm, rng).items()})
+        if config["model_type"] == "glm_moe_dsa" and (
+            i >= n_layers or indexer_types(config)[i] == "full"
+        ):
+            w.update({f"{p}.self_attn.indexer.{k}": a for k, a in _indexer(config, lin, norm)})
         if i < config["first_k_dense_replace"]:
             w.update(mlp(f"{p}.mlp", I))
             yield w
@@ -344,6 +378,23 @@ def _latent_attention(
     }
 
 
+def indexer_types(config: dict) -> list[str]:
+    """Each layer's indexer, "full" or "shared", as our `ModelArgs` (and transformers) read it."""
+    from .models import model_args
+
+    return model_args(config).indexer_types
+
+
+def _indexer(config: dict, lin: Callable, norm: Callable) -> Iterator[tuple[str, np.ndarray]]:
+    """DSA's lightning indexer, in transformers' names: its key norm has a bias."""
+    H, heads, dim = config["hidden_size"], config["index_n_heads"], config["index_head_dim"]
+    yield "wq_b.weight", lin(heads * dim, config["q_lora_rank"])
+    yield "wk.weight", lin(dim, H)
+    yield "k_norm.weight", norm(dim)
+    yield "k_norm.bias", norm(dim) - 1.0
+    yield "weights_proj.weight", lin(heads, H).astype(np.float32)
+
+
 def save_sharded(
     weights: dict, out: Path, num_shards: int = 2, dtype: str = "float32", layout: str = "glm45"
 ) -> None:
@@ -370,9 +421,9 @@ def write_shards(
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
     weight_map, i = {}, 0
     for group in groups:
-        # The router weight and correction bias stay float32, as in the published checkpoints.
+        # The router and the indexer's head weights stay float32, as in the published checkpoints.
         arrays = {
-            k: mx.array(w) if k.endswith(ROUTER) else mx.array(w).astype(getattr(mx, dtype))
+            k: mx.array(w) if k.endswith(FLOAT32) else mx.array(w).astype(getattr(mx, dtype))
             for k, w in group.items()
         }
         listed = True

@@ -202,7 +202,7 @@ def sanitize(
                 raise ValueError(f"{name} is FP8 but the checkpoint has {how} to scale it")
             w = dequantize_fp8(name, w, scale, fp8)
             # Cast before experts are stacked: a float32 stack would double the converter's peak.
-            w = w if is_router(name) else w.astype(dtype)
+            w = w if stays_float32(name) else w.astype(dtype)
         out[name] = w
 
     experts: dict[tuple[str, str], dict[int, mx.array]] = {}
@@ -220,20 +220,30 @@ def sanitize(
     return out
 
 
-def is_router(name: str) -> bool:
-    """The router weight and its correction bias stay float32 and unquantized: bf16 collapses the
-    closely spaced biases and changes which experts win."""
-    return name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))
+# Tensors kept float32 and unquantized. The router's weight and correction bias: bf16 collapses
+# the closely spaced biases and changes which experts win. The DSA indexer's per-head weights
+# (GLM-5; transformers keeps them float32 too): they scale the heads' scores, whose top-k picks
+# the positions attention sees, and quantizing a [heads, hidden] matrix saves next to nothing.
+FLOAT32 = (
+    "mlp.gate.weight",
+    "mlp.gate.e_score_correction_bias",
+    "self_attn.indexer.weights_proj.weight",
+)
+
+
+def stays_float32(name: str) -> bool:
+    """Whether the tensor `name` (ours or HF's) is kept float32 and unquantized (`FLOAT32`)."""
+    return name.endswith(FLOAT32)
 
 
 QuantPredicate = Callable[[str, tuple], "dict | None"]
 
 
 def uniform_quant(bits: int, group_size: int, mode: str = "affine") -> QuantPredicate:
-    """Quantize every matrix (linear, embedding, stacked experts) but the router."""
+    """Quantize every matrix (linear, embedding, stacked experts) but those kept float32."""
 
     def predicate(name: str, shape: tuple) -> dict | None:
-        if not name.endswith(".weight") or len(shape) < 2 or is_router(name):
+        if not name.endswith(".weight") or len(shape) < 2 or stays_float32(name):
             return None
         if shape[-1] % group_size:
             return None

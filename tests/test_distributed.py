@@ -122,6 +122,8 @@ def models(tmp_path_factory) -> dict[str, str]:
         "air": dict(moe_intermediate_size=128, intermediate_size=256),
         # GLM-4.7-Flash's latent attention: 2 of its 4 heads per rank, o_proj cut at a group.
         "lite": dict(v_head_dim=32, moe_intermediate_size=128, intermediate_size=256),
+        # GLM-5's: the same, with the indexer whole on every rank.
+        "glm5": dict(moe_intermediate_size=128, intermediate_size=256),
         "glm45": dict(
             num_attention_heads=6,
             num_key_value_heads=3,
@@ -166,7 +168,9 @@ def single_process(path: str, activations: str = "auto") -> dict:
 
 def test_two_ranks_match_one_process(models, air_q4, tmp_path, capsys):
     parity = [
-        models[k] for k in ("air-f32", "air-q4", "glm45-f32", "glm45-q4", "lite-f32", "lite-q4")
+        models[f"{preset}-{kind}"]
+        for preset in ("air", "glm45", "lite", "glm5")
+        for kind in ("f32", "q4")
     ]
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)

@@ -26,7 +26,7 @@ SUBFLOORS = {
     # responses reuses anthropic's reasoning signature.
     "server": [{"core"}, {"openai", "anthropic"}, {"responses"}, {"app"}, {"__init__", "__main__"}],
     # The shared parts under the architectures, and the registry over them.
-    "models": [{"base"}, {"glm4_moe", "glm4_moe_lite"}, {"__init__"}],
+    "models": [{"base"}, {"mla"}, {"glm4_moe", "glm4_moe_lite", "glm_moe_dsa"}, {"__init__"}],
 }
 SUBFLOOR = {
     (pkg, name): i for pkg, floors in SUBFLOORS.items() for i, f in enumerate(floors) for name in f

@@ -13,10 +13,12 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import glm4_moe, glm4_moe_lite
+from . import glm4_moe, glm4_moe_lite, glm_moe_dsa
 from .base import ACTIVATIONS, BaseModelArgs, Model, activation_dtype
 
-ARCHITECTURES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (glm4_moe, glm4_moe_lite)}
+ARCHITECTURES: dict[str, ModuleType] = {
+    m.MODEL_TYPE: m for m in (glm4_moe, glm4_moe_lite, glm_moe_dsa)
+}
 
 __all__ = [
     "ACTIVATIONS",

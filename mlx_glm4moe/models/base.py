@@ -293,9 +293,15 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Attention then MLP (dense in the first `first_k_dense_replace` layers, MoE after), each
+    around a residual. The attention is built with the layer's index (an architecture may vary
+    its attention by layer) and called with the pass's `state`: a dict that one forward pass
+    hands from layer to layer, in order, fresh for each pass (GLM-5.2's shared-indexer layers
+    read the token selection the last full-indexer layer put there)."""
+
     def __init__(self, args: BaseModelArgs, layer_idx: int, attention: type[nn.Module]):
         super().__init__()
-        self.self_attn = attention(args)
+        self.self_attn = attention(args, layer_idx)
         if layer_idx >= args.first_k_dense_replace:
             self.mlp = MoE(args)
         else:
@@ -303,8 +309,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(
+        self, x: mx.array, mask: Any = None, cache: Any = None, state: dict | None = None
+    ) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, state)
         if bounded_prefill(h.shape[1], h.dtype):
             mx.eval(h)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -344,7 +352,7 @@ class MTPLayer(DecoderLayer):
         hidden state at the position before each token. Returns (logits, hidden) where hidden is
         what a chained draft step feeds back in."""
         h = self.join(tokens, hidden)
-        h = super().__call__(h, create_attention_mask(h, cache), cache)
+        h = super().__call__(h, create_attention_mask(h, cache), cache, {})
         normed = self.shared_head.norm(h)
         own = "embed_tokens" in self
         return (self.shared_head.head(normed) if own else self.main().logits(normed)), h
@@ -377,8 +385,9 @@ class LanguageModel(nn.Module):
         layers = self.layers[: self.args.num_hidden_layers]
         cache = cache or [None] * len(layers)
         mask = create_attention_mask(h, cache[0])
+        state: dict = {}
         for layer, c in zip(layers, cache, strict=True):
-            h = layer(h, mask, c)
+            h = layer(h, mask, c, state)
         return self.norm(h)
 
 

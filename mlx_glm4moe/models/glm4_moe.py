@@ -37,7 +37,10 @@ class ModelArgs(base.BaseModelArgs):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """Grouped-query attention; the same in every layer, and it passes nothing between layers
+    (`layer_idx` and the pass's `state` are unused)."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         dim, head_dim = args.hidden_size, args.head_dim
         self.n_heads = args.num_attention_heads
@@ -60,7 +63,9 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: Any = None, cache: Any = None, state: dict | None = None
+    ) -> mx.array:
         B, L, _ = x.shape
         dtype = base.attention_dtype(x, self.k_proj, cache)
         q = self.q_proj(x).astype(dtype).reshape(B, L, self.n_heads, -1)
