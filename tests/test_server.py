@@ -163,7 +163,8 @@ def collect(stream):
 
 
 def test_models_and_health(url, client):
-    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and set(health["memory"]) == {"active", "cache", "peak"}
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
