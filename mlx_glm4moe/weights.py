@@ -40,8 +40,8 @@ def resolve(path_or_repo: str | Path | None, progress: Progress | None = None) -
         raise FileNotFoundError(f"No model folder at {path_or_repo}")
     from huggingface_hub import snapshot_download
 
-    bar = None if progress is None else progress_bar("download", progress)
-    return Path(snapshot_download(str(path_or_repo), allow_patterns=HUB_PATTERNS, tqdm_class=bar))
+    bar = {} if progress is None else {"tqdm_class": progress_bar("download", progress)}
+    return Path(snapshot_download(str(path_or_repo), allow_patterns=HUB_PATTERNS, **bar))
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -18,7 +18,8 @@ import httpx
 import mlx.core as mx
 import pytest
 
-from mlx_glm4moe import Server, load
+from mlx_glm4moe import Server, load, upload
+from mlx_glm4moe.cli import convert_main, upload_main
 from mlx_glm4moe.server import lifecycle, memory
 from mlx_glm4moe.streaming import resident_bytes
 
@@ -127,18 +128,28 @@ def test_port_0_ready_line_progress_and_clean_exit():
         assert proc.lines.get(timeout=5) is None  # nothing else on stdout
 
 
-def test_unix_socket(tmp_path):
+def test_unix_socket_and_exit_on_stdin_close(tmp_path):
     path = tmp_path / "s.sock"
-    with child(server_args("--uds", str(path))) as proc:
+    args = server_args("--uds", str(path), "--exit-on-stdin-close")
+    with child(args, stdin=subprocess.PIPE) as proc:
         assert ready(proc)["url"] == f"unix:{path}"
         assert path.stat().st_mode & 0o777 == 0o600  # only the user may connect
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(path))) as client:
             assert client.get("http://server/health").json()["status"] == "ok"
             r = client.post("http://server/v1/chat/completions", json=CHAT, timeout=30)
             assert r.status_code == 200
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        proc.stdin.close()  # the app's end of the pipe
+        assert proc.wait(timeout=5) == 0
     assert not path.exists()
+
+
+def test_a_stale_socket_is_replaced_but_a_live_one_is_not(tmp_path):
+    path = tmp_path / "s.sock"
+    live = lifecycle.listen("", 0, str(path))
+    with pytest.raises(OSError, match="a server is listening"):
+        lifecycle.listen("", 0, str(path))
+    live.close()  # the file stays, as when a server dies
+    lifecycle.listen("", 0, str(path)).close()
 
 
 def test_health_is_503_loading_until_the_model_is_in(monkeypatch):
@@ -165,9 +176,32 @@ def test_health_is_503_loading_until_the_model_is_in(monkeypatch):
 
 
 def test_a_load_that_fails_is_an_error_not_a_ready_line(tmp_path):
-    with child(server_args("--port", "0", "--model", str(tmp_path / "nothing"))) as proc:
-        assert proc.wait(timeout=30) == 1
-        assert proc.lines.get(timeout=5) is None
+    with pytest.raises(RuntimeError, match="No model folder at"):
+        Server(tmp_path / "nothing").start()
+
+
+def test_stop_while_loading_does_not_wait_for_the_load():
+    gate = threading.Event()
+    server = Server(progress=lambda *e: gate.wait(20))
+    failed = []
+
+    def start():
+        try:
+            server.start()
+        except RuntimeError as e:
+            failed.append(e)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    try:
+        assert wait_until(lambda: server.app.state.engine.state == "loading", 10)
+        start = time.monotonic()
+        server.stop()
+        starter.join(5)
+        assert time.monotonic() - start < 2 and failed
+    finally:
+        gate.set()
+        starter.join(20)
 
 
 # -- dies with its app ----------------------------------------------------------------------------
@@ -193,13 +227,6 @@ def test_server_ends_within_5_s_of_its_parent():
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(server_pid, signal.SIGKILL)
-
-
-def test_exit_on_stdin_close():
-    with child(server_args("--port", "0", "--exit-on-stdin-close"), stdin=subprocess.PIPE) as proc:
-        ready(proc)
-        proc.stdin.close()
-        assert proc.wait(timeout=5) == 0
 
 
 # -- stops cleanly --------------------------------------------------------------------------------
@@ -411,3 +438,50 @@ def test_server_with_a_model_loaded_on_another_thread(tmp_path):
             assert c.post("http://x/v1/chat/completions", json=CHAT).status_code == 200
             assert c.post("http://x/v1/unload").status_code == 409  # nothing to load it again
     assert not (tmp_path / "s.sock").exists()
+
+
+# -- progress --------------------------------------------------------------------------------------
+
+
+class FakeHub:
+    def __init__(self, *args, **kw):
+        pass
+
+    def whoami(self):
+        return {"auth": {"accessToken": {"role": "write"}}}
+
+    def create_repo(self, **kw):
+        pass
+
+    upload_folder = upload_file = create_repo
+
+
+def test_convert_and_upload_print_ndjson_progress(air_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(upload, "HfApi", FakeHub)
+
+    def snapshot_download(repo_id, tqdm_class, **kw):
+        files = tqdm_class(total=2)
+        files.update(1)
+        files.update(1)
+        return str(air_checkpoint)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    out = tmp_path / "out"
+    flags = ["--hf-path", "zai-org/tiny", "--mlx-path", str(out), "--upload-repo", "me/tiny"]
+    convert_main([*flags, "--progress", "json"])
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {e["event"] for e in events} == {"progress"}
+    stages = {}
+    for e in events:
+        stages.setdefault(e["stage"], []).append((e["done"], e["total"]))
+    assert list(stages) == ["download", "convert", "upload"]
+    assert stages["download"] == [(1, 2), (2, 2)]
+    layers = len(stages["convert"])
+    assert stages["convert"] == [(i, layers) for i in range(1, layers + 1)] and layers > 2
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert stages["upload"] == [(0, size), (size, size)]
+    upload_main(["--mlx-path", str(out), "--upload-repo", "me/tiny", "--progress", "json"])
+    assert capsys.readouterr().out.splitlines() == [
+        json.dumps({"event": "progress", "stage": "upload", "done": d, "total": size})
+        for d in (0, size)
+    ]

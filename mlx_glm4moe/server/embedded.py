@@ -74,10 +74,11 @@ class Server:
         sock = lifecycle.listen(*self._where)
         self.url = lifecycle.url(sock)
         run = self._server.run_until_stopped(sock, self._ready.set)
-        self._thread = threading.Thread(target=asyncio.run, args=(run,), name="server", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=asyncio.run, args=(run,), name="server", daemon=True)
+        self._thread = thread
+        thread.start()
         while not self._ready.wait(0.05):
-            if not self._thread.is_alive():
+            if not thread.is_alive():
                 error = self.app.state.engine.error
                 raise RuntimeError(f"the server did not start: {error}")
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
 import importlib.metadata
 import json
 import logging
@@ -54,9 +55,9 @@ def listen(host: str, port: int, uds: str | None = None) -> socket.socket:
     if uds is not None:
         path = Path(uds)
         if path.is_socket():
-            path.unlink()  # left by a server that died
+            _remove_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
+        old = os.umask(0o177)  # the socket is created 0600
         try:
             sock.bind(str(path))
         finally:
@@ -69,6 +70,17 @@ def listen(host: str, port: int, uds: str | None = None) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(False)
     return sock
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the Unix socket of a server that died; refuse one that a server listens on."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+            return
+    raise OSError(errno.EADDRINUSE, f"a server is listening on {path}")
 
 
 def url(sock: socket.socket) -> str:

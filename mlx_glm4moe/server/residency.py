@@ -11,6 +11,7 @@ middleware), so a model in use is never unloaded under it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import threading
@@ -93,12 +94,14 @@ class ResidentEngine(Engine):
             try:
                 await _on_daemon_thread(self._load)
             except Exception as e:
-                self.state, self.error = "unloaded", str(e) or type(e).__name__
+                self.error = str(e) or type(e).__name__
+                self._settle("unloaded")
                 log.exception("loading the model failed")
                 raise APIError(
                     503, f"The model could not be loaded: {e}", type="server_error"
                 ) from None
-            self.state, self.error = "ok", None
+            self.error = None
+            self._settle("ok")
         self._arm_timer()
 
     async def unload(self, wait: bool = True) -> bool:
@@ -112,9 +115,13 @@ class ResidentEngine(Engine):
                 return False
             await self._idle.wait()
             await asyncio.to_thread(self._detach)
-            if self.state != "stopping":
-                self.state = "unloaded"
+            self._settle("unloaded")
         return True
+
+    def _settle(self, state: str) -> None:
+        """The state after a load or unload, unless the server began stopping meanwhile."""
+        if self.state != "stopping":
+            self.state = state
 
     def _load(self) -> None:
         model, tokenizer = self._loader()
@@ -179,9 +186,9 @@ class ResidentEngine(Engine):
         rest with an error in their API's shape."""
         self.stop_admitting()
         self._disarm_timer()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
-        except TimeoutError:
+        if self._jobs:
             log.warning("cancelling %d requests still running after %gs", len(self._jobs), grace)
         for job in list(self._jobs.values()):
             job.emit({"type": "error", "message": "The server shut down before the answer ended."})
