@@ -4,6 +4,7 @@ memory limits, progress events. Servers run on loopback ports or Unix sockets in
 on the bundled demo model; every child process is killed in a `finally`."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import queue
@@ -485,3 +486,68 @@ def test_convert_and_upload_print_ndjson_progress(air_checkpoint, tmp_path, monk
         json.dumps({"event": "progress", "stage": "upload", "done": d, "total": size})
         for d in (0, size)
     ]
+
+
+# -- shipping it in a .app (tools/macos_bundle.py; codesign and notarization need a Mac) ----------
+
+_spec = importlib.util.spec_from_file_location("macos_bundle", ROOT / "tools" / "macos_bundle.py")
+bundle = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bundle)
+MACHO = bytes.fromhex("cffaedfe") + bytes(12)  # a 64-bit Mach-O header's first bytes
+
+
+def fake_runtime(root: Path) -> Path:
+    """python-build-standalone's install_only layout, its Mach-O files reduced to headers."""
+    for name in ("bin/python3.12", "lib/libpython3.12.dylib", "lib/python3.12/lib-dynload/_ssl.so"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(MACHO)
+    (root / "bin/python3").symlink_to("python3.12")
+    (root / "lib/python3.12/os.py").write_text("")
+    (root / "lib/python3.12/site-packages").mkdir()
+    return root
+
+
+def test_bundle_layout_metallib_and_signing_order(tmp_path):
+    app = tmp_path / "My.app"
+    root = bundle.copy_runtime(fake_runtime(tmp_path / "python"), app)
+    assert root == app / "Contents/Frameworks/glm4moe-python"
+    assert (root / "bin/python3").is_symlink()
+    site = bundle.site_packages(root)
+    # What pip installs from the mlx and mlx-metal wheels.
+    (site / "mlx/lib").mkdir(parents=True)
+    (site / "mlx/core.cpython-312-darwin.so").write_bytes(MACHO)
+    (site / "mlx/lib/libmlx.dylib").write_bytes(MACHO)
+    with pytest.raises(SystemExit, match="mlx.metallib: MLX would find no GPU kernels"):
+        bundle.check_metallib(site)
+    (site / "mlx/lib/mlx.metallib").write_bytes(b"MTLB")
+    assert bundle.check_metallib(site) == site / "mlx/lib/mlx.metallib"
+
+    plists = tmp_path / "app.plist", tmp_path / "helper.plist"
+    commands = bundle.sign_commands(app, "Developer ID Application: Me", *plists)
+    signed = [Path(c[-1]) for c in commands]
+    assert signed[-1] == app and len(signed) == 6  # 5 Mach-O files, no symlink, no .py
+    depth = [len(p.parts) for p in signed[:-1]]
+    assert depth == sorted(depth, reverse=True)  # inside out
+    assert all(
+        c[:6] == ["codesign", "--force", "--timestamp", "--options", "runtime", "--sign"]
+        for c in commands
+    )
+    entitled = {
+        Path(c[-1]).name: c[c.index("--entitlements") + 1]
+        for c in commands
+        if "--entitlements" in c
+    }
+    assert entitled == {"python3.12": str(plists[1]), "My.app": str(plists[0])}
+
+    app_ent, helper_ent = bundle.entitlements(sandboxed=True)
+    assert helper_ent == {
+        "com.apple.security.app-sandbox": True,
+        "com.apple.security.inherit": True,
+    }
+    assert app_ent["com.apple.security.network.server"] is True
+    assert bundle.entitlements(sandboxed=False) == ({}, {})
+
+
+def test_ready_line_handshake_over_a_unix_socket():
+    ready = bundle.handshake(Path(sys.executable))
+    assert ready["url"].startswith("unix:") and ready["health"]["status"] == "ok"
