@@ -109,8 +109,9 @@ def wait_until(condition, timeout: float, step: float = 0.05) -> bool:
 # -- start and ready ----------------------------------------------------------------------------
 
 
-def test_port_0_ready_line_progress_and_clean_exit():
-    with child(server_args("--port", "0", "--progress", "json")) as proc:
+def test_port_0_ready_line_progress_and_clean_exit(tmp_path):
+    flags = ["--port", "0", "--progress", "json", "--prompt-cache-dir", str(tmp_path)]
+    with child(server_args(*flags)) as proc:
         events = []
         while (event := next_event(proc))["event"] != "ready":
             events.append(event)
@@ -124,9 +125,11 @@ def test_port_0_ready_line_progress_and_clean_exit():
         health = httpx.get(f"{event['url']}/health", timeout=10)
         assert health.status_code == 200 and health.json()["status"] == "ok"
         assert httpx.post(f"{event['url']}/v1/chat/completions", json=CHAT).status_code == 200
+        assert not list(tmp_path.rglob("*.safetensors"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert proc.lines.get(timeout=5) is None  # nothing else on stdout
+    assert list(tmp_path.rglob("*.safetensors"))  # the prompt cache, written at the end
 
 
 def test_unix_socket_and_exit_on_stdin_close(tmp_path):

@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ..loading import load
@@ -57,13 +56,7 @@ class Server:
         else:
             self.app = create_app(loader=lambda: load(model, progress=progress), **app_options)
         self._where = (host, port, None if uds is None else str(uds))
-        config = uvicorn.Config(
-            self.app,
-            log_level=log_level,
-            log_config=lifecycle.log_config(),
-            timeout_graceful_shutdown=5,
-        )
-        self._server = lifecycle.Supervised(config, self.app.state.engine, shutdown_grace)
+        self._server = lifecycle.Supervised(self.app, shutdown_grace, log_level)
         self.url: str | None = None
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None

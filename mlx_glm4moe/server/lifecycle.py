@@ -103,9 +103,13 @@ class Supervised(uvicorn.Server):
     """uvicorn's server, stopped our way: the first SIGTERM or SIGINT, the parent's end or
     stdin's close drains (`ResidentEngine.drain`, then exit); a second signal exits at once."""
 
-    def __init__(self, config: uvicorn.Config, engine: ResidentEngine, grace: float) -> None:
+    def __init__(self, app: FastAPI, grace: float, log_level: str = "info") -> None:
+        config = uvicorn.Config(
+            app, log_level=log_level, log_config=log_config(), timeout_graceful_shutdown=5
+        )
         super().__init__(config)
-        self.engine, self.grace = engine, grace
+        self.engine: ResidentEngine = app.state.engine
+        self.grace = grace
         self.stop_grace: float | None = None  # set by `stop`, acted on at the next tick
         self._draining: asyncio.Task | None = None
 
@@ -222,11 +226,7 @@ def run(
     """Serve `app` (from `create_app`) on `sock` until stopped (see `Supervised`); writes the
     ready event, ``{"event": "ready", "url", "pid", **ready}``, on `events` once the model is
     loaded. Returns the exit status."""
-    engine: ResidentEngine = app.state.engine
-    config = uvicorn.Config(
-        app, log_level=log_level, log_config=log_config(), timeout_graceful_shutdown=5
-    )
-    server = Supervised(config, engine, grace)
+    server = Supervised(app, grace, log_level)
     if parent_pid is not None:
         watch_parent(parent_pid, lambda: server.stop(0))
     if exit_on_stdin_close:
