@@ -394,13 +394,15 @@ GB = 1 << 30
 
 
 def test_memory_and_cache_limits_are_set():
-    memory.set_limits(memory_gb=1.5, cache_gb=0.25)
+    # MLX reads a limit back only by setting another: the old ones, while 1 TB stands in.
+    old_memory, old_cache = mx.set_memory_limit(1 << 40), mx.set_cache_limit(1 << 40)
     try:
-        assert mx.set_memory_limit(0) == int(1.5 * GB)
-        assert mx.set_cache_limit(0) == GB // 4
+        memory.set_limits(memory_gb=1.5, cache_gb=0.25)
+        assert mx.set_memory_limit(old_memory) == int(1.5 * GB)
+        assert mx.set_cache_limit(old_cache) == GB // 4
     finally:
-        memory.set_limits(memory_gb=mx.device_info().get("memory_size", 64 * GB) / GB)
-        mx.set_cache_limit(mx.set_memory_limit(mx.set_memory_limit(0)))
+        mx.set_memory_limit(old_memory)
+        mx.set_cache_limit(old_cache)
 
 
 @pytest.mark.parametrize(
@@ -420,6 +422,16 @@ def test_auto_wired_limit(model, ram, recommended, wired):
 @pytest.mark.skipif(mx.metal.is_available(), reason="Metal wires memory")
 def test_wired_limit_is_a_no_op_without_metal():
     assert memory.set_wired("auto", 10 * GB) == 0
+
+
+@pytest.mark.skipif(not mx.metal.is_available(), reason="only Metal wires memory")
+def test_wired_limit_on_metal():
+    try:
+        assert memory.set_wired("1", 0) == GB and mx.set_wired_limit(0) == GB
+        wired = memory.set_wired("auto", GB)
+        assert 0 < wired <= 2.1 * GB and mx.set_wired_limit(0) == wired
+    finally:
+        mx.set_wired_limit(0)
 
 
 # -- the Python side -------------------------------------------------------------------------------
