@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import plistlib
 import queue
 import signal
 import subprocess
@@ -566,3 +567,22 @@ def test_bundle_layout_metallib_and_signing_order(tmp_path):
 def test_ready_line_handshake_over_a_unix_socket():
     ready = bundle.handshake(Path(sys.executable))
     assert ready["url"].startswith("unix:") and ready["health"]["status"] == "ok"
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="on a Mac, codesign would run")
+def test_bundle_command_line_prints_what_it_cannot_run(tmp_path, monkeypatch, capsys):
+    def install(root, packages):  # pip, for macOS wheels, needs the network
+        lib = bundle.site_packages(root) / "mlx/lib"
+        lib.mkdir(parents=True)
+        (lib / "libmlx.dylib").write_bytes(MACHO)
+        (lib / "mlx.metallib").write_bytes(b"MTLB")
+
+    monkeypatch.setattr(bundle, "install", install)
+    app = tmp_path / "My.app"
+    runtime = fake_runtime(tmp_path / "python")
+    bundle.main(["--app", str(app), "--runtime", str(runtime), "--sign", "Me", "--sandboxed"])
+    out = capsys.readouterr().out
+    assert "codesign runs only on macOS: the commands above were not run" in out
+    assert out.count("codesign --force") == 5 and "notarytool submit" in out  # 4 files, the app
+    helper = plistlib.loads((tmp_path / "My.helper.entitlements").read_bytes())
+    assert helper == bundle.entitlements(sandboxed=True)[1]

@@ -120,11 +120,11 @@ def create_app(
     if (model is None) != (tokenizer is None) or (model is None and loader is None):
         raise ValueError("create_app needs a model and its tokenizer, or a loader, or both")
 
-    def prompt_cache(model: Model) -> PromptCache | None:
+    def prompt_cache(loaded: Model) -> PromptCache | None:
         if prompt_cache_bytes <= 0:
             return None
         return PromptCache(
-            model,
+            loaded,
             prompt_cache_bytes,
             prompt_cache_size,
             mtp=mtp,
