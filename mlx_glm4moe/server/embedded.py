@@ -62,8 +62,9 @@ class Server:
         self._thread: threading.Thread | None = None
 
     def start(self) -> Server:
-        """Listen, load the model and return once it answers. Raises RuntimeError when it
-        cannot load (the reason is in the log and in `/health`'s "error")."""
+        """Listen, load the model and return once it answers (a `Server` starts once). Raises
+        RuntimeError when it cannot load (the reason is in the log and in `/health`'s
+        "error")."""
         sock = lifecycle.listen(*self._where)
         self.url = lifecycle.url(sock)
         run = self._server.run_until_stopped(sock, self._ready.set)
