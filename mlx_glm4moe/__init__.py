@@ -10,9 +10,19 @@ __all__ = [
     "GenerationResponse",
     "Model",
     "PromptCache",
+    "Server",
     "chat",
     "generate",
     "load",
     "stream_chat",
     "stream_generate",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The server pulls in FastAPI and uvicorn: only for those who ask for it.
+    if name == "Server":
+        from .server import Server
+
+        return Server
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,6 +25,7 @@ from .convert import DTYPES, Q_BITS, Q_GROUP_SIZES, convert
 from .generate import MTP_BY_DEFAULT
 from .loading import load
 from .models import ACTIVATIONS, Model
+from .progress import Progress, ndjson
 from .recipes import RECIPES
 from .upload import UploadError, publish
 from .weights import read_config, resolve
@@ -202,9 +203,11 @@ def convert_main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--upload-only", action="store_true", help="Upload --mlx-path, already converted."
     )
+    _progress_flag(p)
     a = p.parse_args(argv)
+    progress = ndjson() if a.progress == "json" else None
     if a.upload_only:
-        return _upload(a.mlx_path, a.upload_repo)
+        return _upload(a.mlx_path, a.upload_repo, progress)
     if a.hf_path is None:
         p.error("the following arguments are required: --hf-path")
     try:
@@ -218,6 +221,7 @@ def convert_main(argv: list[str] | None = None) -> None:
             a.upload_repo,
             a.force,
             quant_recipe=a.quant_recipe,
+            progress=progress,
         )
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, UploadError) as e:
         sys.exit(f"error: {e}")
@@ -232,14 +236,23 @@ def upload_main(argv: list[str] | None = None) -> None:
         "--mlx-path", "--path", dest="mlx_path", required=True, help="The converted folder."
     )
     p.add_argument("--upload-repo", required=True, help="ORG/NAME on the Hub; created if needed.")
+    _progress_flag(p)
     a = p.parse_args(argv)
-    _upload(a.mlx_path, a.upload_repo)
+    _upload(a.mlx_path, a.upload_repo, ndjson() if a.progress == "json" else None)
 
 
-def _upload(mlx_path: str, repo: str | None) -> None:
+def _progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress",
+        choices=["json"],
+        help='Print progress on stdout as NDJSON: {"event": "progress", "stage", "done", "total"}.',
+    )
+
+
+def _upload(mlx_path: str, repo: str | None, progress: Progress | None = None) -> None:
     """`publish`, with one line on stderr and exit status 1 when it fails."""
     try:
-        publish(mlx_path, repo)
+        publish(mlx_path, repo, progress)
     except UploadError as e:
         sys.exit(f"error: {e}")
 

@@ -21,6 +21,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from . import models
+from .progress import Progress
 from .recipes import recipe
 from .upload import model_card, publish
 from .weights import (
@@ -184,6 +185,7 @@ def convert(
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     quant_recipe: str | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Convert `hf_path` (folder or hub repo) to an MLX checkpoint at `mlx_path`.
 
@@ -193,6 +195,7 @@ def convert(
     `quant_recipe` (a name in `recipes.RECIPES`) quantizes with per-module bits instead of the
     uniform `q_bits`. `upload_repo` names the model in its card and, once the folder is complete,
     receives it (`upload.publish`; its `UploadError` leaves the folder in place for a retry).
+    `progress` hears of the download, each layer group converted ("convert") and the upload.
     """
     dst = Path(mlx_path).expanduser()
     if dst.exists() and not force:
@@ -206,7 +209,7 @@ def convert(
     if quant_recipe is not None:
         quantize, quant = True, recipe(quant_recipe)
 
-    src = resolve(hf_path)
+    src = resolve(hf_path, progress)
     config = read_config(src)
     args = models.model_args(config)
     fp8 = fp8_format(config)
@@ -238,7 +241,7 @@ def convert(
     tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the output folder's mode
     writer = _ShardWriter(tmp, plan, max_shard_bytes)
     try:
-        for names in tqdm(groups, desc="Converting", unit="layer"):
+        for i, names in enumerate(tqdm(groups, desc="Converting", unit="layer")):
             tensors, _ = converted(names, weights.pop)
             for name in list(tensors):
                 a = tensors.pop(name)
@@ -246,6 +249,8 @@ def convert(
                 writer.write(name, a)
                 del a
             mx.clear_cache()
+            if progress is not None:
+                progress("convert", i + 1, len(groups))
         writer.finish()
 
         config.pop("quantization_config", None)
@@ -267,5 +272,5 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if upload_repo:
-        publish(dst, upload_repo)
+        publish(dst, upload_repo, progress)
     return dst

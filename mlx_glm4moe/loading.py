@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ from mlx_lm.utils import infer_quant_config, load_tokenizer
 from . import models
 from .models import Model, activation_dtype
 from .models.base import MoE
+from .progress import Progress
 from .streaming import check_fits, routed_experts
-from .weights import fp8_format, load_lazy, read_config, resolve, sanitize, weight_files
+from .weights import fp8_format, layer_of, load_lazy, read_config, resolve, sanitize, weight_files
 
 
 def eos_ids(config: dict[str, Any]) -> list[int]:
@@ -65,12 +67,25 @@ def build_model(
     return model
 
 
+def read_weights(model: nn.Module, progress: Progress) -> None:
+    """Read `model`'s weights one layer at a time, reporting ("load", bytes read, bytes)."""
+    params = nn.utils.tree_flatten(model.parameters())
+    total, done = sum(a.nbytes for _, a in params), 0
+    progress("load", 0, total)
+    for _, group in groupby(params, key=lambda p: layer_of(p[0])):
+        arrays = [a for _, a in group]
+        mx.eval(arrays)
+        done += sum(a.nbytes for a in arrays)
+        progress("load", done, total)
+
+
 def load(
     path_or_repo: str | Path | None = None,
     lazy: bool = True,
     expert_slots: int | None = None,
     activations: str = "auto",
     force: bool = False,
+    progress: Progress | None = None,
 ) -> tuple[Model, TokenizerWrapper]:
     """Load a model and its tokenizer.
 
@@ -88,13 +103,17 @@ def load(
             nothing else); half-precision activations are widened inside it.
         force: load even when the resident weights exceed the memory available (by default
             that is a ValueError pointing to `expert_slots`).
+        progress: called as ``progress(stage, done, total)``: "download" (files, when the
+            repo is fetched from the Hub) and "load" (bytes of weights read). Reading the
+            weights is what takes the time, so with `progress` they are read now, one layer at
+            a time, whatever `lazy` says.
 
     Returns:
         (model, tokenizer): `model(mx.array(ids))` gives logits; the tokenizer is mlx-lm's
         wrapper, stopping on every id of the config's `eos_token_id` list.
     """
     activation_dtype(activations)  # a bad value fails before anything is read
-    path = resolve(path_or_repo)
+    path = resolve(path_or_repo, progress)
     config = read_config(path)
     args = models.model_args(config)  # fail on a wrong model type before touching weights
     weights = load_lazy(weight_files(path))
@@ -105,7 +124,9 @@ def load(
     model.model.activations = activations
     model.source = path  # what a prompt cache on disk is keyed by
     check_fits(model, force)
-    if not lazy:
+    if progress is not None:
+        read_weights(model, progress)
+    elif not lazy:
         mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, eos_token_ids=eos_ids(config))
     return model, tokenizer

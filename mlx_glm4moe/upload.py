@@ -26,6 +26,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 
 from .models import model_args
+from .progress import Progress
 from .weights import INDEX_FILE
 
 try:  # huggingface_hub talks through httpx2 from 2.0 on, through httpx before
@@ -137,14 +138,17 @@ def _reason(e: Exception, repo: str) -> str:
     return f"the Hub answered {detail}"
 
 
-def publish(mlx_path: str | Path, repo: str | None) -> str:
+def publish(mlx_path: str | Path, repo: str | None, progress: Progress | None = None) -> str:
     """Check `mlx_path` (see `check_folder`), create `repo` on the Hub if needed and upload the
     folder with huggingface_hub's resumable path. Returns the repo's URL; raises `UploadError`.
 
     Always the resumable path, whatever the size: converted GLM-4.5 checkpoints are 50-400 GB and
     a small folder costs nothing more. huggingface_hub 2 made `upload_folder` itself that path
     (hf_xet, several commits, resumed by running it again) and dropped `upload_large_folder`,
-    which 1.x needs for it (and which keeps its resume state in the folder's .cache/)."""
+    which 1.x needs for it (and which keeps its resume state in the folder's .cache/).
+
+    `progress` hears ("upload", 0, bytes) before and ("upload", bytes, bytes) after: the Hub
+    client reports nothing in between."""
     path = Path(mlx_path).expanduser()
     _check_repo(repo)
     check_folder(path)
@@ -159,6 +163,9 @@ def publish(mlx_path: str | Path, repo: str | None) -> str:
             )
         api.create_repo(repo_id=repo, repo_type="model", exist_ok=True)
         card = _renamed_card(path, repo)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if progress is not None:
+            progress("upload", 0, size)
         upload = getattr(api, "upload_large_folder", None) or api.upload_folder
         upload(
             repo_id=repo,
@@ -180,6 +187,8 @@ def publish(mlx_path: str | Path, repo: str | None) -> str:
             f"upload of {path} to {repo} failed, {_reason(e, repo)}; the folder is unchanged, "
             f"retry with: {retry_command(path, repo)}"
         ) from None
+    if progress is not None:
+        progress("upload", size, size)
     url = f"https://huggingface.co/{repo}"
     print(f"Uploaded {path} to {url}", file=sys.stderr)
     return url

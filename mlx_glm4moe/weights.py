@@ -15,6 +15,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from .progress import Progress, progress_bar
+
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 # Enough to load and convert: weights, configs, tokenizer, chat template, and the model card
 # (its license goes into the converted model's card).
@@ -24,9 +26,9 @@ _EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def resolve(path_or_repo: str | Path | None) -> Path:
+def resolve(path_or_repo: str | Path | None, progress: Progress | None = None) -> Path:
     """A local folder as is; anything else is a Hugging Face repo id, downloaded (or found in the
-    local hub cache) with huggingface_hub."""
+    local hub cache) with huggingface_hub, reporting ("download", files, files) to `progress`."""
     if path_or_repo is None:
         return DEFAULT_MODEL
     path = Path(path_or_repo).expanduser()
@@ -38,7 +40,8 @@ def resolve(path_or_repo: str | Path | None) -> Path:
         raise FileNotFoundError(f"No model folder at {path_or_repo}")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_repo), allow_patterns=HUB_PATTERNS))
+    bar = {} if progress is None else {"tqdm_class": progress_bar("download", progress)}
+    return Path(snapshot_download(str(path_or_repo), allow_patterns=HUB_PATTERNS, **bar))
 
 
 def read_config(path: Path) -> dict[str, Any]:

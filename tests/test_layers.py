@@ -11,6 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_glm4moe"
 FLOORS = [
+    {"progress"},
     {"models", "weights", "parsers"},
     {"recipes", "synthetic", "streaming", "distributed", "upload", "constrain"},
     {"loading", "convert", "prefill"},
@@ -24,7 +25,15 @@ FLOOR = {name: i for i, floor in enumerate(FLOORS) for name in floor}
 # under the API modules, and they under the app that mounts them.
 SUBFLOORS = {
     # responses reuses anthropic's reasoning signature.
-    "server": [{"core"}, {"openai", "anthropic"}, {"responses"}, {"app"}, {"__init__", "__main__"}],
+    # residency swaps the core's engine in and out; lifecycle runs the app that mounts it all.
+    "server": [
+        {"core", "memory"},
+        {"openai", "anthropic", "residency"},
+        {"responses", "lifecycle"},
+        {"app"},
+        {"embedded"},
+        {"__init__", "__main__"},
+    ],
     # The shared parts under the architectures, and the registry over them.
     "models": [{"base"}, {"mla"}, {"glm4_moe", "glm4_moe_lite", "glm_moe_dsa"}, {"__init__"}],
 }

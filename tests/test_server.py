@@ -166,7 +166,13 @@ def collect(stream):
 def test_models_and_health(url, client):
     health = httpx.get(f"{url}/health")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "engine": "alive", "queue": 0}
+    body = health.json()
+    assert {k: body[k] for k in ("status", "engine", "queue")} == {
+        "status": "ok",
+        "engine": "alive",
+        "queue": 0,
+    }
+    assert set(body["memory"]) == {"active", "cache", "peak"}
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 

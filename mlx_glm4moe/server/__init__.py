@@ -10,5 +10,6 @@ Routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` (OpenAI),
 """
 
 from .app import create_app, main
+from .embedded import Server
 
-__all__ = ["create_app", "main"]
+__all__ = ["Server", "create_app", "main"]

@@ -14,7 +14,7 @@ import hmac
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import PromptCache
 from ..models import Model
-from . import anthropic, openai, responses
-from .core import APIError, Engine, SamplerFactory
+from . import anthropic, lifecycle, memory, openai, responses
+from .core import APIError, SamplerFactory
+from .residency import Leases, ResidentEngine
 
 # -- metrics ------------------------------------------------------------------------------------
 
@@ -43,14 +43,27 @@ METRICS = {
 }
 
 
+MEMORY_METRICS = {
+    "active": "Bytes of MLX arrays in use.",
+    "cache": "Bytes MLX keeps in its buffer cache.",
+    "peak": "Most bytes of MLX arrays in use at once.",
+}
+
+
 def metrics_text(metrics: Any) -> str:
-    """The engine's metrics in Prometheus' text format."""
+    """The engine's metrics and MLX's memory in Prometheus' text format."""
     lines = []
     for name, (kind, help) in METRICS.items():
         lines += [
             f"# HELP glm4moe_{name} {help}",
             f"# TYPE glm4moe_{name} {kind}",
             f"glm4moe_{name} {getattr(metrics, name)}",
+        ]
+    for name, value in memory.figures().items():
+        lines += [
+            f"# HELP glm4moe_mlx_{name}_memory_bytes {MEMORY_METRICS[name]}",
+            f"# TYPE glm4moe_mlx_{name}_memory_bytes gauge",
+            f"glm4moe_mlx_{name}_memory_bytes {value}",
         ]
     return "\n".join(lines) + "\n"
 
@@ -59,9 +72,11 @@ def metrics_text(metrics: Any) -> str:
 
 
 def create_app(
-    model: Model,
-    tokenizer: TokenizerWrapper,
+    model: Model | None = None,
+    tokenizer: TokenizerWrapper | None = None,
     *,
+    loader: Callable[[], tuple[Model, TokenizerWrapper]] | None = None,
+    keep_alive: float | None = None,
     model_id: str = "glm4moe",
     api_key: str | None = None,
     max_tokens: int = 512,
@@ -81,7 +96,12 @@ def create_app(
     """The server as an ASGI app (serve it with uvicorn).
 
     Args:
-        model, tokenizer: from `load`; call this in the thread that loaded them.
+        model, tokenizer: from `load`; call this in the thread that loaded them. Or None,
+            with a `loader`: the app then starts unloaded (`/health` says "unloaded") and
+            loads on the first request, on `POST /v1/load` or when `lifecycle.run` starts it.
+        loader: loads the model and tokenizer (on a worker thread), as often as it is
+            unloaded: after `keep_alive` seconds idle (0: after each request; None: never) or
+            on `POST /v1/unload`. See `residency.ResidentEngine`.
         model_id: the name `/v1/models` lists and responses carry.
         api_key: when set, `/v1/*` requires ``Authorization: Bearer <api_key>`` or
             ``x-api-key: <api_key>``.
@@ -100,22 +120,29 @@ def create_app(
         max_queue: the most requests waiting to start; more are refused at once (429, 529 on
             the Anthropic routes).
     """
-    prompt_cache = None
-    if prompt_cache_bytes > 0:
-        prompt_cache = PromptCache(
-            model,
+    if (model is None) != (tokenizer is None) or (model is None and loader is None):
+        raise ValueError("create_app needs a model and its tokenizer, or a loader, or both")
+
+    def prompt_cache(loaded: Model) -> PromptCache | None:
+        if prompt_cache_bytes <= 0:
+            return None
+        return PromptCache(
+            loaded,
             prompt_cache_bytes,
             prompt_cache_size,
             mtp=mtp,
             directory=prompt_cache_dir,
             max_disk_bytes=prompt_cache_disk_bytes,
         )
-    engine = Engine(
-        model,
-        tokenizer,
+
+    engine = ResidentEngine(
+        loader,
+        model=model,
+        tokenizer=tokenizer,
+        prompt_cache=prompt_cache,
+        keep_alive=keep_alive,
         max_tokens=max_tokens,
         sampling=sampling,
-        prompt_cache=prompt_cache,
         sampler_factory=sampler_factory,
         batch_kwargs={
             "decode_concurrency": decode_concurrency,
@@ -130,12 +157,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await run_in_threadpool(engine.batch.close)  # also writes the prompt cache out
+        await engine.close()  # also writes the prompt cache out
 
     app = FastAPI(
         title="mlx-glm4moe", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
     )
     app.state.engine = engine
+    app.add_middleware(Leases, engine=engine)
     created = int(time.time())
 
     def check_api_key(request: Request) -> None:
@@ -148,6 +176,8 @@ def create_app(
             raise APIError(401, "Incorrect or missing API key.", code="invalid_api_key")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    # The routes that use the model hold it (loading it first) until they have answered.
+    uses_model = APIRouter(dependencies=[Depends(engine.acquire)])
 
     def anthropic_route(request: Request) -> bool:
         return request.url.path.startswith("/v1/messages")
@@ -168,16 +198,31 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        waiting = engine.batch.metrics.requests_waiting
-        if not engine.batch.alive:
-            body = {"status": "error", "engine": "dead", "queue": waiting}
-            return JSONResponse(body, status_code=503)
-        return JSONResponse({"status": "ok", "engine": "alive", "queue": waiting})
+        # "ok" and "unloaded" answer requests (the latter after a load); "loading", "stopping"
+        # and an engine whose thread died ("error") are 503s.
+        body: dict[str, Any] = {"status": engine.state, "memory": memory.figures()}
+        if engine.loaded:
+            body |= {"engine": "alive", "queue": engine.batch.metrics.requests_waiting}
+            if not engine.batch.alive:
+                body |= {"status": "error", "engine": "dead"}
+        if engine.error:
+            body["error"] = engine.error
+        return JSONResponse(body, status_code=200 if body["status"] in ("ok", "unloaded") else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        text = metrics_text(engine.batch.metrics)
+        text = metrics_text(engine.metrics)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @v1.post("/load")
+    async def load_model() -> dict:
+        await engine.load()
+        return {"status": engine.state, "memory": memory.figures()}
+
+    @v1.post("/unload")
+    async def unload_model() -> dict:
+        await engine.unload()
+        return {"status": engine.state, "memory": memory.figures()}
 
     @v1.get("/models")
     async def models() -> dict:
@@ -189,22 +234,24 @@ def create_app(
         responses.routes(engine, model_id),
         anthropic.routes(engine),
     ):
-        v1.include_router(router)
+        uses_model.include_router(router)
+    v1.include_router(uses_model)
     app.include_router(v1)
     return app
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     from ..loading import load
+    from ..progress import ndjson
+    from ..streaming import resident_bytes
 
     p = argparse.ArgumentParser(
         description="OpenAI- and Anthropic-compatible server for GLM-4.5 models."
     )
     p.add_argument("--model", help="Model folder or Hugging Face repo (default: bundled demo).")
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: loopback).")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="Port to bind; 0 picks a free one.")
+    p.add_argument("--uds", metavar="PATH", help="Serve on this Unix socket instead of a port.")
     p.add_argument(
         "--api-key",
         default=os.environ.get("GLM4MOE_API_KEY"),
@@ -268,6 +315,36 @@ def main(argv: list[str] | None = None) -> None:
         "--expert-slots", type=int, help="Stream routed experts from disk, N per layer in memory."
     )
     p.add_argument("--log-level", default="info")
+    life = p.add_argument_group("running as an app's helper (see README: Embedding in a macOS app)")
+    life.add_argument("--parent-pid", type=int, help="Stop within a second of this process's end.")
+    life.add_argument(
+        "--exit-on-stdin-close", action="store_true", help="Stop when stdin is closed."
+    )
+    life.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="Seconds that SIGTERM gives the requests in flight before cancelling them.",
+    )
+    life.add_argument(
+        "--keep-alive",
+        default="-1",
+        help="Unload the model after this long idle: 5m, 30s, 1h30m; 0 = after each request; "
+        "-1 = never (the default). The next request loads it again.",
+    )
+    life.add_argument("--memory-limit", type=float, metavar="GB", help="MLX's memory limit.")
+    life.add_argument(
+        "--cache-limit", type=float, metavar="GB", help="MLX's buffer cache limit (0: none kept)."
+    )
+    life.add_argument(
+        "--wired-limit",
+        default="off",
+        help="Memory MLX wires on Metal: auto (the model plus headroom, leaving a quarter of "
+        "RAM unwired), off (the default) or GB.",
+    )
+    life.add_argument(
+        "--progress", choices=["json"], help="Print loading progress as NDJSON on stdout."
+    )
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
@@ -277,6 +354,17 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--num-draft and --max-queue must be at least 1")
     if a.prompt_cache_gb < 0 or a.prompt_cache_size < 1 or a.prompt_cache_disk_gb < 0:
         p.error("need --prompt-cache-gb, --prompt-cache-disk-gb >= 0, --prompt-cache-size >= 1")
+    try:
+        keep_alive = lifecycle.parse_duration(a.keep_alive)
+    except ValueError as e:
+        p.error(f"--keep-alive: {e}")
+    if a.wired_limit not in ("auto", "off"):
+        try:
+            float(a.wired_limit)
+        except ValueError:
+            p.error("--wired-limit takes auto, off or a number of GB")
+    if a.shutdown_grace < 0:
+        p.error("--shutdown-grace must be >= 0")
     if a.mtp and (a.decode_concurrency or 1) > 1:
         p.error("--mtp decodes one request at a time: it cannot go with --decode-concurrency > 1")
     decode_concurrency = a.decode_concurrency or (1 if a.mtp else 8)
@@ -285,16 +373,30 @@ def main(argv: list[str] | None = None) -> None:
 
     if a.api_key is None and a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {a.host} without --api-key", file=sys.stderr)
+    # stdout carries the JSON events only: whatever else writes to it (a library's print, a C
+    # extension) goes to stderr with the logs.
+    events = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    progress = ndjson(events) if a.progress == "json" else None
+    memory.set_limits(a.memory_limit, a.cache_limit)
+
+    def loader() -> tuple[Model, TokenizerWrapper]:
+        model, tokenizer = load(a.model, expert_slots=a.expert_slots, progress=progress)
+        if a.mtp and model.mtp is None:
+            raise ValueError("--mtp: this checkpoint has no MTP layer")
+        memory.set_wired(a.wired_limit, resident_bytes(model))
+        return model, tokenizer
+
+    model_id = Path(a.model).name if a.model else "glm4moe-demo"
     try:
-        model, tokenizer = load(a.model, expert_slots=a.expert_slots)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if a.mtp and model.mtp is None:
-        raise SystemExit("error: --mtp: this checkpoint has no MTP layer")
+        sock = lifecycle.listen(a.host, a.port, a.uds)
+    except OSError as e:
+        raise SystemExit(f"error: cannot listen on {a.uds or f'{a.host}:{a.port}'}: {e}") from None
     app = create_app(
-        model,
-        tokenizer,
-        model_id=Path(a.model).name if a.model else "glm4moe-demo",
+        loader=loader,
+        keep_alive=keep_alive,
+        model_id=model_id,
         api_key=a.api_key,
         max_tokens=a.max_tokens,
         sampling={"temp": a.temp, "top_p": a.top_p, "top_k": a.top_k, "min_p": a.min_p},
@@ -309,7 +411,19 @@ def main(argv: list[str] | None = None) -> None:
         num_draft=a.num_draft,
         max_queue=a.max_queue,
     )
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    status = lifecycle.run(
+        app,
+        sock,
+        events=events,
+        ready={"version": lifecycle.version(), "model": model_id},
+        grace=a.shutdown_grace,
+        parent_pid=a.parent_pid,
+        exit_on_stdin_close=a.exit_on_stdin_close,
+        log_level=a.log_level,
+    )
+    if a.uds:
+        Path(a.uds).unlink(missing_ok=True)
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":
