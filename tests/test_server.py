@@ -1116,18 +1116,17 @@ def test_command_line_refuses_bad_cache_flags(flags, capsys):
     assert e.value.code == 2 and "--prompt-cache-disk-gb >= 0" in capsys.readouterr().err
 
 
-def test_command_line_max_queue(monkeypatch, capsys):
+def test_command_line_max_queue(monkeypatch, capfd):
     with pytest.raises(SystemExit) as e:
         server_main(["--model", "never-read", "--max-queue", "0"])
-    assert e.value.code == 2 and "--max-queue must be at least 1" in capsys.readouterr().err
+    assert e.value.code == 2 and "--max-queue must be at least 1" in capfd.readouterr().err
     made = {}
 
-    def create_app(model, tokenizer, **kwargs):
+    def create_app(**kwargs):
         made.update(kwargs)
         raise SystemExit(0)
 
-    monkeypatch.setattr("mlx_glm4moe.loading.load", lambda *a, **k: (None, None))
     monkeypatch.setattr("mlx_glm4moe.server.app.create_app", create_app)
     with pytest.raises(SystemExit):
-        server_main(["--max-queue", "3"])
+        server_main(["--max-queue", "3", "--port", "0"])
     assert made["max_queue"] == 3
