@@ -453,6 +453,29 @@ def test_a_dead_engine_answers_every_request(loaded, monkeypatch):
         engine.close()
 
 
+def test_a_bug_while_a_request_starts_still_answers_it(loaded, monkeypatch):
+    """The engine's thread ends in the middle of starting a request: that request too gets its
+    error event."""
+    model, tokenizer = loaded
+    [p] = prompts(tokenizer, 1)
+
+    class Bug(BaseException):
+        pass
+
+    def bug(*args):
+        raise Bug
+
+    engine = BatchEngine(model, tokenizer)
+    try:
+        monkeypatch.setattr(engine, "_join", bug)
+        request = Collector(p, 5)
+        engine.submit(request.request)
+        assert request.result() == ([], {"type": "error", "message": "The engine is not running."})
+        assert not engine.alive
+    finally:
+        engine.close()
+
+
 def test_a_full_queue_refuses_at_once(loaded):
     """With `max_queue` requests waiting, `submit` raises `QueueFull`; the queue's depth is
     `metrics.requests_waiting`; the waiting ones are served, and then new ones again."""
