@@ -358,6 +358,14 @@ def test_mtp_serves_one_at_a_time(loaded):
         engine.close()
 
 
+def filled(model, tokens):
+    """A KV cache holding `tokens`."""
+    cache = model.make_cache()
+    model(mx.array(tokens)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
 def fail_once(monkeypatch, owner, name, when, error=None):
     """`owner.name` raises `error` (a RuntimeError by default) the first time `when(*args)`
     holds."""
@@ -384,11 +392,14 @@ def test_a_fault_ends_only_its_request(air_q4, monkeypatch, fault):
     expected = alone(model, tokenizer, good, 12), alone(model, tokenizer, later, 4)
     assert len(expected[0]) > 2  # the bad request (2 tokens) finishes first
     cache = PromptCache(model)
+    # Half the bad prompt cached: its request holds a copy of it, lent by the prompt cache.
+    half = bad[: len(bad) // 2]
+    cache.store(half, filled(model, half))
     emit_fails = False
     if fault == "fetch":
         fail_once(monkeypatch, cache, "fetch", lambda tokens: tokens == bad)
     elif fault == "prefill":
-        is_bad = lambda model, rest, *a, **kw: rest.size == len(bad) - 1  # noqa: E731
+        is_bad = lambda model, rest, *a, **kw: rest.size == len(bad) - len(half) - 1  # noqa: E731
         fail_once(monkeypatch, batch, "prefill", is_bad, ExpertReadError("bytes missing"))
     elif fault == "insert":
         is_bad = lambda self, rest, **kw: kw["all_tokens"][0] + rest[0] == bad  # noqa: E731
