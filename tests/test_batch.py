@@ -531,9 +531,11 @@ def closes_within(engine, seconds):
     return not closer.is_alive(), time.perf_counter() - tic
 
 
-def test_close_cancels_a_streamed_prefill_between_layers(air_q4, monkeypatch):
-    """close() during a layer-major prefill (each layer made to take 0.7 s, three layers) returns
-    after the layer under way, and the request ends as cancelled."""
+@pytest.mark.parametrize("stop", ["close", "cancel"])
+def test_a_streamed_prefill_stops_between_layers(air_q4, monkeypatch, stop):
+    """close(), or the client's cancel, during a layer-major prefill (each layer made to take
+    0.7 s, three layers): it stops after the layer under way, and the request ends as
+    cancelled (after a cancel, the engine serves the next request)."""
     model, tokenizer = load(air_q4, expert_slots=2)
     started = threading.Event()
     attend = prefill_module._attend
@@ -545,13 +547,27 @@ def test_close_cancels_a_streamed_prefill_between_layers(air_q4, monkeypatch):
 
     monkeypatch.setattr(prefill_module, "_attend", slow)
     engine = BatchEngine(model, tokenizer)
-    request = Collector(prompts(tokenizer, 3)[2], 5)
-    engine.submit(request.request)
-    assert started.wait(60)
-    closed, took = closes_within(engine, 20)
-    assert closed and took < 1.4
-    tokens, done = request.result()
-    assert tokens == [] and done["finish_reason"] == "cancelled"
+    try:
+        request = Collector(prompts(tokenizer, 3)[2], 5)
+        engine.submit(request.request)
+        assert started.wait(60)
+        tic = time.perf_counter()
+        if stop == "close":
+            closed, _ = closes_within(engine, 20)
+            assert closed
+        else:
+            request.request.cancel.set()
+        tokens, done = request.result()
+        assert time.perf_counter() - tic < 1.4
+        assert tokens == [] and done["finish_reason"] == "cancelled"
+        if stop == "cancel":
+            monkeypatch.setattr(prefill_module, "_attend", attend)
+            [p] = prompts(tokenizer, 1)
+            after = Collector(p, 3)
+            engine.submit(after.request)
+            assert after.result()[0] == alone(model, tokenizer, p, 3)
+    finally:
+        engine.close()
 
 
 def test_close_cancels_an_mtp_generation(loaded):
