@@ -534,7 +534,7 @@ def closes_within(engine, seconds):
 @pytest.mark.parametrize("stop", ["close", "cancel"])
 def test_a_streamed_prefill_stops_between_layers(air_q4, monkeypatch, stop):
     """close(), or the client's cancel, during a layer-major prefill (each layer made to take
-    0.7 s, three layers): it stops after the layer under way, and the request ends as
+    1 s, three layers): it stops after the layer under way, and the request ends as
     cancelled (after a cancel, the engine serves the next request)."""
     model, tokenizer = load(air_q4, expert_slots=2)
     started = threading.Event()
@@ -542,7 +542,7 @@ def test_a_streamed_prefill_stops_between_layers(air_q4, monkeypatch, stop):
 
     def slow(*args):
         started.set()
-        time.sleep(0.7)
+        time.sleep(1.0)
         return attend(*args)
 
     monkeypatch.setattr(prefill_module, "_attend", slow)
@@ -558,7 +558,7 @@ def test_a_streamed_prefill_stops_between_layers(air_q4, monkeypatch, stop):
         else:
             request.request.cancel.set()
         tokens, done = request.result()
-        assert time.perf_counter() - tic < 1.4
+        assert time.perf_counter() - tic < 2  # not the 3 s of the whole prefill
         assert tokens == [] and done["finish_reason"] == "cancelled"
         if stop == "cancel":
             monkeypatch.setattr(prefill_module, "_attend", attend)
