@@ -202,6 +202,7 @@ class BatchEngine:
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: deque[Request] = deque()
         self._running: dict[int, _Running] = {}
+        self._starting: Request | None = None  # taken from the queue, not yet running or ended
         # Guards what `submit` shares with the engine's thread: the count of requests not yet
         # started (in the inbox or waiting) and whether the engine still takes requests.
         self._lock = threading.Lock()
@@ -269,7 +270,9 @@ class BatchEngine:
                 return
             if self.mtp:
                 if self._waiting:
-                    self._run_alone(self._take())
+                    self._starting = self._take()
+                    self._run_alone(self._starting)
+                    self._starting = None
                 continue
             self._admit(generator)
             if not self._running:
@@ -286,6 +289,9 @@ class BatchEngine:
 
     def _end_all(self, event: Callable[[int], dict]) -> None:
         """End every request the engine holds with `event(prompt_tokens)`."""
+        if self._starting is not None:
+            _emit(self._starting, event(len(self._starting.tokens)))
+            self._starting = None
         for uid in list(self._running):
             state = self._running.pop(uid)
             self._release(state)
@@ -351,7 +357,7 @@ class BatchEngine:
 
     def _admit(self, generator: BatchGenerator) -> None:
         while self._waiting and len(self._running) < self.decode_concurrency:
-            request = self._take()
+            request = self._starting = self._take()
             try:
                 self._join(generator, request)
             except PrefillCancelled:
@@ -359,6 +365,7 @@ class BatchEngine:
             except Exception:
                 log.exception("a request failed to start")
                 _emit(request, {"type": "error", "message": FAILED})
+            self._starting = None
         self.metrics.requests_running = len(self._running)
 
     def _join(self, generator: BatchGenerator, request: Request) -> None:

@@ -67,9 +67,8 @@ class PromptCache:
     `max_disk_bytes` in all (least recently used files go first), and a fetch whose longest
     common prefix is on disk loads it back, across restarts. The writes run on a thread of
     their own (an entry can be gigabytes); until written, an evicted entry is still served from
-    memory. `kv_bits` names the KV
-    quantization the caches are made with (part of the disk key). A folder that cannot be used
-    is a warning, and the cache runs in memory only.
+    memory. `kv_bits` names the KV quantization the caches are made with (part of the disk
+    key). A folder that cannot be used is a warning, and the cache runs in memory only.
     """
 
     def __init__(
@@ -343,7 +342,7 @@ class DiskCache:
 
     def _trim(self) -> None:
         """Remove the least recently used files of the whole folder (every model's) until they
-        fit the bound."""
+        fit the bound. Under the lock."""
         files = []
         for path in self.root.glob("*/*.safetensors"):
             try:

@@ -358,6 +358,14 @@ def test_mtp_serves_one_at_a_time(loaded):
         engine.close()
 
 
+def filled(model, tokens):
+    """A KV cache holding `tokens`."""
+    cache = model.make_cache()
+    model(mx.array(tokens)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
 def fail_once(monkeypatch, owner, name, when, error=None):
     """`owner.name` raises `error` (a RuntimeError by default) the first time `when(*args)`
     holds."""
@@ -384,11 +392,14 @@ def test_a_fault_ends_only_its_request(air_q4, monkeypatch, fault):
     expected = alone(model, tokenizer, good, 12), alone(model, tokenizer, later, 4)
     assert len(expected[0]) > 2  # the bad request (2 tokens) finishes first
     cache = PromptCache(model)
+    # Half the bad prompt cached: its request holds a copy of it, lent by the prompt cache.
+    half = bad[: len(bad) // 2]
+    cache.store(half, filled(model, half))
     emit_fails = False
     if fault == "fetch":
         fail_once(monkeypatch, cache, "fetch", lambda tokens: tokens == bad)
     elif fault == "prefill":
-        is_bad = lambda model, rest, *a, **kw: rest.size == len(bad) - 1  # noqa: E731
+        is_bad = lambda model, rest, *a, **kw: rest.size == len(bad) - len(half) - 1  # noqa: E731
         fail_once(monkeypatch, batch, "prefill", is_bad, ExpertReadError("bytes missing"))
     elif fault == "insert":
         is_bad = lambda self, rest, **kw: kw["all_tokens"][0] + rest[0] == bad  # noqa: E731
@@ -453,6 +464,29 @@ def test_a_dead_engine_answers_every_request(loaded, monkeypatch):
         engine.close()
 
 
+def test_a_bug_while_a_request_starts_still_answers_it(loaded, monkeypatch):
+    """The engine's thread ends in the middle of starting a request: that request too gets its
+    error event."""
+    model, tokenizer = loaded
+    [p] = prompts(tokenizer, 1)
+
+    class Bug(BaseException):
+        pass
+
+    def bug(*args):
+        raise Bug
+
+    engine = BatchEngine(model, tokenizer)
+    try:
+        monkeypatch.setattr(engine, "_join", bug)
+        request = Collector(p, 5)
+        engine.submit(request.request)
+        assert request.result() == ([], {"type": "error", "message": "The engine is not running."})
+        assert not engine.alive
+    finally:
+        engine.close()
+
+
 def test_a_full_queue_refuses_at_once(loaded):
     """With `max_queue` requests waiting, `submit` raises `QueueFull`; the queue's depth is
     `metrics.requests_waiting`; the waiting ones are served, and then new ones again."""
@@ -497,27 +531,43 @@ def closes_within(engine, seconds):
     return not closer.is_alive(), time.perf_counter() - tic
 
 
-def test_close_cancels_a_streamed_prefill_between_layers(air_q4, monkeypatch):
-    """close() during a layer-major prefill (each layer made to take 0.7 s, three layers) returns
-    after the layer under way, and the request ends as cancelled."""
+@pytest.mark.parametrize("stop", ["close", "cancel"])
+def test_a_streamed_prefill_stops_between_layers(air_q4, monkeypatch, stop):
+    """close(), or the client's cancel, during a layer-major prefill (each layer made to take
+    1 s, three layers): it stops after the layer under way, and the request ends as
+    cancelled (after a cancel, the engine serves the next request)."""
     model, tokenizer = load(air_q4, expert_slots=2)
     started = threading.Event()
     attend = prefill_module._attend
 
     def slow(*args):
         started.set()
-        time.sleep(0.7)
+        time.sleep(1.0)
         return attend(*args)
 
     monkeypatch.setattr(prefill_module, "_attend", slow)
     engine = BatchEngine(model, tokenizer)
-    request = Collector(prompts(tokenizer, 3)[2], 5)
-    engine.submit(request.request)
-    assert started.wait(60)
-    closed, took = closes_within(engine, 20)
-    assert closed and took < 1.4
-    tokens, done = request.result()
-    assert tokens == [] and done["finish_reason"] == "cancelled"
+    try:
+        request = Collector(prompts(tokenizer, 3)[2], 5)
+        engine.submit(request.request)
+        assert started.wait(60)
+        tic = time.perf_counter()
+        if stop == "close":
+            closed, _ = closes_within(engine, 20)
+            assert closed
+        else:
+            request.request.cancel.set()
+        tokens, done = request.result()
+        assert time.perf_counter() - tic < 2  # not the 3 s of the whole prefill
+        assert tokens == [] and done["finish_reason"] == "cancelled"
+        if stop == "cancel":
+            monkeypatch.setattr(prefill_module, "_attend", attend)
+            [p] = prompts(tokenizer, 1)
+            after = Collector(p, 3)
+            engine.submit(after.request)
+            assert after.result()[0] == alone(model, tokenizer, p, 3)
+    finally:
+        engine.close()
 
 
 def test_close_cancels_an_mtp_generation(loaded):

@@ -235,6 +235,7 @@ def test_eviction_writes_on_a_thread_of_its_own(loaded, tmp_path, monkeypatch):
     def held(*args, **kwargs):
         writers.append(threading.current_thread().name)
         assert go.wait(10)
+        time.sleep(0.1)  # a slow disk: flush must wait for it
         save(*args, **kwargs)
 
     monkeypatch.setattr(prompt_cache, "save_prompt_cache", held)
