@@ -302,7 +302,9 @@ def test_unload_gives_memory_back_and_the_next_request_loads_again():
         after = r.json()["memory"]
         assert r.status_code == 200 and r.json()["status"] == "unloaded"
         assert after["active"] <= before["active"] - model_bytes
-        assert after["cache"] == 0
+        # The engine thread's MLX random key (8 bytes, thread-local) is freed when the thread
+        # exits, which can come just after the join and the cache clear: allow that one.
+        assert before["cache"] > 1024 and after["cache"] <= 8
         assert httpx.get(f"{server.url}/health").json()["status"] == "unloaded"
         r = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, timeout=30)
         assert r.status_code == 200 and engine.loads == 2
