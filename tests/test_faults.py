@@ -178,12 +178,14 @@ def test_broken_schemas_are_named(url):
     )
     error = httpx.post(url + path, json=payload).json()["error"]
     assert "'find'" in error["message"] and error["param"] == "tools[0].function.parameters"
+    assert "not a valid JSON schema" in error["message"]
     fmt = {
         "type": "json_schema",
         "json_schema": {"name": "a", "schema": {"type": "object", "minProperties": -1}},
     }
     error = httpx.post(url + path, json={**payload, "tools": None, "response_format": fmt}).json()
     assert "response format" in error["error"]["message"]
+    assert "not a valid JSON schema" in error["error"]["message"]
     assert error["error"]["param"] == "response_format.json_schema.schema"
 
 
