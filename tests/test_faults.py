@@ -7,6 +7,7 @@ concurrent load with dropped streams completes. The load is `tools/soak.py`'s, r
 The model is test_server.py's tiny one, scripted by its `Scripts` (plus the faults below).
 """
 
+import asyncio
 import importlib.util
 import json
 import sys
@@ -68,7 +69,7 @@ def served(air_q4):
     faults = Faults(tokenizer)
     app = create_app(model, tokenizer, model_id="tiny", max_tokens=16, sampler_factory=faults)
     with serving(app) as url:
-        yield url, faults, app.state.engine
+        yield url, faults, app.state.engine, app
 
 
 @pytest.fixture
@@ -232,7 +233,7 @@ def explode(monkeypatch):
 def test_a_failing_parser_ends_the_answer_and_cancels_its_generation(served, monkeypatch):
     """The reply's parser raises on the first token of a generation that would never end: the
     stream ends with an error event, the whole answer is a 500, and both generations stop."""
-    url, scripts, _ = served
+    url, scripts, _, _ = served
     explode(monkeypatch)
     for api, stop in (("chat", "stop"), ("messages", "stop_sequences")):
         path, payload = body(api, FOREVER, max_tokens=4000, **{stop: [EXPLODE]})
@@ -245,6 +246,51 @@ def test_a_failing_parser_ends_the_answer_and_cancels_its_generation(served, mon
         assert r.status_code == 500
         wait_until_idle(url)
         assert scripts.forever_steps < 4000
+
+
+def test_a_stream_notices_its_client_leaving(served):
+    """Under an ASGI server of spec 2.4, where Starlette no longer listens for the client's
+    leaving and a send to a gone client need not fail, the stream watches for
+    ``http.disconnect`` itself: the generation stops."""
+    url, scripts, _, app = served
+    payload = body("chat", FOREVER, max_tokens=4000, stream=True)[1]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": PATHS["chat"],
+        "raw_path": PATHS["chat"].encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+
+    async def run() -> None:
+        gone, chunks, asked = asyncio.Event(), [], []
+
+        async def receive():
+            if not asked:
+                asked.append(1)
+                return {"type": "http.request", "body": json.dumps(payload).encode()}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):  # never fails, as a send to a gone client may not
+            if message["type"] == "http.response.body":
+                chunks.append(message)
+                if len(chunks) == 4:
+                    gone.set()
+
+        await asyncio.wait_for(app(scope, receive, send), 30)
+
+    scripts.forever_steps = 0
+    asyncio.run(run())
+    wait_until_idle(url)
+    assert 0 < scripts.forever_steps < 4000
 
 
 def test_a_dead_engine_fails_its_requests_at_once(air_q4, monkeypatch):
@@ -361,7 +407,7 @@ def test_the_tokenizer_is_never_used_by_two_threads_at_once(served, monkeypatch)
     nothing: their calls take the Rust object's shared borrow, and none of the server's calls
     changes its settings. A tokenizer that fails on overlap (`Borrowed`) stands in for the
     versions and calls that do: without the lock, these requests get 500s."""
-    url, scripts, engine = served
+    url, scripts, engine, _ = served
     borrowed = Borrowed(engine.tokenizer._tokenizer)
     monkeypatch.setattr(engine.tokenizer, "_tokenizer", borrowed)
     # The scripted sampler (the test's, on the engine thread) reads the tokenizer itself.
