@@ -383,6 +383,7 @@ class Job:
 
     @property
     def messages(self) -> list[dict] | None:
+        """The chat's messages, None for a raw prompt (what a `sampler_factory` reads)."""
         return self.spec.messages
 
     def emit(self, event: dict) -> None:
