@@ -97,11 +97,16 @@ def body(api: str, text: str, **fields) -> tuple[str, dict]:
     return PATHS[api], {"model": "tiny", **prompt, **fields}
 
 
-def sse(url: str, path: str, payload: dict) -> list[tuple[str | None, dict | str]]:
-    """The (event name, data) pairs of a streamed request."""
+def sse(url: str, path: str, payload: dict, within: float = 60) -> list:
+    """The (event name, data) pairs of a streamed request; fails after `within` seconds (a
+    stream kept alive by pings would not time out on its own)."""
+    deadline, text = time.monotonic() + within, b""
     with httpx.stream("POST", url + path, json={**payload, "stream": True}, timeout=60) as r:
         assert r.status_code == 200, r.read()
-        text = r.read().decode()
+        for chunk in r.iter_raw():
+            text += chunk
+            assert time.monotonic() < deadline, "the stream did not end"
+    text = text.decode()
     out = []
     for block in filter(None, text.split("\n\n")):
         lines = block.split("\n")
@@ -313,9 +318,9 @@ def test_a_dead_engine_fails_its_requests_at_once(air_q4, monkeypatch):
         engine.batch._receive = crash_once_both_run  # from the engine loop's next turn
         path, payload = body("chat", FOREVER, max_tokens=4000)
         with ThreadPoolExecutor(1) as pool:
-            streamed = pool.submit(sse, url, path, payload)
+            streamed = pool.submit(sse, url, path, payload, 20)
             start = time.monotonic()
-            r = httpx.post(url + path, json=payload, timeout=30)
+            r = httpx.post(url + path, json=payload, timeout=20)
             assert r.status_code == 500 and "engine stopped" in r.json()["error"]["message"]
             assert "engine stopped" in assert_api_error("chat", streamed.result())
         assert time.monotonic() - start < 10
