@@ -20,10 +20,10 @@ import anthropic
 import httpx
 import openai
 import pytest
-from anthropic.types import ErrorResponse, RawMessageStreamEvent
-from openai.types import ErrorObject
-from openai.types.chat import ChatCompletionChunk
-from openai.types.responses import ResponseStreamEvent
+from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
+from openai.types import Completion, ErrorObject
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 from test_server import FOREVER, Scripts, metrics, serving, wait_until_idle
 
@@ -38,6 +38,28 @@ soak = importlib.util.module_from_spec(_spec)
 sys.modules["soak"] = soak
 _spec.loader.exec_module(soak)
 
+PATHS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "responses": "/v1/responses",
+    "messages": "/v1/messages",
+}
+
+# The SDKs' types of each API's answers, whole (False) and streamed (True). Not streamed
+# completions: the SDK reads their chunks as `Completion`s without checking them, and that type
+# refuses the `finish_reason: null` that OpenAI's own chunks carry until the last.
+SDK_TYPES = {
+    (PATHS[api], streamed): TypeAdapter(kind)
+    for api, streamed, kind in [
+        ("chat", False, ChatCompletion),
+        ("chat", True, ChatCompletionChunk),
+        ("completions", False, Completion),
+        ("responses", False, Response),
+        ("responses", True, ResponseStreamEvent),
+        ("messages", False, Message),
+        ("messages", True, RawMessageStreamEvent),
+    ]
+}
 FAIL_MID = "fail after three tokens"  # the sampler raises on its fourth draw
 EXPLODE = "<<explode>>"  # a stop string that makes the reply's parser raise (`explode`)
 APIS = ["chat", "completions", "responses", "messages"]
@@ -51,7 +73,6 @@ class Faults(Scripts):
         prompt = job.messages[-1]["content"] if job.messages else job.spec.prompt
         if prompt == FAIL_MID:
             draws = iter(range(4))
-
             word = self.tokenizer.encode("a", add_special_tokens=False)[0]
 
             def sample(logprobs):
@@ -75,14 +96,6 @@ def served(air_q4):
 @pytest.fixture
 def url(served):
     return served[0]
-
-
-PATHS = {
-    "chat": "/v1/chat/completions",
-    "completions": "/v1/completions",
-    "responses": "/v1/responses",
-    "messages": "/v1/messages",
-}
 
 
 def body(api: str, text: str, **fields) -> tuple[str, dict]:
@@ -450,11 +463,19 @@ def test_mixed_load_with_drops_and_bad_inputs(url):
     malformed, every third stream hung up at its first token. Every kept request completes,
     every malformed one gets a 4xx, nothing hangs; afterwards no generation is left running
     and the server answers."""
-    figures = soak.run(url, concurrency=16, requests=160, max_tokens=8, timeout=60)
+    checked = []
+
+    def check(path, streamed, data):  # each answer and event against the SDK's types
+        if data.get("type") != "ping" and (path, streamed) in SDK_TYPES:
+            SDK_TYPES[path, streamed].validate_python(data)
+            checked.append((path, streamed))
+
+    figures = soak.run(url, concurrency=16, requests=160, max_tokens=8, timeout=60, check=check)
     print("\nsoak:", figures.summary(16))
     assert figures.failures == [] and figures.hangs == figures.server_errors == 0
     assert figures.requests == 160 and figures.bad_inputs == figures.refused == 40
     assert figures.completed + figures.disconnects == 120 and figures.disconnects > 0
+    assert set(checked) == set(SDK_TYPES)
     wait_until_idle(url)
     health = httpx.get(f"{url}/health").json()
     assert health == {"status": "ok", "engine": "alive", "queue": 0}
