@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anthropic
 import jsonschema
+import llguidance
 import mlx.core as mx
 import numpy as np
 import openai
@@ -20,6 +21,7 @@ from mlx_glm4moe.constrain import Constraints
 from mlx_glm4moe.loading import load
 from mlx_glm4moe.parsers import parse_assistant
 from mlx_glm4moe.server import create_app
+from mlx_glm4moe.server.core import Engine, Spec
 
 PET = {
     "type": "object",
@@ -71,6 +73,7 @@ TOOLS = [
 ]
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 NO_THINK = "Answer at once: what is the weather in Paris?"  # the sampler bans <think>
+CALL_FIRST = "Call a tool: what is the weather in Paris?"  # the first token is <tool_call>
 
 
 def json_format(schema: dict) -> dict:
@@ -87,13 +90,25 @@ def url(demo):
     model, tokenizer = demo
     think = tokenizer.convert_tokens_to_ids("<think>")
 
-    def no_think(job):
+    call = tokenizer.convert_tokens_to_ids("<tool_call>")
+
+    def scripted(job):
+        prompt = job.messages[-1]["content"] if job.messages else None
         # A model that never opens <think>, with thinking on (the output starts as an answer).
-        if job.messages and job.messages[-1]["content"] == NO_THINK:
+        if prompt == NO_THINK:
             return lambda lp: mx.argmax(mx.where(mx.arange(lp.shape[-1]) == think, -mx.inf, lp), -1)
+        if prompt == CALL_FIRST:  # opens a call at once, then samples (temperature 1)
+            drawn = []
+
+            def sample(lp):
+                first = not drawn
+                drawn.append(1)
+                return mx.full((lp.shape[0],), call) if first else mx.random.categorical(lp)
+
+            return sample
         return None
 
-    app = create_app(model, tokenizer, model_id="demo", max_tokens=300, sampler_factory=no_think)
+    app = create_app(model, tokenizer, model_id="demo", max_tokens=300, sampler_factory=scripted)
     with serving(app) as url:
         yield url
 
@@ -214,13 +229,19 @@ def test_parallel_calls_may_come_many(client):
 
 
 def test_strict_tools_under_auto(client):
+    """A model that opens a call, then samples at temperature 1: with strict tools under auto,
+    every call's arguments fit (free, the demo model's nonsense would not)."""
     strict = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]
     for seed in range(3):
         r = client.chat.completions.create(
-            model="demo", messages=ASK_WEATHER, tools=strict, temperature=1.0, seed=seed
+            model="demo",
+            messages=[{"role": "user", "content": CALL_FIRST}],
+            tools=strict,
+            seed=seed,
+            extra_body=thinking(False),
         )
-        if r.choices[0].message.tool_calls:
-            assert_calls(r.choices[0].message)
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert_calls(r.choices[0].message)
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -398,3 +419,25 @@ def test_reasoning_stays_free(demo, prompt_end, thinking, script):
     while tokens[-1] != eos:
         tokens.append(sampler(flat).item())
     assert tokenizer.decode(tokens[:-1]) == script + call
+
+
+def test_the_grammar_is_compiled_before_the_job_runs(demo, monkeypatch):
+    """The request's thread compiles its grammar, which travels with the job: the engine
+    thread never compiles one, even when the cache of compiled grammars no longer holds it."""
+    model, tokenizer = demo
+    engine = Engine(model, tokenizer)
+    try:
+        engine.constraints.keep = 0  # the cache keeps nothing
+        spec = Spec(messages=ASK_WEATHER, response_format=json_format(POINT))
+        job = engine.prepare(None, spec, loop=None)
+
+        def compile_again(*args, **kwargs):
+            raise AssertionError("a grammar compiled when the job started")
+
+        monkeypatch.setattr(llguidance, "LLMatcher", compile_again)
+        job.prompt += "</think>"  # the answer starts at once
+        sampler = engine._sampler(job)
+        first = sampler(mx.zeros((1, model.args.vocab_size))).item()
+        assert tokenizer.decode([first]).lstrip().startswith("{")
+    finally:
+        engine.batch.close()

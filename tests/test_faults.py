@@ -7,6 +7,7 @@ concurrent load with dropped streams completes. The load is `tools/soak.py`'s, r
 The model is test_server.py's tiny one, scripted by its `Scripts` (plus the faults below).
 """
 
+import asyncio
 import importlib.util
 import json
 import sys
@@ -19,10 +20,10 @@ import anthropic
 import httpx
 import openai
 import pytest
-from anthropic.types import ErrorResponse, RawMessageStreamEvent
-from openai.types import ErrorObject
-from openai.types.chat import ChatCompletionChunk
-from openai.types.responses import ResponseStreamEvent
+from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
+from openai.types import Completion, ErrorObject
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 from test_server import FOREVER, Scripts, metrics, serving, wait_until_idle
 
@@ -37,6 +38,28 @@ soak = importlib.util.module_from_spec(_spec)
 sys.modules["soak"] = soak
 _spec.loader.exec_module(soak)
 
+PATHS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "responses": "/v1/responses",
+    "messages": "/v1/messages",
+}
+
+# The SDKs' types of each API's answers, whole (False) and streamed (True). Not streamed
+# completions: the SDK reads their chunks as `Completion`s without checking them, and that type
+# refuses the `finish_reason: null` that OpenAI's own chunks carry until the last.
+SDK_TYPES = {
+    (PATHS[api], streamed): TypeAdapter(kind)
+    for api, streamed, kind in [
+        ("chat", False, ChatCompletion),
+        ("chat", True, ChatCompletionChunk),
+        ("completions", False, Completion),
+        ("responses", False, Response),
+        ("responses", True, ResponseStreamEvent),
+        ("messages", False, Message),
+        ("messages", True, RawMessageStreamEvent),
+    ]
+}
 FAIL_MID = "fail after three tokens"  # the sampler raises on its fourth draw
 EXPLODE = "<<explode>>"  # a stop string that makes the reply's parser raise (`explode`)
 APIS = ["chat", "completions", "responses", "messages"]
@@ -50,7 +73,6 @@ class Faults(Scripts):
         prompt = job.messages[-1]["content"] if job.messages else job.spec.prompt
         if prompt == FAIL_MID:
             draws = iter(range(4))
-
             word = self.tokenizer.encode("a", add_special_tokens=False)[0]
 
             def sample(logprobs):
@@ -68,20 +90,12 @@ def served(air_q4):
     faults = Faults(tokenizer)
     app = create_app(model, tokenizer, model_id="tiny", max_tokens=16, sampler_factory=faults)
     with serving(app) as url:
-        yield url, faults, app.state.engine
+        yield url, faults, app.state.engine, app
 
 
 @pytest.fixture
 def url(served):
     return served[0]
-
-
-PATHS = {
-    "chat": "/v1/chat/completions",
-    "completions": "/v1/completions",
-    "responses": "/v1/responses",
-    "messages": "/v1/messages",
-}
 
 
 def body(api: str, text: str, **fields) -> tuple[str, dict]:
@@ -96,11 +110,16 @@ def body(api: str, text: str, **fields) -> tuple[str, dict]:
     return PATHS[api], {"model": "tiny", **prompt, **fields}
 
 
-def sse(url: str, path: str, payload: dict) -> list[tuple[str | None, dict | str]]:
-    """The (event name, data) pairs of a streamed request."""
+def sse(url: str, path: str, payload: dict, within: float = 60) -> list:
+    """The (event name, data) pairs of a streamed request; fails after `within` seconds (a
+    stream kept alive by pings would not time out on its own)."""
+    deadline, text = time.monotonic() + within, b""
     with httpx.stream("POST", url + path, json={**payload, "stream": True}, timeout=60) as r:
         assert r.status_code == 200, r.read()
-        text = r.read().decode()
+        for chunk in r.iter_raw():
+            text += chunk
+            assert time.monotonic() < deadline, "the stream did not end"
+    text = text.decode()
     out = []
     for block in filter(None, text.split("\n\n")):
         lines = block.split("\n")
@@ -178,12 +197,14 @@ def test_broken_schemas_are_named(url):
     )
     error = httpx.post(url + path, json=payload).json()["error"]
     assert "'find'" in error["message"] and error["param"] == "tools[0].function.parameters"
+    assert "not a valid JSON schema" in error["message"]
     fmt = {
         "type": "json_schema",
         "json_schema": {"name": "a", "schema": {"type": "object", "minProperties": -1}},
     }
     error = httpx.post(url + path, json={**payload, "tools": None, "response_format": fmt}).json()
     assert "response format" in error["error"]["message"]
+    assert "not a valid JSON schema" in error["error"]["message"]
     assert error["error"]["param"] == "response_format.json_schema.schema"
 
 
@@ -230,7 +251,7 @@ def explode(monkeypatch):
 def test_a_failing_parser_ends_the_answer_and_cancels_its_generation(served, monkeypatch):
     """The reply's parser raises on the first token of a generation that would never end: the
     stream ends with an error event, the whole answer is a 500, and both generations stop."""
-    url, scripts, _ = served
+    url, scripts, _, _ = served
     explode(monkeypatch)
     for api, stop in (("chat", "stop"), ("messages", "stop_sequences")):
         path, payload = body(api, FOREVER, max_tokens=4000, **{stop: [EXPLODE]})
@@ -245,6 +266,52 @@ def test_a_failing_parser_ends_the_answer_and_cancels_its_generation(served, mon
         assert scripts.forever_steps < 4000
 
 
+def test_a_stream_notices_its_client_leaving(served):
+    """Under an ASGI server of spec 2.4, where Starlette no longer listens for the client's
+    leaving and a send to a gone client need not fail, the stream watches for
+    ``http.disconnect`` itself: the generation stops."""
+    url, scripts, _, app = served
+    payload = body("chat", FOREVER, max_tokens=4000, stream=True)[1]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": PATHS["chat"],
+        "raw_path": PATHS["chat"].encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+
+    async def run() -> None:
+        gone, chunks, asked = asyncio.Event(), [], []
+
+        async def receive():
+            if not asked:
+                asked.append(1)
+                return {"type": "http.request", "body": json.dumps(payload).encode()}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):  # never fails, as a send to a gone client may not
+            if message["type"] == "http.response.body":
+                chunks.append(message)
+                if len(chunks) == 4:
+                    gone.set()
+
+        await asyncio.wait_for(app(scope, receive, send), 30)
+
+    scripts.forever_steps = 0
+    asyncio.run(run())
+    wait_until_idle(url)
+    assert 0 < scripts.forever_steps < 4000
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_engine_fails_its_requests_at_once(air_q4, monkeypatch):
     """The engine thread dies while a request runs: the request ends with an error (no hang),
     /health says 503, and later requests are refused at once."""
@@ -264,9 +331,9 @@ def test_a_dead_engine_fails_its_requests_at_once(air_q4, monkeypatch):
         engine.batch._receive = crash_once_both_run  # from the engine loop's next turn
         path, payload = body("chat", FOREVER, max_tokens=4000)
         with ThreadPoolExecutor(1) as pool:
-            streamed = pool.submit(sse, url, path, payload)
+            streamed = pool.submit(sse, url, path, payload, 20)
             start = time.monotonic()
-            r = httpx.post(url + path, json=payload, timeout=30)
+            r = httpx.post(url + path, json=payload, timeout=20)
             assert r.status_code == 500 and "engine stopped" in r.json()["error"]["message"]
             assert "engine stopped" in assert_api_error("chat", streamed.result())
         assert time.monotonic() - start < 10
@@ -359,7 +426,7 @@ def test_the_tokenizer_is_never_used_by_two_threads_at_once(served, monkeypatch)
     nothing: their calls take the Rust object's shared borrow, and none of the server's calls
     changes its settings. A tokenizer that fails on overlap (`Borrowed`) stands in for the
     versions and calls that do: without the lock, these requests get 500s."""
-    url, scripts, engine = served
+    url, scripts, engine, _ = served
     borrowed = Borrowed(engine.tokenizer._tokenizer)
     monkeypatch.setattr(engine.tokenizer, "_tokenizer", borrowed)
     # The scripted sampler (the test's, on the engine thread) reads the tokenizer itself.
@@ -392,15 +459,23 @@ def test_the_tokenizer_is_never_used_by_two_threads_at_once(served, monkeypatch)
 
 
 def test_mixed_load_with_drops_and_bad_inputs(url):
-    """`tools/soak.py` briefly: 96 requests, 12 at a time, on all four APIs, a quarter of them
+    """`tools/soak.py` briefly: 160 requests, 16 at a time, on all four APIs, a quarter of them
     malformed, every third stream hung up at its first token. Every kept request completes,
     every malformed one gets a 4xx, nothing hangs; afterwards no generation is left running
     and the server answers."""
-    figures = soak.run(url, concurrency=12, requests=96, max_tokens=8, timeout=60)
-    print("\nsoak:", figures.summary(12))
+    checked = []
+
+    def check(path, streamed, data):  # each answer and event against the SDK's types
+        if data.get("type") != "ping" and (path, streamed) in SDK_TYPES:
+            SDK_TYPES[path, streamed].validate_python(data)
+            checked.append((path, streamed))
+
+    figures = soak.run(url, concurrency=16, requests=160, max_tokens=8, timeout=60, check=check)
+    print("\nsoak:", figures.summary(16))
     assert figures.failures == [] and figures.hangs == figures.server_errors == 0
-    assert figures.requests == 96 and figures.bad_inputs == figures.refused == 24
-    assert figures.completed + figures.disconnects == 72 and figures.disconnects > 0
+    assert figures.requests == 160 and figures.bad_inputs == figures.refused == 40
+    assert figures.completed + figures.disconnects == 120 and figures.disconnects > 0
+    assert set(checked) == set(SDK_TYPES)
     wait_until_idle(url)
     health = httpx.get(f"{url}/health").json()
     assert {k: health[k] for k in ("status", "engine", "queue")} == {

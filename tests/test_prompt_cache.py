@@ -140,17 +140,21 @@ def test_an_entry_from_another_model_is_never_used(loaded, folder, tmp_path):
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "rope_theta": 12345.0}))
     assert PromptCache(load(other)[0], directory=tmp_path).fetch(tokens)[2] == 0
-    # A file moved into this model's folder from another's is not read either.
-    theirs = PromptCache(model, directory=tmp_path, kv_bits=4)
+    # A file of another model with the same layout (only the key differs), moved into this
+    # model's folder, is not read either: its header is refused when the folder is opened...
+    theirs = PromptCache(load(other)[0], directory=tmp_path)
     theirs.store(tokens, filled(model, tokens))
     theirs.flush()
+    [their_file] = theirs.disk.folder.glob("*.safetensors")
     mine = pc.disk.folder
-    for f in list(mine.glob("*.safetensors")):
-        f.unlink()
-    for f in theirs.disk.folder.glob("*.safetensors"):
-        f.rename(mine / f.name)
-    assert PromptCache(model, directory=tmp_path).fetch(tokens)[2] == 0
-    assert not list(mine.glob("*.safetensors"))  # and it was removed
+    [ours] = mine.glob("*.safetensors")
+    shutil.copy(their_file, mine / "moved.safetensors")
+    opened = PromptCache(model, directory=tmp_path)
+    assert list(opened.disk.index) == [ours] and not (mine / "moved.safetensors").exists()
+    # ... and its contents, put in place of an indexed file after that, when they are loaded.
+    shutil.copy(their_file, ours)
+    assert opened.fetch(tokens)[2] == 0
+    assert not ours.exists()  # and it was removed
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

@@ -1076,6 +1076,24 @@ def test_anthropic_usage_without_cache_control(claude):
     assert again.cache_read_input_tokens > first.cache_read_input_tokens
 
 
+def test_anthropic_repeated_request_creates_no_cache(claude):
+    """With a cache_control breakpoint the first request creates its cache entry; the same
+    request again reads it and creates nothing."""
+    system = [
+        {
+            "type": "text",
+            "text": f"{uuid.uuid4()} You are kind. " * 4,
+            "cache_control": {"type": "ephemeral"},
+        }
+    ]
+    ask = {"model": "tiny", "max_tokens": 2, "system": system, "messages": user("hello")}
+    first = claude.messages.create(**ask).usage
+    again = claude.messages.create(**ask).usage
+    assert first.cache_creation_input_tokens > 0
+    assert again.cache_creation_input_tokens == 0
+    assert again.cache_read_input_tokens >= first.cache_creation_input_tokens - 1
+
+
 def test_cache_control_marks_the_request_pinned():
     from mlx_glm4moe.server.anthropic import MessagesRequest, has_cache_control
 

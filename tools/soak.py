@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -260,7 +260,7 @@ def kept_requests(max_tokens: int) -> Iterator[Kept]:
     for i in itertools.count():
         text = f"request {i}: tell me about soaking things"
         user = [{"role": "user", "content": text}]
-        stream = i % 2 == 0
+        stream = i // 4 % 2 == 0  # each API streamed every other time
         yield [
             Kept(CHAT, {"model": "m", "messages": user, "max_tokens": max_tokens}, stream),
             Kept(COMPLETIONS, {"model": "m", "prompt": text, "max_tokens": max_tokens}, stream),
@@ -355,12 +355,18 @@ def _bad(client: httpx.Client, url: str, figures: Figures, what: str, path: str,
             figures.failures.append(f"{what}: accepted ({r.status_code})")
 
 
-def _kept(client: httpx.Client, url: str, figures: Figures, kept: Kept, drop: bool) -> None:
+Check = Callable[[str, bool, dict], None]
+
+
+def _kept(
+    client: httpx.Client, url: str, figures: Figures, kept: Kept, drop: bool, check: Check
+) -> None:
     if not kept.stream:
         r = client.post(url + kept.path, json=kept.body)
         if r.status_code != 200:
             figures.fail(f"{kept.path}: {r.status_code} {r.text[:200]}")
             return
+        check(kept.path, False, r.json())
         with figures.lock:
             figures.completed += 1
         return
@@ -378,6 +384,8 @@ def _kept(client: httpx.Client, url: str, figures: Figures, kept: Kept, drop: bo
             if is_error(event):
                 figures.fail(f"{kept.path} stream: {text[:200]}")
                 return
+            if isinstance(event, dict):
+                check(kept.path, True, event)
             if not got_token and isinstance(event, dict) and is_token(kept.path, event):
                 got_token = True
                 with figures.lock:
@@ -403,10 +411,12 @@ def run(
     drop_every: int = 3,
     bad_every: int = 4,
     timeout: float = 60.0,
+    check: Check = lambda path, streamed, data: None,
 ) -> Figures:
     """Fire requests at `url` from `concurrency` threads until `seconds` passed or `requests`
     were sent: every `bad_every`-th a malformed body (`BAD_BODIES` in turn), the others kept
-    requests (`kept_requests`), every `drop_every`-th stream hung up at its first token."""
+    requests (`kept_requests`), every `drop_every`-th stream hung up at its first token.
+    `check(path, streamed, data)` sees every answer and streamed event of the kept requests."""
     figures = Figures()
     deadline = time.monotonic() + seconds if seconds is not None else None
     counter = itertools.count()
@@ -428,7 +438,7 @@ def run(
                     figures.requests += 1
                 try:
                     if isinstance(job, Kept):
-                        _kept(client, url, figures, job, drop=i % drop_every == 0)
+                        _kept(client, url, figures, job, i % drop_every == 0, check)
                     else:
                         _bad(client, url, figures, *job)
                 except httpx.TimeoutException:

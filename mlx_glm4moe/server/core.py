@@ -383,6 +383,7 @@ class Job:
 
     @property
     def messages(self) -> list[dict] | None:
+        """The chat's messages, None for a raw prompt (what a `sampler_factory` reads)."""
         return self.spec.messages
 
     def emit(self, event: dict) -> None:
@@ -410,7 +411,10 @@ class Engine:
 
     Every use of the tokenizer goes through this class, behind one lock: Hugging Face fast
     tokenizers are not made to be called from several threads at once (prompts are encoded in
-    worker threads while the event loop decodes tokens and counts reasoning)."""
+    worker threads while the event loop decodes tokens and counts reasoning). Two readers stay
+    outside it: llguidance's copy of the vocabulary, built here before any request, and the
+    engine thread's streaming detokenizer (mlx-lm's BPE one for GLM), which reads its own
+    tables."""
 
     keepalive_interval = KEEPALIVE_INTERVAL  # seconds between pings of a silent stream
 
@@ -433,6 +437,8 @@ class Engine:
         self.sampler_factory = sampler_factory
         self.tool_call_token = tokenizer.convert_tokens_to_ids("<tool_call>")
         self.constraints = Constraints(tokenizer, model.args.vocab_size)
+        # llguidance's copy of the vocabulary: built now, while no request uses the tokenizer.
+        self.constraints.ll_tokenizer  # noqa: B018
         self.batch = BatchEngine(
             model, tokenizer, prompt_cache=prompt_cache, **(batch_kwargs or {})
         )
