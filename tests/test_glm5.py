@@ -406,14 +406,35 @@ def test_the_prompt_cache_on_disk_restores_latents_and_indexer_keys(dsa_q4, tmp_
         np.testing.assert_array_equal(x, y)
 
 
+def test_a_left_padded_row_equals_the_row_alone(dsa_hf):
+    """mlx-lm's BatchKVCache: a 5-token row padded to 24 beside a 24-token one. It has fewer
+    positions than index_topk (8) for its first steps, so the indexer's choice includes padding,
+    which the mask must keep out of attention."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    model, _ = load(dsa_hf)
+    short, other = IDS[0, :5], IDS[1, :24]
+    steps = IDS[:, 30:36]
+    alone = model.make_cache()
+    expected = [model(mx.array(short)[None], cache=alone)[:, -1]]
+    expected += [model(mx.array(steps[:1, t : t + 1]), cache=alone)[:, -1] for t in range(6)]
+    cache = [BatchKVCache(left_padding=[19, 0]) for _ in model.layers]
+    padded = np.stack([np.concatenate([np.zeros(19, IDS.dtype), short]), other])
+    got = [model(mx.array(padded), cache=cache)[:1, -1]]
+    got += [model(mx.array(steps[:, t : t + 1]), cache=cache)[:1, -1] for t in range(6)]
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4, rtol=0)
+
+
 def test_batched_equals_alone(dsa_q4):
-    """Left-padded rows: padding is masked out of the indexer's choice as of attention."""
+    """Left-padded rows: padding is masked out of the indexer's choice and of attention, even
+    in a row with fewer positions than index_topk (8) beside longer ones."""
     from test_batch import Collector, alone, prompts
 
     from mlx_glm4moe.batch import BatchEngine
 
     model, tokenizer = load(dsa_q4)
-    asks, max_tokens = prompts(tokenizer, 4), [10, 4, 12, 7]
+    asks, max_tokens = [tokenizer.encode("Hi")] + prompts(tokenizer, 3), [10, 4, 12, 7]
     expected = [alone(model, tokenizer, p, m) for p, m in zip(asks, max_tokens, strict=True)]
     engine = BatchEngine(model, tokenizer, decode_concurrency=4, prefill_step_size=16)
     try:
