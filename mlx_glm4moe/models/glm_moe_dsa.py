@@ -179,10 +179,9 @@ class Attention(mla.MultiLatentAttention):
                     picks.append(pick)
                 else:
                     pick = chosen[:, :, part]
-            out = self.attend_selected(q_nope[:, :, part], q_pe[:, :, part], latent, k_pe, m, pick)
-            if L > rows:  # bound the working set: one block's scores alive at a time
-                mx.eval(out, picks)
-            outs.append(out)
+            outs.append(
+                self.attend_selected(q_nope[:, :, part], q_pe[:, :, part], latent, k_pe, m, pick)
+            )
         if full and state is not None:
             state["selection"] = mx.concatenate(picks, axis=2) if sparse else None
         out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
