@@ -53,13 +53,13 @@ PARTS = (
 
 
 # `--synthetic --preset NAME`: the synthetic preset with that model's proportions, scaled down.
-BENCH_PRESETS = {"air": "bench", "lite": "lite-bench"}
+BENCH_PRESETS = {"air": "bench", "lite": "lite-bench", "glm5": "glm5-bench"}
 
 
 def bench_checkpoint(out: str | Path, q_bits: int = 4, preset: str = "air") -> Path:
-    """Build a synthetic bench checkpoint (`preset`: GLM-4.5-Air's or GLM-4.7-Flash's ("lite")
-    proportions, scaled down; see `BENCH_PRESETS` and `synthetic.PRESETS`) in bfloat16 like the
-    published weights, and convert it to `q_bits`."""
+    """Build a synthetic bench checkpoint (`preset`: GLM-4.5-Air's, GLM-4.7-Flash's ("lite") or
+    GLM-5's proportions, scaled down; see `BENCH_PRESETS` and `synthetic.PRESETS`) in bfloat16
+    like the published weights, and convert it to `q_bits`."""
     out = Path(out)
     hf = make_checkpoint(out / "hf", BENCH_PRESETS[preset], dtype="bfloat16", num_shards=1)
     return convert(str(hf), str(out / f"q{q_bits}"), quantize=True, q_bits=q_bits)
@@ -808,7 +808,7 @@ def main(argv: list[str] | None = None) -> None:
         (mtp_main if argv[0] == "mtp" else streaming_main)(argv[1:])
         return
     p = argparse.ArgumentParser(
-        description="Benchmark a glm4_moe or glm4_moe_lite model against mlx-lm.",
+        description="Benchmark a glm4_moe, glm4_moe_lite or glm_moe_dsa model against mlx-lm.",
         epilog="Also: `bench mtp` (plain vs MTP decoding) and `bench streaming` (expert "
         "streaming against cache size); --help after either for its flags.",
     )
@@ -821,7 +821,8 @@ def main(argv: list[str] | None = None) -> None:
         "--preset",
         choices=BENCH_PRESETS,
         default="air",
-        help="--synthetic's proportions: GLM-4.5-Air's or GLM-4.7-Flash's (lite), scaled down.",
+        help="--synthetic's proportions: GLM-4.5-Air's, GLM-4.7-Flash's (lite) or GLM-5's, "
+        "scaled down.",
     )
     p.add_argument(
         "--prompt-tokens",
