@@ -54,6 +54,8 @@ PARTS = (
 
 # `--synthetic --preset NAME`: the synthetic preset with that model's proportions, scaled down.
 BENCH_PRESETS = {"air": "bench", "lite": "lite-bench", "glm5": "glm5-bench"}
+# `bench mtp --synthetic --preset NAME`: the tiny presets an agreeing MTP layer is built for.
+MTP_PRESETS = ("air", "glm45", "lite", "glm5", "glm52")
 
 
 def bench_checkpoint(out: str | Path, q_bits: int = 4, preset: str = "air") -> Path:
@@ -564,7 +566,9 @@ def mtp_main(argv: list[str] | None = None) -> None:
         help="Build a tiny model whose MTP layer is right on this share of tokens (0 to 1).",
     )
     p.add_argument("-q", "--quantize", action="store_true", help="4-bit synthetic model.")
-    p.add_argument("--preset", default="air", help="Synthetic model shape: air, glm45 or lite.")
+    p.add_argument(
+        "--preset", default="air", help="Synthetic model shape: air, glm45, lite, glm5 or glm52."
+    )
     p.add_argument("--layers", type=int, help="Synthetic model's main layer count.")
     p.add_argument("--num-draft", type=int, default=1)
     p.add_argument("--gen-tokens", type=int, default=128)
@@ -576,8 +580,10 @@ def mtp_main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = a.model
         if a.synthetic is not None:
-            if not 0 <= a.synthetic <= 1 or a.preset not in ("air", "glm45", "lite"):
-                p.error("--synthetic takes a share between 0 and 1; --preset air, glm45 or lite")
+            if not 0 <= a.synthetic <= 1 or a.preset not in MTP_PRESETS:
+                p.error(
+                    "--synthetic takes a share between 0 and 1; --preset " + ", ".join(MTP_PRESETS)
+                )
             layers = {"num_hidden_layers": a.layers} if a.layers else {}
             path = make_agreeing_checkpoint(Path(tmp) / "hf", a.synthetic, a.preset, **layers)
             path = convert(str(path), str(Path(tmp) / "mlx"), quantize=a.quantize)

@@ -358,6 +358,24 @@ def test_mtp_greedy_matches_plain(dsa_q4):
         check_same_as_plain(model, tokenizer, tokenizer.encode(text), n, k)
 
 
+def test_mtp_acceptance_is_the_designed_fraction(tmp_path):
+    """GLM-5.2's schedule, an MTP layer right on half the tokens: the draft counts the loop
+    must give, by hand (test_mtp's `simulate`)."""
+    from test_mtp import run, simulate
+
+    from mlx_glm4moe.synthetic import make_agreeing_checkpoint
+
+    path = make_agreeing_checkpoint(tmp_path, 0.5, "glm52")
+    fixture = json.loads((path / "config.json").read_text())["mtp_fixture"]
+    model, tokenizer = load(path)
+    tokens, rs = run(model, tokenizer, tokenizer.encode("The quick brown fox"), 40, mtp=True)
+    expected_tokens, expected = simulate(tokens[0], 40, 1, fixture)
+    assert tokens == expected_tokens
+    stats = rs[-1].mtp_stats
+    assert (stats["drafted"], stats["accepted"]) == (expected.drafted, expected.accepted)
+    assert 0.2 < stats["acceptance"] < 0.8
+
+
 def test_expert_streaming_gives_the_same_output(dsa_q4):
     from test_streaming import check_streaming_equals_resident
 
