@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .models import model_args
 from .weights import FLOAT32, INDEX_FILE, layer_of
 
 TEMPLATE_FILE = Path(__file__).parent / "chat_template.jinja"
@@ -401,8 +402,6 @@ def _latent_attention(
 
 def indexer_types(config: dict) -> list[str]:
     """Each layer's indexer, "full" or "shared", as our `ModelArgs` (and transformers) read it."""
-    from .models import model_args
-
     return model_args(config).indexer_types
 
 
