@@ -53,13 +53,15 @@ PARTS = (
 
 
 # `--synthetic --preset NAME`: the synthetic preset with that model's proportions, scaled down.
-BENCH_PRESETS = {"air": "bench", "lite": "lite-bench"}
+BENCH_PRESETS = {"air": "bench", "lite": "lite-bench", "glm5": "glm5-bench"}
+# `bench mtp --synthetic --preset NAME`: the tiny presets an agreeing MTP layer is built for.
+MTP_PRESETS = ("air", "glm45", "lite", "glm5", "glm52")
 
 
 def bench_checkpoint(out: str | Path, q_bits: int = 4, preset: str = "air") -> Path:
-    """Build a synthetic bench checkpoint (`preset`: GLM-4.5-Air's or GLM-4.7-Flash's ("lite")
-    proportions, scaled down; see `BENCH_PRESETS` and `synthetic.PRESETS`) in bfloat16 like the
-    published weights, and convert it to `q_bits`."""
+    """Build a synthetic bench checkpoint (`preset`: GLM-4.5-Air's, GLM-4.7-Flash's ("lite") or
+    GLM-5's proportions, scaled down; see `BENCH_PRESETS` and `synthetic.PRESETS`) in bfloat16
+    like the published weights, and convert it to `q_bits`."""
     out = Path(out)
     hf = make_checkpoint(out / "hf", BENCH_PRESETS[preset], dtype="bfloat16", num_shards=1)
     return convert(str(hf), str(out / f"q{q_bits}"), quantize=True, q_bits=q_bits)
@@ -564,7 +566,9 @@ def mtp_main(argv: list[str] | None = None) -> None:
         help="Build a tiny model whose MTP layer is right on this share of tokens (0 to 1).",
     )
     p.add_argument("-q", "--quantize", action="store_true", help="4-bit synthetic model.")
-    p.add_argument("--preset", default="air", help="Synthetic model shape: air, glm45 or lite.")
+    p.add_argument(
+        "--preset", default="air", help="Synthetic model shape: air, glm45, lite, glm5 or glm52."
+    )
     p.add_argument("--layers", type=int, help="Synthetic model's main layer count.")
     p.add_argument("--num-draft", type=int, default=1)
     p.add_argument("--gen-tokens", type=int, default=128)
@@ -576,8 +580,10 @@ def mtp_main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = a.model
         if a.synthetic is not None:
-            if not 0 <= a.synthetic <= 1 or a.preset not in ("air", "glm45", "lite"):
-                p.error("--synthetic takes a share between 0 and 1; --preset air, glm45 or lite")
+            if not 0 <= a.synthetic <= 1 or a.preset not in MTP_PRESETS:
+                p.error(
+                    "--synthetic takes a share between 0 and 1; --preset " + ", ".join(MTP_PRESETS)
+                )
             layers = {"num_hidden_layers": a.layers} if a.layers else {}
             path = make_agreeing_checkpoint(Path(tmp) / "hf", a.synthetic, a.preset, **layers)
             path = convert(str(path), str(Path(tmp) / "mlx"), quantize=a.quantize)
@@ -808,7 +814,7 @@ def main(argv: list[str] | None = None) -> None:
         (mtp_main if argv[0] == "mtp" else streaming_main)(argv[1:])
         return
     p = argparse.ArgumentParser(
-        description="Benchmark a glm4_moe or glm4_moe_lite model against mlx-lm.",
+        description="Benchmark a glm4_moe, glm4_moe_lite or glm_moe_dsa model against mlx-lm.",
         epilog="Also: `bench mtp` (plain vs MTP decoding) and `bench streaming` (expert "
         "streaming against cache size); --help after either for its flags.",
     )
@@ -821,7 +827,8 @@ def main(argv: list[str] | None = None) -> None:
         "--preset",
         choices=BENCH_PRESETS,
         default="air",
-        help="--synthetic's proportions: GLM-4.5-Air's or GLM-4.7-Flash's (lite), scaled down.",
+        help="--synthetic's proportions: GLM-4.5-Air's, GLM-4.7-Flash's (lite) or GLM-5's, "
+        "scaled down.",
     )
     p.add_argument(
         "--prompt-tokens",

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .models import model_args
 from .weights import FLOAT32, INDEX_FILE, layer_of
 
 TEMPLATE_FILE = Path(__file__).parent / "chat_template.jinja"
@@ -186,6 +187,27 @@ PRESETS: dict[str, dict] = {
         moe_layer_freq=1,
     ),
 }
+# GLM-5's proportions scaled down for the benchmark (GLM-5: hidden 6144, 64 heads, q_lora 2048,
+# kv_lora 512, nope/rope/v head dims 192/64/256, dense 12288, 256 experts top-8 of 2048, vocab
+# 154880, 78 layers, an indexer of 32 heads of 128 selecting 2048 positions): the same 64 heads,
+# 2048 positions and top-8, widths / 8, 64 experts, an indexer of 32 heads of 16, 6 layers.
+PRESETS["glm5-bench"] = dict(
+    PRESETS["glm5"],
+    vocab_size=4096,
+    hidden_size=768,
+    num_hidden_layers=6,
+    num_attention_heads=64,
+    num_key_value_heads=64,
+    q_lora_rank=256,
+    kv_lora_rank=64,
+    intermediate_size=1536,
+    moe_intermediate_size=256,
+    n_routed_experts=64,
+    num_experts_per_tok=8,
+    index_topk=2048,
+    index_head_dim=16,
+    index_n_heads=32,
+)
 # GLM-5.2's IndexShare: layers 1 and 3 reuse the selection of layer 0 and 2, as transformers
 # derives it from these keys (GLM-5.2 itself lists `indexer_types`).
 PRESETS["glm52"] = dict(
@@ -380,8 +402,6 @@ def _latent_attention(
 
 def indexer_types(config: dict) -> list[str]:
     """Each layer's indexer, "full" or "shared", as our `ModelArgs` (and transformers) read it."""
-    from .models import model_args
-
     return model_args(config).indexer_types
 
 

@@ -131,14 +131,17 @@ def test_a_prompt_scored_in_blocks_gives_the_same_logits(dsa_hf, monkeypatch):
 
 
 def test_prefill_memory_stays_within_the_score_budget(tmp_path, monkeypatch):
-    """A 1024-token prompt on the CPU: with a budget of 2^16 scores per block (4 rows) the peak
-    working memory is the activations, linear in the prompt, plus a block's scores: under half
-    of one [heads, L, T] score tensor of the indexer. Scoring the whole prompt at once (a budget
-    above heads x L x T) holds more than that tensor."""
-    L, heads = 1024, 16
-    model, _ = load(make_checkpoint(tmp_path, "glm5"), lazy=False)
+    """A 512-token prompt on the CPU through 64 attention and 64 indexer heads (GLM-5's 64):
+    in blocks of 2^16 scores (2 rows) the peak working memory is the activations, linear in the
+    prompt, plus one block's intermediates, a fifth of what scoring the whole prompt at once
+    takes (which is more than one [heads, L, T] score tensor). Without an evaluation per block
+    the backend queues later blocks while one runs and the peak is 4x the bounded one."""
+    L, heads = 512, 64
+    path = make_checkpoint(
+        tmp_path, "glm5", num_attention_heads=heads, num_key_value_heads=heads, index_n_heads=heads
+    )
+    model, _ = load(path, lazy=False)
     ids = mx.array(np.random.default_rng(1).integers(0, 380, size=(1, L)))
-    whole = heads * L * L * 4  # bytes of the indexer's per-head scores for the whole prompt
 
     def peak(budget: int) -> int:
         monkeypatch.setattr(glm_moe_dsa, "SCORE_BUDGET", budget)
@@ -148,16 +151,13 @@ def test_prefill_memory_stays_within_the_score_budget(tmp_path, monkeypatch):
             mx.synchronize()
             mx.reset_peak_memory()
             base = mx.get_active_memory()
-            mx.eval(model(ids[:, 1:], cache=cache))
+            mx.eval(model.model(ids[:, 1:], cache=cache))
             return mx.get_peak_memory() - base
 
-    budget = 1 << 16
-    bounded = peak(budget)
-    print(f"peak over the start: {bounded / 2**20:.1f} MiB bounded, whole prompt ", end="")
-    unbounded = peak(1 << 40)
-    print(f"{unbounded / 2**20:.1f} MiB; one whole score tensor {whole / 2**20:.0f} MiB")
-    assert bounded < whole / 2
-    assert unbounded > whole
+    bounded, whole = peak(1 << 16), peak(1 << 40)
+    print(f"peak: {bounded / 2**20:.1f} MiB in blocks, {whole / 2**20:.1f} MiB whole")
+    assert whole > heads * L * L * 4
+    assert bounded < whole / 5
 
 
 @pytest.mark.parametrize(
@@ -358,6 +358,24 @@ def test_mtp_greedy_matches_plain(dsa_q4):
         check_same_as_plain(model, tokenizer, tokenizer.encode(text), n, k)
 
 
+def test_mtp_acceptance_is_the_designed_fraction(tmp_path):
+    """GLM-5.2's schedule, an MTP layer right on half the tokens: the draft counts the loop
+    must give, by hand (test_mtp's `simulate`)."""
+    from test_mtp import run, simulate
+
+    from mlx_glm4moe.synthetic import make_agreeing_checkpoint
+
+    path = make_agreeing_checkpoint(tmp_path, 0.5, "glm52")
+    fixture = json.loads((path / "config.json").read_text())["mtp_fixture"]
+    model, tokenizer = load(path)
+    tokens, rs = run(model, tokenizer, tokenizer.encode("The quick brown fox"), 40, mtp=True)
+    expected_tokens, expected = simulate(tokens[0], 40, 1, fixture)
+    assert tokens == expected_tokens
+    stats = rs[-1].mtp_stats
+    assert (stats["drafted"], stats["accepted"]) == (expected.drafted, expected.accepted)
+    assert 0.2 < stats["acceptance"] < 0.8
+
+
 def test_expert_streaming_gives_the_same_output(dsa_q4):
     from test_streaming import check_streaming_equals_resident
 
@@ -406,14 +424,35 @@ def test_the_prompt_cache_on_disk_restores_latents_and_indexer_keys(dsa_q4, tmp_
         np.testing.assert_array_equal(x, y)
 
 
+def test_a_left_padded_row_equals_the_row_alone(dsa_hf):
+    """mlx-lm's BatchKVCache: a 5-token row padded to 24 beside a 24-token one. It has fewer
+    positions than index_topk (8) for its first steps, so the indexer's choice includes padding,
+    which the mask must keep out of attention."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    model, _ = load(dsa_hf)
+    short, other = IDS[0, :5], IDS[1, :24]
+    steps = IDS[:, 30:36]
+    alone = model.make_cache()
+    expected = [model(mx.array(short)[None], cache=alone)[:, -1]]
+    expected += [model(mx.array(steps[:1, t : t + 1]), cache=alone)[:, -1] for t in range(6)]
+    cache = [BatchKVCache(left_padding=[19, 0]) for _ in model.layers]
+    padded = np.stack([np.concatenate([np.zeros(19, IDS.dtype), short]), other])
+    got = [model(mx.array(padded), cache=cache)[:1, -1]]
+    got += [model(mx.array(steps[:, t : t + 1]), cache=cache)[:1, -1] for t in range(6)]
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4, rtol=0)
+
+
 def test_batched_equals_alone(dsa_q4):
-    """Left-padded rows: padding is masked out of the indexer's choice as of attention."""
+    """Left-padded rows: padding is masked out of the indexer's choice and of attention, even
+    in a row with fewer positions than index_topk (8) beside longer ones."""
     from test_batch import Collector, alone, prompts
 
     from mlx_glm4moe.batch import BatchEngine
 
     model, tokenizer = load(dsa_q4)
-    asks, max_tokens = prompts(tokenizer, 4), [10, 4, 12, 7]
+    asks, max_tokens = [tokenizer.encode("Hi")] + prompts(tokenizer, 3), [10, 4, 12, 7]
     expected = [alone(model, tokenizer, p, m) for p, m in zip(asks, max_tokens, strict=True)]
     engine = BatchEngine(model, tokenizer, decode_concurrency=4, prefill_step_size=16)
     try:

@@ -1,8 +1,9 @@
 """What the GLM MoE architectures share: the config fields, the router and the MoE (experts
 dispatched by `SortedSwitchGLU`), the dense MLP, the decoder layer, the nextn (MTP) layer with
 its wiring to the main model, the layer loop and the causal LM. Each architecture's module
-(`glm4_moe`, `glm4_moe_lite`) adds its attention and `ModelArgs`; `models` maps `model_type` to
-them. Unlike mlx-lm, the multi-token-prediction layer the checkpoints ship is kept."""
+(`glm4_moe`, `glm4_moe_lite`, `glm_moe_dsa`; the latter two over the latent attention of `mla`)
+adds its attention and `ModelArgs`; `models` maps `model_type` to them. Unlike mlx-lm, the
+multi-token-prediction layer the checkpoints ship is kept."""
 
 from __future__ import annotations
 

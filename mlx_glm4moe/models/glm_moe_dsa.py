@@ -180,7 +180,10 @@ class Attention(mla.MultiLatentAttention):
                 else:
                     pick = chosen[:, :, part]
             out = self.attend_selected(q_nope[:, :, part], q_pe[:, :, part], latent, k_pe, m, pick)
-            if L > rows:  # bound the working set: one block's scores alive at a time
+            if L > rows:
+                # One block in flight at a time: left lazy, the backend queues the next blocks'
+                # ops (and allocates their outputs) while this one runs, and the peak grew with
+                # the number of blocks (a 64-head layer at an 8K context: 5 GiB, not ~1.2).
                 mx.eval(out, picks)
             outs.append(out)
         if full and state is not None:
