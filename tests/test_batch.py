@@ -454,7 +454,7 @@ def test_a_dead_engine_answers_every_request(loaded, monkeypatch):
         monkeypatch.setattr(engine, "_step", lambda generator: 1 / 0)  # outside every guard
         monkeypatch.setattr(engine, "_finish", lambda *a, **k: 1 / 0)
         go.set()
-        stopped = {"type": "error", "message": "The engine stopped."}
+        stopped = {"type": "error", "message": batch.STOPPED}
         assert running.result() == ([], stopped) and waiting.result() == ([], stopped)
         assert not engine.alive
         later = Collector(p, 5)
@@ -481,7 +481,7 @@ def test_a_bug_while_a_request_starts_still_answers_it(loaded, monkeypatch):
         monkeypatch.setattr(engine, "_join", bug)
         request = Collector(p, 5)
         engine.submit(request.request)
-        assert request.result() == ([], {"type": "error", "message": "The engine is not running."})
+        assert request.result() == ([], {"type": "error", "message": batch.STOPPED})
         assert not engine.alive
     finally:
         engine.close()
