@@ -12,9 +12,9 @@ activations (the CPU): the MoE adds each token's experts in expert order whateve
 the batch holds, and masked padding contributes exact zeros to attention. `tests/test_batch.py`
 holds it.
 
-MTP does not run in batched steps (each sequence would accept a different number of drafts,
-and the batch cache rewinds all rows together). With `mtp=True` the engine serves one request
-at a time with `stream_generate(..., mtp=True)` instead.
+With `mtp=True` the steps are MTP speculative ones (`mtp_batch.MTPBatchGenerator`, the same
+interface): every row drafts with the MTP layer, one pass verifies all rows, and each row keeps
+its own number of tokens.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .generate import Sampler, stream_generate
+from .generate import Sampler
 from .models import Model
-from .mtp import make_cache
+from .mtp import MTPStats, make_cache
+from .mtp_batch import MTPBatchGenerator
 from .prefill import prefill
 from .streaming import streams_experts
 
@@ -86,6 +87,8 @@ class Metrics:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     decode_steps_total: int = 0
+    draft_tokens_total: int = 0
+    draft_accepted_total: int = 0
     batch_size: int = 0
 
 
@@ -130,7 +133,7 @@ class BatchEngine:
         prompt_concurrency: the most prompts prefilled together in one chunked pass.
         prefill_step_size: prompt tokens per sequence per step.
         prompt_cache: a `chat.PromptCache` (or None).
-        mtp, num_draft: serve requests one at a time with MTP speculative decoding.
+        mtp, num_draft: MTP speculative decoding, `num_draft` tokens drafted per row and step.
     """
 
     def __init__(
@@ -146,11 +149,12 @@ class BatchEngine:
         num_draft: int = 1,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.decode_concurrency = 1 if mtp else decode_concurrency
+        self.decode_concurrency = decode_concurrency
         self.prompt_concurrency = min(prompt_concurrency, self.decode_concurrency)
         self.prefill_step_size = prefill_step_size
         self.prompt_cache = prompt_cache
         self.mtp, self.num_draft = mtp, num_draft
+        self.mtp_stats = MTPStats(num_draft)
         self.metrics = Metrics()
         self._stops = StopSequences([[t] for t in tokenizer.eos_token_ids])
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
@@ -180,10 +184,6 @@ class BatchEngine:
         generator = self._new_generator()
         while not self._closed:
             self._receive(block=not self._running and not self._waiting)
-            if self.mtp:
-                if self._waiting:
-                    self._run_alone(self._waiting.popleft())
-                continue
             self._admit(generator)
             self._cancel(generator)
             if not self._running:
@@ -199,7 +199,9 @@ class BatchEngine:
                 continue
             if responses:
                 self.metrics.decode_steps_total += 1
-                self.metrics.batch_size = len(responses)
+                self.metrics.batch_size = len({r.uid for r in responses})
+                self.metrics.draft_tokens_total = sum(self.mtp_stats.drafted)
+                self.metrics.draft_accepted_total = sum(self.mtp_stats.accepted)
             for r in responses:
                 self._on_token(r)
             self._drop_failed(generator)
@@ -211,7 +213,15 @@ class BatchEngine:
             # Here: the caches' arrays belong to this thread's MLX stream.
             self.prompt_cache.flush()
 
-    def _new_generator(self) -> BatchGenerator:
+    def _new_generator(self) -> BatchGenerator | MTPBatchGenerator:
+        if self.mtp:
+            return MTPBatchGenerator(
+                self.model,
+                num_draft=self.num_draft,
+                prefill_batch_size=self.prompt_concurrency,
+                prefill_step_size=self.prefill_step_size,
+                stats=self.mtp_stats,
+            )
         return BatchGenerator(
             self.model,
             sampler=_greedy,
@@ -260,9 +270,10 @@ class BatchEngine:
             if started is None:
                 continue
             cache, rest, state = started
-            if streams_experts(self.model) and len(rest) > 1:
+            if streams_experts(self.model) and len(rest) > 1 and not self.mtp:
                 # Layer by layer, reading each streamed expert once, not once per chunk; the
                 # running sequences wait for it.
+                # (MTP's prefill does so itself, with the MTP layer's part.)
                 prefill(self.model, mx.array(rest[:-1]), cache, self.prefill_step_size)
                 rest = rest[-1:]
             sampler = state.sampler
@@ -338,50 +349,6 @@ class BatchEngine:
         self.metrics.requests_running = len(self._running)
         if not self._running:
             self.metrics.batch_size = 0
-
-    def _run_alone(self, request: Request) -> None:
-        """One request with MTP speculative decoding (`stream_generate`)."""
-        started = self._start(request)
-        if started is None:
-            return
-        cache, rest, state = started
-        self.metrics.requests_running = 1
-        self.metrics.batch_size = 1
-        tokens = list(request.tokens)
-        finish = None
-        try:
-            for r in stream_generate(
-                self.model,
-                self.tokenizer,
-                rest,
-                request.max_tokens,
-                sampler=state.sampler,
-                prompt_cache=cache,
-                cancel=request.cancel,
-                mtp=True,
-                num_draft=self.num_draft,
-            ):
-                tokens.append(r.token)
-                state.generated += 1
-                self.metrics.generation_tokens_total += 1
-                self.metrics.decode_steps_total += not r.from_draft
-                request.emit(
-                    {
-                        "type": "token",
-                        "token": r.token,
-                        "text": r.text,
-                        "logprobs": _logprobs(r.logprobs, r.token, request.top_logprobs),
-                    }
-                )
-                finish = r.finish_reason
-        except Exception:
-            log.exception("generation failed")
-            request.emit({"type": "error", "message": "The generation failed."})
-        else:
-            self._store(state, tokens, cache)
-            request.emit(state.done(finish or "length"))
-        self.metrics.requests_running = 0
-        self.metrics.batch_size = 0
 
 
 def _done(

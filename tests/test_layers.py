@@ -15,7 +15,7 @@ FLOORS = [
     {"recipes", "synthetic", "streaming", "distributed", "upload", "constrain"},
     {"loading", "convert", "prefill"},
     {"mtp"},
-    {"generate", "prompt_cache"},
+    {"generate", "prompt_cache", "mtp_batch"},
     {"chat", "batch"},
     {"server", "cli", "bench", "evaluate"},
 ]
