@@ -38,7 +38,12 @@ METRICS = {
     "requests_waiting": ("gauge", "Requests waiting for a decode slot."),
     "prompt_tokens_total": ("counter", "Prompt tokens prefilled (cached prefixes not counted)."),
     "generation_tokens_total": ("counter", "Tokens generated."),
-    "decode_steps_total": ("counter", "Forward passes of the decode loop (one per batched step)."),
+    "decode_steps_total": (
+        "counter",
+        "Forward passes of the decode loop (one per batched step; with MTP, the verify passes).",
+    ),
+    "draft_tokens_total": ("counter", "Tokens drafted by the MTP layer."),
+    "draft_accepted_total": ("counter", "Drafted tokens the main model accepted."),
     "batch_size": ("gauge", "Sequences in the latest decode step."),
 }
 
@@ -95,7 +100,7 @@ def create_app(
             for scripted output in tests and for custom sampling. Called on the engine thread.
         decode_concurrency, prompt_concurrency, prefill_step_size: the batching engine's
             limits (`batch.BatchEngine`).
-        mtp, num_draft: MTP speculative decoding, one request at a time.
+        mtp, num_draft: MTP speculative decoding in the batched steps (`mtp_batch`).
     """
     prompt_cache = None
     if prompt_cache_bytes > 0:
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--decode-concurrency",
         type=int,
-        help="Most requests decoded together in one batch (default 8; 1 with --mtp).",
+        help="Most requests decoded together in one batch (default 8).",
     )
     p.add_argument(
         "--prompt-concurrency", type=int, default=1, help="Most prompts prefilled together."
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         "--mtp",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="MTP speculative decoding, one request at a time (default: off, batched decoding).",
+        help="MTP speculative decoding, in batched steps (default: off).",
     )
     p.add_argument("--num-draft", type=int, default=1, help="Tokens drafted per MTP step.")
     p.add_argument(
@@ -263,9 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--num-draft must be at least 1")
     if a.prompt_cache_gb < 0 or a.prompt_cache_size < 1 or a.prompt_cache_disk_gb < 0:
         p.error("need --prompt-cache-gb, --prompt-cache-disk-gb >= 0, --prompt-cache-size >= 1")
-    if a.mtp and (a.decode_concurrency or 1) > 1:
-        p.error("--mtp decodes one request at a time: it cannot go with --decode-concurrency > 1")
-    decode_concurrency = a.decode_concurrency or (1 if a.mtp else 8)
+    decode_concurrency = a.decode_concurrency or 8
     if min(decode_concurrency, a.prompt_concurrency, a.prefill_step_size) < 1:
         p.error("--decode-concurrency, --prompt-concurrency, --prefill-step-size must be >= 1")
 

@@ -338,14 +338,6 @@ class Engine:
             grammar = self.constraints.check(response_format, tools, choice, parallel)
         except ConstraintError as e:
             raise APIError(400, e.message, e.param) from None
-        if grammar is not None and self.batch.mtp:
-            # MTP drafts and verifies several tokens per step; the grammar follows one at a time.
-            raise APIError(
-                400,
-                "Structured output, forced tool calls and strict tools are not available "
-                "with --mtp.",
-                "response_format" if response_format else "tools",
-            )
         try:
             prompt = render_prompt(
                 self.tokenizer,
