@@ -37,6 +37,7 @@ from .mtp import MTPStats, make_cache
 from .mtp_batch import MTPBatchGenerator
 from .prefill import prefill
 from .streaming import streams_experts
+from .thinking import ThinkingBudget
 
 log = logging.getLogger("mlx_glm4moe.batch")
 
@@ -64,7 +65,8 @@ class Request:
     With `top_logprobs` set (0 or more), each token event carries
     ``{"logprob": float, "top": [(token, logprob), ...]}``, else None. Setting `cancel` stops
     the request between steps. `pin_cache` keeps the request's cache entry ahead of plain
-    ones (the client marked its prefix as one it sends again).
+    ones (the client marked its prefix as one it sends again). `thinking_budget` caps the
+    reasoning's tokens, then forces ``</think>`` (`thinking.ThinkingBudget`).
     """
 
     tokens: list[int]
@@ -75,6 +77,7 @@ class Request:
     top_logprobs: int | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     pin_cache: bool = False
+    thinking_budget: int | None = None
 
 
 @dataclass
@@ -250,6 +253,10 @@ class BatchEngine:
             return None
         try:
             sampler = request.make_sampler() or _greedy
+            if request.thinking_budget is not None:
+                sampler = ThinkingBudget(
+                    sampler, request.thinking_budget, self.tokenizer, request.tokens
+                )
         except Exception:
             log.exception("the sampler could not be made")
             request.emit({"type": "error", "message": "The generation failed."})

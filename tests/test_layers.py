@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_glm4moe"
 FLOORS = [
     {"models", "weights", "parsers"},
-    {"recipes", "synthetic", "streaming", "distributed", "upload", "constrain"},
+    {"recipes", "synthetic", "streaming", "distributed", "upload", "constrain", "thinking"},
     {"loading", "convert", "prefill"},
     {"mtp"},
     {"generate", "prompt_cache", "mtp_batch"},

@@ -257,3 +257,36 @@ def test_sampling_keeps_the_distribution():
     assert 0.5 * np.abs(counts / counts.sum() - exact).sum() < 0.05
     assert 0.05 < generator.stats.acceptance < 0.9  # both branches ran
     assert math.isclose(exact.sum(), 1, rel_tol=1e-5)
+
+
+def test_removed_rows_hand_back_caches_that_continue(attending):
+    """Rows removed mid-flight, one still prefilling its prompt and one decoding, hand back
+    caches (main and MTP parts) that a later request continues from as from a fresh prefill;
+    the row left goes on as alone."""
+    model, tokenizer = attending
+    short, other, long = prompts(tokenizer, 3)
+    generator = MTPBatchGenerator(model, num_draft=2, prefill_step_size=8)
+    uids = generator.insert([short, other], [40, 12], [make_cache(model), make_cache(model)])
+    out: dict[int, list[int]] = {u: [] for u in uids}
+
+    def step():
+        for r in generator.next()[1]:
+            out[r.uid].append(r.token)
+
+    for _ in range(5):
+        step()
+    [late] = generator.insert([long], [10], [make_cache(model)])
+    [row] = [r for r in generator._prefilling if r.uid == late]
+    while not row.cache[0].offset:  # until the long prompt is in, in part
+        step()
+    caches = generator.remove([uids[0], late], return_prompt_caches=True)
+    for _ in range(100):
+        step()
+    assert out[uids[1]] == [r.token for r in stream_generate(model, tokenizer, other, 12)]
+    for cache, tokens in caches.values():
+        assert 0 < len(tokens) and tokens == cache[-1].tokens
+        rest = tokenizer.encode(" the end")
+        fresh = [r.token for r in stream_generate(model, tokenizer, tokens + rest, 8, mtp=True)]
+        again = stream_generate(model, tokenizer, rest, 8, prompt_cache=cache, mtp=True)
+        assert [r.token for r in again] == fresh
+    assert caches[late][1] == long[: len(caches[late][1])] and len(caches[late][1]) < len(long)

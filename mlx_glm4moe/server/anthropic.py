@@ -432,6 +432,7 @@ def prepare(engine: Engine, req: MessagesRequest, loop: asyncio.AbstractEventLoo
         parallel=chat["parallel"],
         response_format=response_format(req.output_config),
         pin_cache=has_cache_control(req),
+        thinking_budget=req.thinking.budget_tokens if req.thinking else None,
     )
 
 

@@ -81,6 +81,7 @@ def create_app(
     prefill_step_size: int = 512,
     mtp: bool = False,
     num_draft: int = 1,
+    thinking_budget: int | None = None,
 ) -> FastAPI:
     """The server as an ASGI app (serve it with uvicorn).
 
@@ -101,6 +102,8 @@ def create_app(
         decode_concurrency, prompt_concurrency, prefill_step_size: the batching engine's
             limits (`batch.BatchEngine`).
         mtp, num_draft: MTP speculative decoding in the batched steps (`mtp_batch`).
+        thinking_budget: the most reasoning tokens of requests that set no budget (None: no
+            cap; `thinking.py`).
     """
     prompt_cache = None
     if prompt_cache_bytes > 0:
@@ -119,6 +122,7 @@ def create_app(
         sampling=sampling,
         prompt_cache=prompt_cache,
         sampler_factory=sampler_factory,
+        thinking_budget=thinking_budget,
         batch_kwargs={
             "decode_concurrency": decode_concurrency,
             "prompt_concurrency": prompt_concurrency,
@@ -256,6 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--num-draft", type=int, default=1, help="Tokens drafted per MTP step.")
     p.add_argument(
+        "--thinking-budget",
+        type=int,
+        help="Most reasoning tokens for requests that set no budget, then </think> is forced "
+        "(default: no cap).",
+    )
+    p.add_argument(
         "--expert-slots", type=int, help="Stream routed experts from disk, N per layer in memory."
     )
     p.add_argument("--log-level", default="info")
@@ -266,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("need --temp >= 0, 0 < --top-p <= 1, --top-k >= 0, 0 <= --min-p <= 1")
     if a.num_draft < 1:
         p.error("--num-draft must be at least 1")
+    if a.thinking_budget is not None and a.thinking_budget < 0:
+        p.error("--thinking-budget must be at least 0")
     if a.prompt_cache_gb < 0 or a.prompt_cache_size < 1 or a.prompt_cache_disk_gb < 0:
         p.error("need --prompt-cache-gb, --prompt-cache-disk-gb >= 0, --prompt-cache-size >= 1")
     decode_concurrency = a.decode_concurrency or 8
@@ -296,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         prefill_step_size=a.prefill_step_size,
         mtp=a.mtp,
         num_draft=a.num_draft,
+        thinking_budget=a.thinking_budget,
     )
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
 

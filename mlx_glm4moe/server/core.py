@@ -28,6 +28,7 @@ from ..chat import PromptCache, Reply, render_prompt
 from ..constrain import ConstraintError, Constraints
 from ..generate import Sampler, encode
 from ..models import Model
+from ..thinking import budget_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -220,6 +221,8 @@ class Job:
     grammar: str | None = None
     # Keep this prompt's cache entry ahead of plain ones (Anthropic's cache_control).
     pin_cache: bool = False
+    # The most reasoning tokens before </think> is forced (`thinking.budget_for`; None: no cap).
+    thinking_budget: int | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -274,8 +277,10 @@ class Engine:
         prompt_cache: PromptCache | None = None,
         sampler_factory: SamplerFactory | None = None,
         batch_kwargs: dict[str, Any] | None = None,
+        thinking_budget: int | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.thinking_budget = thinking_budget  # for requests that set none
         self.context_length = model.args.max_position_embeddings
         self.max_tokens = max_tokens
         self.sampling = {"temp": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, **(sampling or {})}
@@ -319,11 +324,13 @@ class Engine:
         parallel: bool = True,
         response_format: dict | None = None,
         pin_cache: bool = False,
+        thinking_budget: int | None = None,
     ) -> Job:
         """Check a chat request against the model (tools, context length, what it asks to
         enforce) and make its job. `tool_choice` is "auto", "none", "required" or a function
         name; `response_format` is chat completions' (see `Job`); `pin_cache` keeps the
-        prompt's cache entry ahead of plain ones."""
+        prompt's cache entry ahead of plain ones; `thinking_budget` caps the reasoning (None:
+        the server's default)."""
         names = {t["function"]["name"] for t in tools or ()}
         if tool_choice not in (None, "auto", "none", "required") and tool_choice not in names:
             raise APIError(
@@ -349,11 +356,17 @@ class Engine:
         except ValueError as e:  # the chat template rejects these messages
             raise APIError(400, str(e), "messages") from None
         tokens = encode(self.tokenizer, prompt)
+        max_tokens = self.room(len(tokens), max_tokens, "messages", "messages")
+        if enable_thinking:
+            constrained = grammar is not None
+            thinking_budget = budget_for(
+                thinking_budget, self.thinking_budget, max_tokens, constrained
+            )
         return Job(
             request=request,
             tokens=tokens,
             prompt=prompt,
-            max_tokens=self.room(len(tokens), max_tokens, "messages", "messages"),
+            max_tokens=max_tokens,
             stop=stop,
             sampling=sampling,
             loop=loop,
@@ -366,6 +379,7 @@ class Engine:
             parallel=parallel,
             grammar=grammar,
             pin_cache=pin_cache,
+            thinking_budget=thinking_budget if enable_thinking else None,
         )
 
     def submit(self, job: Job) -> None:
@@ -379,6 +393,7 @@ class Engine:
                 top_logprobs=job.top_logprobs,
                 cancel=job.cancel,
                 pin_cache=job.pin_cache,
+                thinking_budget=job.thinking_budget,
             )
         )
 

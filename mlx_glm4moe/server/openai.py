@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..chat import StopText
 from ..generate import encode
+from ..thinking import EFFORT_BUDGETS, THINKING_OFF
 from .core import (
     APIError,
     Engine,
@@ -120,6 +121,7 @@ class ChatRequest(_Generation):
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
 
 class CompletionRequest(_Generation):
@@ -166,7 +168,8 @@ def prepare_chat(engine: Engine, req: ChatRequest, loop: asyncio.AbstractEventLo
         messages=messages,
         tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
         tool_choice=choice.function.name if isinstance(choice, NamedToolChoice) else choice,
-        enable_thinking=thinking,
+        enable_thinking=thinking and req.reasoning_effort not in THINKING_OFF,
+        thinking_budget=EFFORT_BUDGETS.get(req.reasoning_effort),
         max_tokens=req.max_completion_tokens or req.max_tokens,
         stop=stop_list(req.stop),
         sampling=_sampling(req),

@@ -18,8 +18,8 @@ sub-agent and MCP tools) whose functions the model sees under Codex's flat name
 `namespace` apart, which is how Codex routes it. Hosted tools (`web_search`, `file_search`,
 `custom`, ...) cannot run here: they are left out of the prompt and logged once per type.
 
-`reasoning.effort` "none" or "minimal" turns thinking off; any other effort, or none given,
-leaves it on (GLM has one switch, no budget).
+`reasoning.effort` "none" or "minimal" turns thinking off; "low", "medium" and "high" cap the
+reasoning (`thinking.EFFORT_BUDGETS`); none given leaves it on, uncapped.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from ..thinking import EFFORT_BUDGETS, THINKING_OFF
 from .anthropic import signature
 from .core import (
     APIError,
@@ -53,7 +54,6 @@ from .core import (
 )
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
-THINKING_OFF = ("none", "minimal")
 
 # -- request schema -----------------------------------------------------------------------------
 
@@ -363,6 +363,7 @@ def prepare(
         tools=tools,
         tool_choice=_tool_choice(req),
         enable_thinking=effort not in THINKING_OFF,
+        thinking_budget=EFFORT_BUDGETS.get(effort),
         # Without a limit the answer may fill what the context leaves (`Engine.room`).
         max_tokens=req.max_output_tokens or engine.context_length,
         stop=[],
