@@ -40,7 +40,7 @@ from mlx_lm.generate import StopSequences, generation_stream
 from mlx_lm.models.cache import BatchKVCache, CacheList, KVCache, dynamic_roll
 
 from .models import Model
-from .mtp import MTPCache, MTPStats, prefill_steps, split_cache
+from .mtp import CLEAR_CACHE_EVERY, MTPCache, MTPStats, prefill_steps, split_cache
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -270,6 +270,8 @@ class MTPBatchGenerator:
         greedy = mx.argmax(logprobs, axis=-1)
         mx.eval(greedy, drafts, fed, hidden)
         self.stats.main_passes += 1
+        if self.stats.main_passes % CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
         greedy_rows, draft_rows, fed_rows = greedy.tolist(), drafts.tolist(), fed[:, 0].tolist()
 
         responses: list[Response] = []

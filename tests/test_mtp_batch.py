@@ -290,3 +290,25 @@ def test_removed_rows_hand_back_caches_that_continue(attending):
         again = stream_generate(model, tokenizer, rest, 8, prompt_cache=cache, mtp=True)
         assert [r.token for r in again] == fresh
     assert caches[late][1] == long[: len(caches[late][1])] and len(caches[late][1]) < len(long)
+
+
+@pytest.mark.parametrize(
+    ("flags", "mtp"),
+    [
+        ([], False),  # full batches: MTP loses on the CPU (see the README's table)
+        (["--decode-concurrency", "1"], True),  # alone it pays
+        (["--mtp"], True),  # with every concurrency
+        (["--no-mtp", "--decode-concurrency", "1"], False),
+    ],
+)
+def test_server_mtp_switch(monkeypatch, flags, mtp):
+    import uvicorn
+
+    from mlx_glm4moe.server import app
+
+    made = {}
+    monkeypatch.setattr(app, "create_app", lambda *a, **kw: made.update(kw))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    app.main(flags)  # the bundled demo model, which has the layer
+    assert made["mtp"] is mtp
+    assert made["decode_concurrency"] == (1 if "1" in flags else 8)

@@ -218,3 +218,19 @@ def test_a_forced_call_keeps_room_for_its_answer(demo):
     [call] = message["tool_calls"]
     jsonschema.validate(json.loads(call["function"]["arguments"]), POINT)
     assert r["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_server_flag(monkeypatch):
+    import uvicorn
+
+    from mlx_glm4moe.server import app
+
+    made = {}
+    monkeypatch.setattr(app, "create_app", lambda *a, **kw: made.update(kw))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    app.main(["--thinking-budget", "300"])
+    assert made["thinking_budget"] == 300
+    app.main([])
+    assert made["thinking_budget"] is None
+    with pytest.raises(SystemExit):
+        app.main(["--thinking-budget", "-1"])

@@ -7,10 +7,12 @@ decode step for 1, 2, 4 and 8 concurrent clients on one server, in one run.
         [--expert-slots N]
 
 With `--mtp`, two servers on the same weights, without and with MTP, take the levels in turn
-(so drifting machine load hits both alike), and the table also gives MTP's acceptance (drafts
-accepted / drafted, from /metrics); `--synthetic A` builds a model whose MTP layer is right on
-a share A of tokens (`bench mtp --synthetic`). With `--expert-slots`, experts stream from disk
-and each row also gives the expert bytes read per generated token (decode only).
+(so drifting machine load hits both alike); the table gives tokens/s by wall time and by the
+process's CPU time (steadier on a shared machine: the clients run in the process too, alike for
+both) and MTP's acceptance (drafts accepted / drafted, from /metrics). `--synthetic A` builds
+a model whose MTP layer is right on a share A of tokens (`bench mtp --synthetic`). With
+`--expert-slots`, experts stream from disk and each row also gives the expert bytes read per
+generated token (decode only).
 
 Each client sends `--rounds` chat requests one after another (greedy, thinking off, a different
 prompt each time, `--tokens` tokens each); the levels run in turn, the whole sequence
@@ -79,10 +81,10 @@ def level(url: str, clients: int, rounds: int, tokens: int, tag: str, model=None
 
     streams = model is not None and streaming.streams_experts(model)
     before, read = metrics(url), streaming.stats(model) if streams else None
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(clients) as pool:
         results = [r for rs in pool.map(client, range(clients)) for r in rs]
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     after = metrics(url)
     generated = sum(n for _, n in results)
 
@@ -91,6 +93,7 @@ def level(url: str, clients: int, rounds: int, tokens: int, tag: str, model=None
 
     out = {
         "tps": generated / wall,
+        "cpu_tps": generated / cpu,
         "latency": statistics.median(s for s, _ in results),
         "per_step": generated / delta("decode_steps_total"),
         "acceptance": delta("draft_accepted_total") / max(delta("draft_tokens_total"), 1),
@@ -171,13 +174,16 @@ def main() -> None:
             )
         return
     streams = streaming.streams_experts(model)
-    columns = ["clients", "tokens/s plain", "MTP", "MTP/plain", "tokens/step plain", "MTP"]
+    columns = ["clients", "tokens/s plain", "MTP", "MTP/plain", "by CPU time: plain", "MTP"]
+    columns += ["MTP/plain", "tokens/step plain", "MTP"]
     columns += ["MTP acceptance"] + (["MB read/token plain", "MTP"] if streams else [])
     print("| " + " | ".join(columns) + " |")
     print("|" + "--:|" * len(columns))
     for n in a.levels:
         plain, spec = med(False, n, "tps"), med(True, n, "tps")
         cells = [str(n), f"{plain:.1f}", f"{spec:.1f}", f"{spec / plain:.2f}x"]
+        plain, spec = med(False, n, "cpu_tps"), med(True, n, "cpu_tps")
+        cells += [f"{plain:.1f}", f"{spec:.1f}", f"{spec / plain:.2f}x"]
         cells += [f"{med(m, n, 'per_step'):.2f}" for m in (False, True)]
         cells.append(f"{med(True, n, 'acceptance'):.2f}")
         if streams:

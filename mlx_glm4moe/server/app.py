@@ -255,8 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--mtp",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="MTP speculative decoding, in batched steps (default: off).",
+        help="MTP speculative decoding, in batched steps (default: on when the checkpoint has the "
+        "layer and --decode-concurrency is 1: measured, it pays alone and loses in full batches "
+        "on the CPU; see the README).",
     )
     p.add_argument("--num-draft", type=int, default=1, help="Tokens drafted per MTP step.")
     p.add_argument(
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     if a.mtp and model.mtp is None:
         raise SystemExit("error: --mtp: this checkpoint has no MTP layer")
+    mtp = a.mtp if a.mtp is not None else model.mtp is not None and decode_concurrency == 1
     app = create_app(
         model,
         tokenizer,
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         decode_concurrency=decode_concurrency,
         prompt_concurrency=a.prompt_concurrency,
         prefill_step_size=a.prefill_step_size,
-        mtp=a.mtp,
+        mtp=mtp,
         num_draft=a.num_draft,
         thinking_budget=a.thinking_budget,
     )
