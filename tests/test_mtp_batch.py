@@ -312,3 +312,22 @@ def test_server_mtp_switch(monkeypatch, flags, mtp):
     app.main(flags)  # the bundled demo model, which has the layer
     assert made["mtp"] is mtp
     assert made["decode_concurrency"] == (1 if "1" in flags else 8)
+
+
+def test_streamed_experts(air_q4):
+    """Experts streamed from disk (two slots a layer): MTP in the batch, prompts prefilled layer
+    by layer with their MTP pairs, gives plain decoding's tokens (the weights are the resident
+    model's)."""
+    resident, tokenizer = load(air_q4)
+    model, _ = load(air_q4, expert_slots=2)
+    asks = prompts(tokenizer, 3)
+    expected = [[r.token for r in stream_generate(resident, tokenizer, p, 10)] for p in asks]
+    engine = BatchEngine(model, tokenizer, decode_concurrency=3, mtp=True)
+    try:
+        events = [queue.SimpleQueue() for _ in asks]
+        for p, q in zip(asks, events, strict=True):
+            engine.submit(Request(p, 10, q.put, top_logprobs=0))
+        assert [collect(q)[0] for q in events] == expected
+        assert engine.metrics.draft_tokens_total > 0
+    finally:
+        engine.close()
