@@ -324,6 +324,7 @@ class MTPBatchGenerator:
         ends the sequence; that one's index, None when the sequence goes on."""
         for j, token in enumerate(tokens):
             row.generated += 1
+            self.stats.tokens += 1
             finish = None
             if row.stop.advance(token):
                 finish = "stop"

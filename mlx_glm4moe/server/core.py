@@ -357,11 +357,9 @@ class Engine:
             raise APIError(400, str(e), "messages") from None
         tokens = encode(self.tokenizer, prompt)
         max_tokens = self.room(len(tokens), max_tokens, "messages", "messages")
+        budget = None
         if enable_thinking:
-            constrained = grammar is not None
-            thinking_budget = budget_for(
-                thinking_budget, self.thinking_budget, max_tokens, constrained
-            )
+            budget = budget_for(thinking_budget, self.thinking_budget, max_tokens, bool(grammar))
         return Job(
             request=request,
             tokens=tokens,
@@ -379,7 +377,7 @@ class Engine:
             parallel=parallel,
             grammar=grammar,
             pin_cache=pin_cache,
-            thinking_budget=thinking_budget if enable_thinking else None,
+            thinking_budget=budget,
         )
 
     def submit(self, job: Job) -> None:
