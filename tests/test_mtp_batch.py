@@ -6,6 +6,7 @@ different numbers of drafts each step) with small random attention outputs added
 cache entry of every row, main and MTP layers alike, moves the logits: a row rewound by another
 row's count changes its log-probabilities and its drafts."""
 
+import itertools
 import math
 import queue
 import time
@@ -21,7 +22,7 @@ from test_mtp import chi2_threshold, tiny_model
 from mlx_glm4moe.batch import BatchEngine, Request
 from mlx_glm4moe.chat import PromptCache
 from mlx_glm4moe.convert import convert
-from mlx_glm4moe.generate import stream_generate
+from mlx_glm4moe.generate import generate_step, stream_generate
 from mlx_glm4moe.loading import load
 from mlx_glm4moe.mtp import make_cache
 from mlx_glm4moe.mtp_batch import MTPBatchGenerator, rewind
@@ -214,11 +215,14 @@ def test_rewind_drops_each_rows_own_count():
 def test_sampling_keeps_the_distribution():
     """Speculative sampling in the batch (greedy drafts, so q is one-hot: a draft x is kept with
     probability p(x), else the token comes from p without x) keeps plain decoding's distribution.
-    N = 2000 three-token continuations of one prompt, eight rows at a time that join at
+    N = 2000 seeded three-token continuations of one prompt, eight rows at a time that join at
     different steps, two drafts per step: the third token's frequencies against its exact
     distribution under plain decoding (summed over the first two). With 5 tokens the total
     variation's sampling noise is about 0.5 * sum_i sqrt(2 p_i / (pi N)) <= 0.02, so TV < 0.05
-    holds by more than five standard deviations; chi-square at p ~ 1e-4 too."""
+    holds by more than five standard deviations; chi-square at p ~ 1e-4 too. Each emitted token
+    is one draw from its position's distribution, in order, so with a random stream reseeded per
+    draw, 64 sixteen-token samples are plain decoding's with the same seeds, token for token
+    (what a row rewound by another row's count breaks; the distribution alone barely moves)."""
     model, temp, prompt = tiny_model(), 1.0, [1, 4, 2]
     V = model.args.vocab_size
 
@@ -232,31 +236,48 @@ def test_sampling_keeps_the_distribution():
         for b in range(V):
             exact += p1[a] * p2[b] * probs(prompt + [a, b])
 
-    def sample(logprobs):
-        return mx.random.categorical(logprobs / temp)
+    def seeded(seed):
+        draws = itertools.count()
 
-    mx.random.seed(0)
-    n, counts = 2000, np.zeros(V)
-    generator = MTPBatchGenerator(model, num_draft=2, prefill_batch_size=8)
-    generated: dict[int, list[int]] = {}
-    while sum(counts) < n:
-        for uid in generator.insert(
-            [prompt] * (8 - len(generated)),
-            [3] * (8 - len(generated)),
-            [make_cache(model) for _ in range(8 - len(generated))],
-            samplers=[sample] * (8 - len(generated)),
-        ):
-            generated[uid] = []
-        for r in generator.next()[1]:
-            generated[r.uid].append(r.token)
-            if r.finish_reason:
-                counts[generated.pop(r.uid)[2]] += 1
-    expected = exact * counts.sum()
+        def sample(logprobs):
+            mx.random.seed(seed * 1000 + next(draws))
+            return mx.random.categorical(logprobs.reshape(1, -1) / temp)
+
+        return sample
+
+    def run(n, max_tokens):
+        """{seed: tokens} for seeds 0..n-1, eight rows at a time."""
+        generator = MTPBatchGenerator(model, num_draft=2, prefill_batch_size=8)
+        running: dict[int, tuple[int, list[int]]] = {}  # uid: (seed, tokens)
+        samples: dict[int, list[int]] = {}
+        while len(samples) < n:
+            seeds = range(len(samples) + len(running), min(len(samples) + 8, n))
+            uids = generator.insert(
+                [prompt] * len(seeds),
+                [max_tokens] * len(seeds),
+                [make_cache(model) for _ in seeds],
+                samplers=[seeded(seed) for seed in seeds],
+            )
+            running |= {uid: (seed, []) for uid, seed in zip(uids, seeds, strict=True)}
+            for r in generator.next()[1]:
+                running[r.uid][1].append(r.token)
+                if r.finish_reason:
+                    seed, tokens = running.pop(r.uid)
+                    samples[seed] = tokens
+        return samples, generator.stats.acceptance
+
+    n = 2000
+    samples, acceptance = run(n, 3)
+    counts = np.bincount([tokens[2] for tokens in samples.values()], minlength=V)
+    expected = exact * n
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert chi2 < chi2_threshold(V - 1)
-    assert 0.5 * np.abs(counts / counts.sum() - exact).sum() < 0.05
-    assert 0.05 < generator.stats.acceptance < 0.9  # both branches ran
+    assert 0.5 * np.abs(counts / n - exact).sum() < 0.05
+    assert 0.05 < acceptance < 0.9  # both branches ran
     assert math.isclose(exact.sum(), 1, rel_tol=1e-5)
+    for seed, tokens in run(64, 16)[0].items():
+        plain = generate_step(mx.array(prompt), model, max_tokens=16, sampler=seeded(seed))
+        assert [t for t, _ in plain] == tokens
 
 
 def test_removed_rows_hand_back_caches_that_continue(attending):
