@@ -22,9 +22,9 @@ engine's thread end anyway, every request it holds and every later one gets an e
 `alive` turns False. At most `max_queue` requests wait; past that `submit` raises `QueueFull`.
 `close()` cancels running requests at their next step (a streamed prefill between layers).
 
-MTP does not run in batched steps (each sequence would accept a different number of drafts,
-and the batch cache rewinds all rows together). With `mtp=True` the engine serves one request
-at a time with `stream_generate(..., mtp=True)` instead.
+With `mtp=True` the steps are MTP speculative ones (`mtp_batch.MTPBatchGenerator`, the same
+interface): every row drafts with the MTP layer, one pass verifies all rows, and each row keeps
+its own number of tokens.
 """
 
 from __future__ import annotations
@@ -43,11 +43,13 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .generate import Sampler, stream_generate
+from .generate import Sampler
 from .models import Model
-from .mtp import make_cache
+from .mtp import MTPStats, make_cache
+from .mtp_batch import MTPBatchGenerator
 from .prefill import PrefillCancelled, prefill
 from .streaming import streams_experts
+from .thinking import ThinkingBudget
 
 log = logging.getLogger("mlx_glm4moe.batch")
 
@@ -92,6 +94,8 @@ class Request:
     each token event carries ``{"logprob": float, "top": [(token, logprob), ...]}``, else None.
     Setting `cancel` stops the request between steps. `pin_cache` keeps the request's cache
     entry ahead of plain ones (the client marked its prefix as one it sends again).
+    `thinking_budget` caps the reasoning's tokens, then forces ``</think>``
+    (`thinking.ThinkingBudget`).
     """
 
     tokens: list[int]
@@ -102,6 +106,7 @@ class Request:
     top_logprobs: int | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     pin_cache: bool = False
+    thinking_budget: int | None = None
 
 
 @dataclass
@@ -114,6 +119,8 @@ class Metrics:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     decode_steps_total: int = 0
+    draft_tokens_total: int = 0
+    draft_accepted_total: int = 0
     batch_size: int = 0
 
 
@@ -173,7 +180,8 @@ class BatchEngine:
         prompt_concurrency: the most prompts prefilled together in one chunked pass.
         prefill_step_size: prompt tokens per sequence per step.
         prompt_cache: a `chat.PromptCache` (or None).
-        mtp, num_draft: serve requests one at a time with MTP speculative decoding.
+        mtp, num_draft: MTP speculative decoding, `num_draft` tokens drafted per row and step
+            (mtp None: when the model has the layer).
         max_queue: the most requests waiting to start; `submit` refuses more.
     """
 
@@ -186,16 +194,18 @@ class BatchEngine:
         prompt_concurrency: int = 1,
         prefill_step_size: int = 512,
         prompt_cache: PromptStore | None = None,
-        mtp: bool = False,
+        mtp: bool | None = False,
         num_draft: int = 1,
         max_queue: int = MAX_QUEUE,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.decode_concurrency = 1 if mtp else decode_concurrency
+        self.decode_concurrency = decode_concurrency
         self.prompt_concurrency = min(prompt_concurrency, self.decode_concurrency)
         self.prefill_step_size = prefill_step_size
         self.prompt_cache = prompt_cache
-        self.mtp, self.num_draft = mtp, num_draft
+        self.mtp = model.mtp is not None if mtp is None else mtp
+        self.num_draft = num_draft
+        self.mtp_stats = MTPStats(num_draft)
         self.max_queue = max_queue
         self.metrics = Metrics()
         self._stops = StopSequences([[t] for t in tokenizer.eos_token_ids])
@@ -268,12 +278,6 @@ class BatchEngine:
             self._receive(block=not self._running and not self._waiting)
             if self._closed:
                 return
-            if self.mtp:
-                if self._waiting:
-                    self._starting = self._take()
-                    self._run_alone(self._starting)
-                    self._starting = None
-                continue
             self._admit(generator)
             if not self._running:
                 continue
@@ -308,7 +312,15 @@ class BatchEngine:
             request = self._take()
             _emit(request, event(len(request.tokens)))
 
-    def _new_generator(self) -> BatchGenerator:
+    def _new_generator(self) -> BatchGenerator | MTPBatchGenerator:
+        if self.mtp:
+            return MTPBatchGenerator(
+                self.model,
+                num_draft=self.num_draft,
+                prefill_batch_size=self.prompt_concurrency,
+                prefill_step_size=self.prefill_step_size,
+                stats=self.mtp_stats,
+            )
         return BatchGenerator(
             self.model,
             sampler=_greedy,
@@ -344,6 +356,10 @@ class BatchEngine:
             return None
         sampler = request.make_sampler()
         sampler = _greedy if sampler is None else _OwnRandom(sampler, request.seed)
+        if request.thinking_budget is not None:
+            sampler = ThinkingBudget(
+                sampler, request.thinking_budget, self.tokenizer, request.tokens
+            )
         lent = 0
         if self.prompt_cache is not None:
             cache, rest, cached = self.prompt_cache.fetch(request.tokens)
@@ -375,9 +391,10 @@ class BatchEngine:
             return
         cache, rest, state = started
         try:
-            if streams_experts(self.model) and len(rest) > 1:
+            if streams_experts(self.model) and len(rest) > 1 and not self.mtp:
                 # Layer by layer, reading each streamed expert once, not once per chunk; the
-                # running sequences wait for it.
+                # running sequences wait for it. (MTP's prefill does so itself, with the MTP
+                # layer's part.)
                 prefill(
                     self.model,
                     mx.array(rest[:-1]),
@@ -424,7 +441,9 @@ class BatchEngine:
         _, responses = generator.next()
         if responses:
             self.metrics.decode_steps_total += 1
-            self.metrics.batch_size = len(responses)
+            self.metrics.batch_size = len({r.uid for r in responses})
+            self.metrics.draft_tokens_total = sum(self.mtp_stats.drafted)
+            self.metrics.draft_accepted_total = sum(self.mtp_stats.accepted)
         for r in responses:
             try:
                 self._on_token(r)
@@ -480,59 +499,6 @@ class BatchEngine:
             _emit(state.request, state.done(finish))
         self.metrics.requests_running = len(self._running)
         if not self._running:
-            self.metrics.batch_size = 0
-
-    def _run_alone(self, request: Request) -> None:
-        """One request with MTP speculative decoding (`stream_generate`)."""
-        try:
-            started = self._start(request)
-        except Exception:
-            log.exception("a request failed to start")
-            _emit(request, {"type": "error", "message": FAILED})
-            return
-        if started is None:
-            return
-        cache, rest, state = started
-        self.metrics.requests_running = 1
-        self.metrics.batch_size = 1
-        tokens = list(request.tokens)
-        finish = None
-        try:
-            for r in stream_generate(
-                self.model,
-                self.tokenizer,
-                rest,
-                request.max_tokens,
-                sampler=state.sampler,
-                prompt_cache=cache,
-                cancel=request.cancel,
-                mtp=True,
-                num_draft=self.num_draft,
-            ):
-                tokens.append(r.token)
-                state.generated += 1
-                self.metrics.generation_tokens_total += 1
-                self.metrics.decode_steps_total += not r.from_draft
-                request.emit(
-                    {
-                        "type": "token",
-                        "token": r.token,
-                        "text": r.text,
-                        "logprobs": _logprobs(r.logprobs, r.token, request.top_logprobs),
-                    }
-                )
-                finish = r.finish_reason
-                if self._stopping.is_set():
-                    request.cancel.set()  # close(): stream_generate ends at the next token
-            self._store(state, tokens, cache)
-        except Exception:
-            log.exception("generation failed")
-            _emit(request, {"type": "error", "message": FAILED})
-        else:
-            _emit(request, state.done(finish or "length"))
-        finally:
-            self._release(state)
-            self.metrics.requests_running = 0
             self.metrics.batch_size = 0
 
 

@@ -17,8 +17,9 @@ Run `python -m mlx_glm4moe.bench mtp --synthetic 0.8` for the benchmark.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
@@ -30,6 +31,7 @@ from .prefill import prefill, prefill_mtp
 from .streaming import prefilling, streams_experts
 
 Sampler = Callable[[mx.array], mx.array]
+T = TypeVar("T")
 # A long decode returns MLX's cached buffers to the system this often (tokens), as mlx-lm does.
 CLEAR_CACHE_EVERY = 256
 
@@ -165,6 +167,65 @@ def _logprobs(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def prefill_steps(
+    model: Model, prompt: list[int], cache: list, prefill_step_size: int = 2048
+) -> Generator[None, None, tuple[mx.array, mx.array]]:
+    """Feed `prompt` into an MTP prompt cache (from `make_cache(model)`, possibly holding a
+    prefix), one chunk per iteration, so a caller can interleave other work; returns the last
+    token's logits `(vocab,)` and final hidden state `(1, 1, hidden)`. The main cache then holds
+    the whole sequence and the MTP cache one pair fewer (the last token's pair needs the token
+    after it)."""
+    if model.mtp is None:
+        raise ValueError("This checkpoint has no MTP layer (its weights are absent)")
+    if not prompt:
+        raise ValueError("The prompt is empty")
+    main, mcache = split_cache(model, cache)
+    if mcache is None:
+        raise ValueError("MTP decoding needs a prompt cache from mtp.make_cache(model)")
+    cached = main[0].offset
+    if len(mcache.tokens) != cached or mcache.offset > max(cached - 1, 0):
+        raise ValueError(
+            "The prompt cache's MTP part is out of step with its main part (was it used "
+            "without mtp?); make a new one with mtp.make_cache(model)"
+        )
+    mtp = model.mtp
+    seq = mcache.tokens
+    seq.extend(prompt)
+    # Re-feed what the MTP layer has not paired yet (see MTPCache).
+    pos = mcache.offset
+    trim_prompt_cache(main, cached - pos)
+
+    # Prefill all but the last token in chunks; pair p of the MTP layer needs seq[p + 1], which
+    # the chunk never reaches past. Work runs on mlx-lm's generation stream (see generate_step).
+    # Streamed experts go layer by layer (see prefill.py).
+    if streams_experts(model) and len(seq) - pos > 1:
+        h = prefill(model, mx.array(seq[pos:-1]), main, prefill_step_size, hidden=True)
+        prefill_mtp(model, mx.array(seq[pos + 1 :]), h, mcache, prefill_step_size)
+        pos = len(seq) - 1
+        yield
+    while len(seq) - pos > 1:
+        n = min(prefill_step_size, len(seq) - pos - 1)
+        with mx.stream(generation_stream), prefilling(model):
+            _, h = model(mx.array(seq[pos : pos + n])[None], cache=main, return_hidden=True)
+            mtp.predict(mx.array(seq[pos + 1 : pos + n + 1])[None], h, mcache)
+        mx.eval([c.state for c in cache])
+        pos += n
+        mx.clear_cache()
+        yield
+    with mx.stream(generation_stream):
+        logits, h = model(mx.array(seq[-1:])[None], cache=main, return_hidden=True)
+    return logits[0, -1], h
+
+
+def finish(steps: Generator[None, None, T]) -> T:
+    """Run a generator of steps (`prefill_steps`) to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def mtp_generate_step(
     prompt: list[int],
     model: Model,
@@ -183,50 +244,18 @@ def mtp_generate_step(
     generator stops, early or not, the main cache holds what plain decoding's would: the prompt
     and every token yielded, except a last one that reached `max_tokens`.
     """
-    if model.mtp is None:
-        raise ValueError("This checkpoint has no MTP layer (its weights are absent)")
     if num_draft < 1:
         raise ValueError("num_draft must be at least 1")
-    if not prompt:
-        raise ValueError("The prompt is empty")
     sampling = sampling or MatchSampling(greedy_sampler)
     stats = stats if stats is not None else MTPStats(num_draft)
     cache = prompt_cache if prompt_cache is not None else make_cache(model)
+    logits, pending_h = finish(prefill_steps(model, prompt, cache, prefill_step_size))
     main, mcache = split_cache(model, cache)
-    if mcache is None:
-        raise ValueError("MTP decoding needs a prompt cache from mtp.make_cache(model)")
-    cached = main[0].offset
-    if len(mcache.tokens) != cached or mcache.offset > max(cached - 1, 0):
-        raise ValueError(
-            "The prompt cache's MTP part is out of step with its main part (was it used "
-            "without mtp?); make a new one with mtp.make_cache(model)"
-        )
     mtp = model.mtp
     seq = mcache.tokens  # the tokens in the main cache, kept in step with it
-    seq.extend(prompt)
-    # Re-feed what the MTP layer has not paired yet (see MTPCache).
-    pos = mcache.offset
-    trim_prompt_cache(main, cached - pos)
-
-    # Prefill all but the last token in chunks; pair p of the MTP layer needs seq[p + 1], which
-    # the chunk never reaches past. Work runs on mlx-lm's generation stream (see generate_step).
-    # Streamed experts go layer by layer (see prefill.py).
-    if streams_experts(model) and len(seq) - pos > 1:
-        h = prefill(model, mx.array(seq[pos:-1]), main, prefill_step_size, hidden=True)
-        prefill_mtp(model, mx.array(seq[pos + 1 :]), h, mcache, prefill_step_size)
-        pos = len(seq) - 1
-    while len(seq) - pos > 1:
-        n = min(prefill_step_size, len(seq) - pos - 1)
-        with mx.stream(generation_stream), prefilling(model):
-            _, h = model(mx.array(seq[pos : pos + n])[None], cache=main, return_hidden=True)
-            mtp.predict(mx.array(seq[pos + 1 : pos + n + 1])[None], h, mcache)
-        mx.eval([c.state for c in cache])
-        pos += n
-        mx.clear_cache()
     base = len(seq)
     with mx.stream(generation_stream):
-        logits, pending_h = model(mx.array(seq[-1:])[None], cache=main, return_hidden=True)
-        logprobs = _logprobs(logits[0, -1])
+        logprobs = _logprobs(logits)
         y = sampling.draw(logprobs)[0]
     stats.main_passes += 1
     token = y.item()

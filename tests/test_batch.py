@@ -339,7 +339,7 @@ def test_long_prompt_prefills_between_decode_steps(loaded):
     assert seen.index(("short", "done")) < seen.index(("long", "token"))
 
 
-def test_mtp_serves_one_at_a_time(loaded):
+def test_mtp_decodes_with_the_prompt_cache(loaded):
     model, tokenizer = loaded
     assert model.mtp is not None
     asks = prompts(tokenizer, 2)

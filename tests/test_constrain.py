@@ -375,18 +375,36 @@ def test_arguments_read_back_as_their_schema_says(demo):
         jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
 
 
-def test_no_constraint_with_mtp(demo):
-    """MTP drafts tokens ahead of the grammar: a constrained request is a 400, not ignored."""
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"response_format": json_format(PET), **thinking(False)},
+        {"response_format": json_format(POINT), **thinking(True)},
+        {"tools": TOOLS, "tool_choice": "required", **thinking(False)},
+    ],
+)
+def test_constrained_mtp_equals_plain(demo, extra):
+    """With MTP, in a batch, a constrained greedy answer is the one without MTP: a draft the
+    grammar forbids is rejected, and the grammar sees only the tokens kept."""
     model, tokenizer = demo
-    app = create_app(model, tokenizer, mtp=True, decode_concurrency=1, prompt_cache_bytes=0)
-    with TestClient(app) as http:
-        body = {"messages": ASK_WEATHER, "max_tokens": 4}
-        forced = http.post(
-            "/v1/chat/completions", json={**body, "tools": TOOLS, "tool_choice": "required"}
-        )
-        assert forced.status_code == 400 and forced.json()["error"]["param"] == "tools"
-        plain = http.post("/v1/chat/completions", json=body)
-        assert plain.status_code == 200
+    body = {"messages": ASK_WEATHER, "max_tokens": 120, **extra}
+    answers = []
+    for mtp in (False, True):
+        app = create_app(model, tokenizer, mtp=mtp, num_draft=2, prompt_cache_bytes=0)
+        with TestClient(app) as http, ThreadPoolExecutor(3) as pool:
+            ask = [body, body, {"messages": ASK_WEATHER, "max_tokens": 40}]  # with a free one
+            replies = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), ask))
+            assert [r.status_code for r in replies] == [200] * 3
+            messages = [r.json()["choices"][0]["message"] for r in replies]
+            for call in (c for m in messages for c in m["tool_calls"] or ()):
+                del call["id"]  # random
+            answers.append(messages)
+            metrics = http.get("/metrics").text
+    plain, spec = answers
+    assert spec == plain
+    assert spec[0]["content"] or spec[0]["tool_calls"]
+    accepted = next(ln for ln in metrics.splitlines() if ln.startswith("glm4moe_draft_accepted"))
+    assert int(accepted.split()[-1]) > 20
 
 
 @pytest.mark.parametrize(

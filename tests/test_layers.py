@@ -13,10 +13,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlx_glm4moe"
 FLOORS = [
     {"progress"},
     {"models", "weights", "parsers"},
-    {"recipes", "synthetic", "streaming", "distributed", "upload", "constrain"},
+    {"recipes", "synthetic", "streaming", "distributed", "upload", "constrain", "thinking"},
     {"loading", "convert", "prefill"},
     {"mtp"},
-    {"generate", "prompt_cache"},
+    {"generate", "prompt_cache", "mtp_batch"},
     {"chat", "batch"},
     {"server", "cli", "bench", "evaluate"},
 ]

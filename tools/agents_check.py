@@ -2,7 +2,7 @@
 `glm4moe-server` on a copy of the demo model with a 64K context, and print one line per client.
 
     PYTHONPATH=. python tools/agents_check.py [--only claude codex opencode agents-sdk]
-        [--max-tokens 256] [--timeout 600] [--record DIR] [--turns N] [--keep]
+        [--max-tokens 256] [--timeout 600] [--record DIR] [--turns N] [--keep] [--mtp]
         [--fixtures tests/fixtures]
 
 Not in CI: it needs the clients installed (`npm i -g @anthropic-ai/claude-code @openai/codex
@@ -448,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=600, help="Seconds per client.")
     parser.add_argument("--record", type=Path, help="Save request bodies here (default: temp).")
     parser.add_argument("--keep", action="store_true", help="Leave the temporary folder.")
+    parser.add_argument("--mtp", action="store_true", help="Serve with --mtp.")
     parser.add_argument(
         "--turns", type=int, default=1, help="Runs per client; Claude Code and opencode continue."
     )
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     server = None
     try:
         model = demo_copy(folder)
-        server, url = start_glm_server(model, folder / "server.log")
+        server, url = start_glm_server(model, folder / "server.log", *["--mtp"] * args.mtp)
         recorder = Recorder(url, record, args.max_tokens)
         proxy = serve_in_thread(recorder.app)
         print(f"server {url}, proxy {proxy}, recordings {record}", flush=True)

@@ -443,6 +443,7 @@ def spec(req: MessagesRequest, engine: Engine) -> Spec:
         stop=stop_list(req.stop_sequences),
         sampling=sampling(req),
         pin_cache=has_cache_control(req),
+        thinking_budget=req.thinking.budget_tokens if req.thinking else None,
     )
 
 

@@ -36,6 +36,7 @@ from ..chat import PromptCache, Reply, StopText, render_prompt
 from ..constrain import ConstraintError, Constraints
 from ..generate import Sampler, encode
 from ..models import Model
+from ..thinking import budget_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -307,6 +308,7 @@ class Spec:
     default; both are cut to what the context leaves. `sampling` holds temp, top_p, top_k and
     min_p (None: the server's default); `top_logprobs` (0 or more) asks for log-probabilities.
     `pin_cache` keeps the prompt's cache entry ahead of plain ones (Anthropic's cache_control).
+    `thinking_budget` caps the reasoning's tokens (None: the server's default).
     """
 
     messages: list[dict] | None = None
@@ -323,6 +325,7 @@ class Spec:
     seed: int | None = None
     top_logprobs: int | None = None
     pin_cache: bool = False
+    thinking_budget: int | None = None
 
 
 class Encoder:
@@ -378,6 +381,8 @@ class Job:
     prompt: str | None = None
     tool_choice: str | None = None  # None for auto
     grammar: llguidance.LLMatcher | None = None
+    # The most reasoning tokens before </think> is forced (`thinking.budget_for`; None: no cap).
+    thinking_budget: int | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -428,9 +433,11 @@ class Engine:
         prompt_cache: PromptCache | None = None,
         sampler_factory: SamplerFactory | None = None,
         batch_kwargs: dict[str, Any] | None = None,
+        thinking_budget: int | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.tokenizer_lock = threading.Lock()
+        self.thinking_budget = thinking_budget  # for requests that set none
         self.context_length = model.args.max_position_embeddings
         self.max_tokens = max_tokens
         self.sampling = {"temp": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, **(sampling or {})}
@@ -515,25 +522,24 @@ class Engine:
             )
         except ConstraintError as e:
             raise APIError(400, e.message, e.param) from None
-        if grammar is not None and self.batch.mtp:
-            # MTP drafts and verifies several tokens per step; the grammar follows one at a time.
-            raise APIError(
-                400,
-                "Structured output, forced tool calls and strict tools are not available "
-                "with --mtp.",
-                "response_format" if spec.response_format else "tools",
-            )
         prompt = self.render(spec)
         tokens = self.encode(prompt)
+        max_tokens = self.room(len(tokens), spec.max_tokens, "messages", "messages")
+        budget = None
+        if spec.enable_thinking:
+            budget = budget_for(
+                spec.thinking_budget, self.thinking_budget, max_tokens, grammar is not None
+            )
         return Job(
             request=request,
             spec=spec,
             tokens=tokens,
-            max_tokens=self.room(len(tokens), spec.max_tokens, "messages", "messages"),
+            max_tokens=max_tokens,
             loop=loop,
             prompt=prompt,
             tool_choice=choice,
             grammar=grammar,
+            thinking_budget=budget,
         )
 
     def _prepare_text(self, request: BaseModel, spec: Spec, loop: asyncio.AbstractEventLoop) -> Job:
@@ -561,6 +567,7 @@ class Engine:
                     top_logprobs=job.spec.top_logprobs,
                     cancel=job.cancel,
                     pin_cache=job.spec.pin_cache,
+                    thinking_budget=job.thinking_budget,
                 )
             )
         except QueueFull:

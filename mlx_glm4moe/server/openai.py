@@ -13,6 +13,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from ..thinking import EFFORT_BUDGETS, THINKING_OFF
 from .core import (
     API,
     APIError,
@@ -112,6 +113,7 @@ class ChatRequest(_Generation):
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
 
 class CompletionRequest(_Generation):
@@ -157,7 +159,8 @@ def chat_spec(req: ChatRequest, engine: Engine) -> Spec:
         messages=messages,
         tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
         tool_choice=choice.function.name if isinstance(choice, NamedToolChoice) else choice,
-        enable_thinking=thinking,
+        enable_thinking=thinking and req.reasoning_effort not in THINKING_OFF,
+        thinking_budget=EFFORT_BUDGETS.get(req.reasoning_effort),
         template_kwargs=kwargs,
         response_format=fmt.model_dump(exclude_none=True) if fmt else None,
         parallel=req.parallel_tool_calls,

@@ -18,8 +18,8 @@ sub-agent and MCP tools) whose functions the model sees under Codex's flat name
 `namespace` apart, which is how Codex routes it. Hosted tools (`web_search`, `file_search`,
 `custom`, ...) cannot run here: they are left out of the prompt and logged once per type.
 
-`reasoning.effort` "none" or "minimal" turns thinking off; any other effort, or none given,
-leaves it on (GLM has one switch, no budget).
+`reasoning.effort` "none" or "minimal" turns thinking off; "low", "medium" and "high" cap the
+reasoning (`thinking.EFFORT_BUDGETS`); none given leaves it on, uncapped.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
 
+from ..thinking import EFFORT_BUDGETS, THINKING_OFF
 from .anthropic import signature
 from .core import (
     API,
@@ -51,7 +52,6 @@ from .core import (
 )
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
-THINKING_OFF = ("none", "minimal")
 
 # -- request schema -----------------------------------------------------------------------------
 
@@ -353,6 +353,7 @@ def spec(req: ResponsesRequest, engine: Engine) -> Spec:
         enable_thinking=effort not in THINKING_OFF,
         response_format=response_format(req.text),
         parallel=req.parallel_tool_calls,
+        thinking_budget=EFFORT_BUDGETS.get(effort),
         # Without a limit the answer may fill what the context leaves (`Engine.room`).
         max_tokens=req.max_output_tokens or engine.context_length,
         sampling=sampling(req),
