@@ -236,6 +236,40 @@ def test_a_fault_mid_generation_ends_only_its_request(url, api):
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 
+@pytest.mark.parametrize("api", APIS)
+def test_a_fault_while_a_request_starts_ends_only_that_request(served, api, monkeypatch):
+    """The prompt cache raises while one request starts (a disk gone, a bug): that request
+    ends with an error in its API's shape, streamed or whole; requests beside it complete, the
+    engine stays alive, and the next request is answered."""
+    url, _, engine, _ = served
+    marker = "fault at admission"
+    fetch = engine.batch.prompt_cache.fetch
+
+    def failing_fetch(tokens):
+        if marker in engine.tokenizer.decode(tokens):
+            raise OSError("injected fault at admission")
+        return fetch(tokens)
+
+    monkeypatch.setattr(engine.batch.prompt_cache, "fetch", failing_fetch)
+
+    def good(i):
+        path, payload = body(api, f"{uuid.uuid4()} beside a fault {i}")
+        return sse(url, path, payload)
+
+    with ThreadPoolExecutor(3) as pool:
+        beside = [pool.submit(good, i) for i in range(2)]
+        path, payload = body(api, marker)
+        streamed = sse(url, path, payload)
+        whole = httpx.post(url + path, json=payload, timeout=60)
+        for f in beside:
+            assert_complete(api, f.result())
+    assert "generation failed" in assert_api_error(api, streamed)
+    assert whole.status_code == 500
+    assert engine.batch.alive and httpx.get(f"{url}/health").status_code == 200
+    path, payload = body(api, f"{uuid.uuid4()} after the fault")
+    assert_complete(api, sse(url, path, payload))
+
+
 def explode(monkeypatch):
     """Reply.feed raises for a request whose stop strings hold `EXPLODE`."""
     feed = Reply.feed

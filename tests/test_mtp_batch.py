@@ -347,7 +347,8 @@ def test_mtp_none_follows_the_checkpoint(air_q4):
         assert engine.mtp is True
     finally:
         engine.close()
-    model.mtp = None
+    model.model.layers = list(model.layers)  # the same model without its MTP layer
+    assert model.mtp is None
     engine = BatchEngine(model, tokenizer, mtp=None)
     try:
         assert engine.mtp is False

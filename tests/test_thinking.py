@@ -117,13 +117,13 @@ def test_budget_grammar_and_mtp_together(demo):
     model, tokenizer = demo
     open_, close, _, _ = ids(tokenizer)
     constraints = Constraints(tokenizer, model.args.vocab_size)
-    grammar = constraints.check(
-        {"type": "json_schema", "json_schema": {"schema": POINT}}, None, None
-    )
     text = render_prompt(tokenizer, ASK, None, True)
     prompt = encode(tokenizer, text)
 
     def make():
+        # A compiled grammar holds its request's parse state: one per request, as the server.
+        fmt = {"type": "json_schema", "json_schema": {"schema": POINT}}
+        grammar = constraints.check(fmt, None, None)
         return constraints.sampler(grammar, lambda lp: mx.argmax(lp, axis=-1), text, True)
 
     budgets = [3, 9, 20]
@@ -221,16 +221,21 @@ def test_a_forced_call_keeps_room_for_its_answer(demo):
 
 
 def test_server_flag(monkeypatch):
-    import uvicorn
-
     from mlx_glm4moe.server import app
 
     made = {}
-    monkeypatch.setattr(app, "create_app", lambda *a, **kw: made.update(kw))
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
-    app.main(["--thinking-budget", "300"])
-    assert made["thinking_budget"] == 300
-    app.main([])
-    assert made["thinking_budget"] is None
+
+    def create_app(**kwargs):
+        made.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(app, "create_app", create_app)
     with pytest.raises(SystemExit):
+        app.main(["--thinking-budget", "300", "--port", "0"])
+    assert made["thinking_budget"] == 300
+    with pytest.raises(SystemExit):
+        app.main(["--port", "0"])
+    assert made["thinking_budget"] is None
+    with pytest.raises(SystemExit) as e:
         app.main(["--thinking-budget", "-1"])
+    assert e.value.code == 2
