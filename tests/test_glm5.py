@@ -131,12 +131,12 @@ def test_a_prompt_scored_in_blocks_gives_the_same_logits(dsa_hf, monkeypatch):
 
 
 def test_prefill_memory_stays_within_the_score_budget(tmp_path, monkeypatch):
-    """A 512-token prompt on the CPU through 64 attention and 64 indexer heads (GLM-5's 64):
-    in blocks of 2^16 scores (2 rows) the peak working memory is the activations, linear in the
-    prompt, plus one block's intermediates, a fifth of what scoring the whole prompt at once
-    takes (which is more than one [heads, L, T] score tensor). Without an evaluation per block
-    the backend queues later blocks while one runs and the peak is 4x the bounded one."""
-    L, heads = 512, 64
+    """A 1024-token prompt on the CPU through 64 attention and 64 indexer heads (GLM-5's 64):
+    in blocks of 2^16 scores (1 row) the peak working memory is the activations, linear in the
+    prompt, plus one block's intermediates, under a fifth of what scoring the whole prompt at
+    once takes (which is more than the indexer's [heads, L, T] scores). Without an evaluation
+    per block the backend queues later blocks while one runs, and the peak is higher."""
+    L, heads = 1024, 64
     path = make_checkpoint(
         tmp_path, "glm5", num_attention_heads=heads, num_key_value_heads=heads, index_n_heads=heads
     )

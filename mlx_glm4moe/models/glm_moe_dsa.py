@@ -11,10 +11,11 @@ A full layer caches its indexer keys beside the latent, in the same mlx-lm `KVCa
 [latent | indexer key], values: the rotary key), so prompt caches, trimming, batching and the MTP
 cache hold them with no new cache type.
 
-Memory: decoding gathers the selected latents (the attention reads `index_topk` positions
-whatever the context; the indexer's scoring stays linear in it). A prompt is scored in blocks of
-query rows so that no score tensor exceeds `SCORE_BUDGET` elements (see `block_rows`), where a
-whole-prompt pass would hold heads x L x T of them. `head_dim` in config.json is ignored, as
+Cost: every query row, decoded or in a prompt, gathers the latents of its selected positions,
+so attention reads `index_topk` positions whatever the context; only the indexer's scoring is
+linear in it. A prompt is scored in blocks of query rows so that no score tensor exceeds
+`SCORE_BUDGET` elements (see `block_rows`), where a whole-prompt pass would hold heads x L x T
+of them. `head_dim` in config.json is ignored, as
 transformers overwrites it (the rotary dims are `qk_rope_head_dim`)."""
 
 from __future__ import annotations
@@ -201,28 +202,29 @@ class Attention(mla.MultiLatentAttention):
         pick: mx.array | None,
     ) -> mx.array:
         """Attention over the positions `pick` [B, 1, rows, k] (None: all of them) under the
-        boolean `mask`. One query row gathers its positions' latents; several attend in the
-        latent space over all positions with the unselected ones masked out."""
-        L = q_nope.shape[2]
+        boolean `mask`. Each query row gathers its own positions' latents and rotary keys and
+        attends in the latent space: its cost is k positions, not the context."""
         if pick is None:
-            return self.attend(q_nope, q_pe, latent, k_pe, mask, absorbed=L == 1)
-        if L == 1:
-            B, _, T, _ = latent.shape
-            rows = pick.swapaxes(-1, -2)  # [B, 1, k, 1]
-            latent = mx.take_along_axis(
-                latent, mx.broadcast_to(rows, (*rows.shape[:-1], latent.shape[-1])), axis=2
-            )
-            k_pe = mx.take_along_axis(
-                k_pe, mx.broadcast_to(rows, (*rows.shape[:-1], k_pe.shape[-1])), axis=2
-            )
-            if mask is not None:
-                mask = mx.take_along_axis(mx.broadcast_to(mask, (B, 1, 1, T)), pick, axis=-1)
-            return self.attend(q_nope, q_pe, latent, k_pe, mask, absorbed=True)
-        chosen = mx.put_along_axis(
-            mx.zeros((*pick.shape[:-1], latent.shape[2]), mx.bool_), pick, mx.array(True), axis=-1
+            return self.attend(q_nope, q_pe, latent, k_pe, mask, absorbed=q_nope.shape[2] == 1)
+        B, H, L, _ = q_nope.shape
+        T, k = latent.shape[2], pick.shape[-1]
+        where = pick.reshape(B, L * k, 1)
+
+        def gathered(x: mx.array) -> mx.array:  # [B, 1, T, d] -> [B * L, 1, k, d]
+            d = x.shape[-1]
+            rows = mx.take_along_axis(x[:, 0], mx.broadcast_to(where, (B, L * k, d)), axis=1)
+            return rows.reshape(B * L, 1, k, d)
+
+        def per_row(q: mx.array) -> mx.array:  # [B, H, L, d] -> [B * L, H, 1, d]
+            return q.transpose(0, 2, 1, 3).reshape(B * L, H, 1, -1)
+
+        if mask is not None:
+            mask = mx.take_along_axis(mx.broadcast_to(mask, (B, 1, L, T)), pick, axis=-1)
+            mask = mask.reshape(B * L, 1, 1, k)
+        out = self.attend(
+            per_row(q_nope), per_row(q_pe), gathered(latent), gathered(k_pe), mask, absorbed=True
         )
-        mask = chosen if mask is None else chosen & mask
-        return self.attend(q_nope, q_pe, latent, k_pe, mask, absorbed=True)
+        return out.reshape(B, L, H, -1).transpose(0, 2, 1, 3)
 
 
 class Model(base.Model):
