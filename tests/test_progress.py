@@ -12,7 +12,7 @@ from test_server import serving
 from mlx_glm4moe.batch import BatchEngine, Request
 from mlx_glm4moe.chat import PromptCache
 from mlx_glm4moe.loading import load
-from mlx_glm4moe.server import create_app
+from mlx_glm4moe.server import core, create_app
 
 pytestmark = pytest.mark.usefixtures("cpu")
 
@@ -99,7 +99,10 @@ LONG = "read all of this: " + "the lazy dog " * 40
 def url(loaded):
     model, tokenizer = loaded
     app = create_app(model, tokenizer, model_id="tiny", max_tokens=4, prefill_step_size=STEP)
-    with serving(app) as url:
+    # No keep-alive pings (Anthropic's open a block, Responses' are events) on a busy machine:
+    # the order asserted here is the progress events' own.
+    with pytest.MonkeyPatch.context() as patch, serving(app) as url:
+        patch.setattr(core.Engine, "keepalive_interval", 600)
         yield url
 
 
