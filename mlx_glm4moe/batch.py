@@ -101,7 +101,7 @@ class Request:
     With `progress`, ``{"type": "prefill", "done", "total", "cached", "time_ms"}`` events come
     before the first token, as llama.cpp's `prompt_progress` counts: `total` is the prompt's
     tokens, `cached` those read from the prompt cache, `done` those in the request's cache so
-    far (the cached ones included), and `time_ms` the time since the request started. The first
+    far (the cached ones included), and `time_ms` the time since it left the queue. The first
     says ``done == cached``, then one per prefill chunk (per layer in a layer-major prefill,
     where `done` counts the share of the work), and the last ``done == total``.
     """
