@@ -103,7 +103,8 @@ class Request:
     tokens, `cached` those read from the prompt cache, `done` those in the request's cache so
     far (the cached ones included), and `time_ms` the time since it left the queue. The first
     says ``done == cached``, then one per prefill chunk (per layer in a layer-major prefill,
-    where `done` counts the share of the work), and the last ``done == total``.
+    where `done` counts the share of the work; MTP's is one step), and the last
+    ``done == total``.
     """
 
     tokens: list[int]
