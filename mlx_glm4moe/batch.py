@@ -33,6 +33,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -96,6 +97,14 @@ class Request:
     entry ahead of plain ones (the client marked its prefix as one it sends again).
     `thinking_budget` caps the reasoning's tokens, then forces ``</think>``
     (`thinking.ThinkingBudget`).
+
+    With `progress`, ``{"type": "prefill", "done", "total", "cached", "time_ms"}`` events come
+    before the first token, as llama.cpp's `prompt_progress` counts: `total` is the prompt's
+    tokens, `cached` those read from the prompt cache, `done` those in the request's cache so
+    far (the cached ones included), and `time_ms` the time since it left the queue. The first
+    says ``done == cached``, then one per prefill chunk (per layer in a layer-major prefill,
+    where `done` counts the share of the work; MTP's is one step), and the last
+    ``done == total``.
     """
 
     tokens: list[int]
@@ -107,6 +116,7 @@ class Request:
     cancel: threading.Event = field(default_factory=threading.Event)
     pin_cache: bool = False
     thinking_budget: int | None = None
+    progress: bool = False
 
 
 @dataclass
@@ -166,6 +176,15 @@ class _Running:
     generated: int = 0
     failed: str | None = None
     stored: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+    def progress(self, done: int) -> None:
+        """A ``prefill`` event with `done` of the prompt's tokens in, if the request asked."""
+        if self.request.progress:
+            ms = round((time.perf_counter() - self.started) * 1000)
+            total, cached = self.prompt_tokens, self.cached
+            event = {"type": "prefill", "done": done, "total": total, "cached": cached}
+            self.request.emit({**event, "time_ms": ms})
 
     def done(self, finish: str) -> dict:
         created = self.prompt_tokens - self.cached if self.stored else 0
@@ -391,6 +410,7 @@ class BatchEngine:
             return
         cache, rest, state = started
         try:
+            state.progress(state.cached)
             if streams_experts(self.model) and len(rest) > 1 and not self.mtp:
                 # Layer by layer, reading each streamed expert once, not once per chunk; the
                 # running sequences wait for it. (MTP's prefill does so itself, with the MTP
@@ -401,6 +421,7 @@ class BatchEngine:
                     cache,
                     self.prefill_step_size,
                     cancel=lambda: request.cancel.is_set() or self._stopping.is_set(),
+                    progress=lambda n: state.progress(state.prompt_tokens - len(rest) + n),
                 )
                 rest = rest[-1:]
 
@@ -438,7 +459,15 @@ class BatchEngine:
 
     def _step(self, generator: BatchGenerator) -> None:
         """One batched pass; each token to its request (a fault there fails only that one)."""
-        _, responses = generator.next()
+        prompts, responses = generator.next()
+        for p in prompts:
+            # mlx-lm counts (tokens fed, tokens to feed) of what `insert` was given.
+            if (state := self._running.get(p.uid)) is not None and not state.failed:
+                try:
+                    state.progress(state.prompt_tokens - p.progress[1] + p.progress[0])
+                except Exception as e:
+                    log.exception("a prefill event could not be handled")
+                    state.failed = str(e) or type(e).__name__
         if responses:
             self.metrics.decode_steps_total += 1
             self.metrics.batch_size = len({r.uid for r in responses})

@@ -99,6 +99,15 @@ class Response:
 
 
 @dataclass
+class PromptProgress:
+    """A prompt's prefill step, with mlx-lm's `PromptProcessingBatch.Response` fields that the
+    engine reads: `progress` is (tokens fed, tokens to feed) of the prompt given to `insert`."""
+
+    uid: int
+    progress: tuple[int, int]
+
+
+@dataclass
 class _Row:
     uid: int
     max_tokens: int
@@ -106,6 +115,8 @@ class _Row:
     stop: Any  # a StopSequences matcher
     cache: list  # the prompt cache while prefilling; its MTP part keeps the tokens
     steps: Generator | None = None  # prefill, while it runs
+    prompt: int = 0  # the tokens `insert` was given
+    cached: int = 0  # the tokens in the main cache before them
     generated: int = 0
     accepted: int = 0  # drafts kept by the last verify pass
     tokens: list[int] = field(default_factory=list)  # the tokens in the main cache
@@ -167,7 +178,8 @@ class MTPBatchGenerator:
             split_cache(self.model, cache)
             sampler = samplers[i] if samplers else None
             stops = stop_sequences[i] if stop_sequences else StopSequences()
-            row = _Row(self._uids, m, sampler, stops.matcher(), cache)
+            row = _Row(self._uids, m, sampler, stops.matcher(), cache, prompt=len(prompt))
+            row.cached = split_cache(self.model, cache)[0][0].offset
             row.steps = prefill_steps(self.model, prompt, cache, self.prefill_step_size)
             self._prefilling.append(row)
             uids.append(row.uid)
@@ -196,25 +208,29 @@ class MTPBatchGenerator:
             self._keep([i for i in range(len(self._rows)) if i not in rows])
         return caches
 
-    def next(self) -> tuple[list, list[Response]]:
+    def next(self) -> tuple[list[PromptProgress], list[Response]]:
         """One step: a verify pass over the running rows, then a prefill chunk of waiting
-        prompts (rows whose prompt is in draw their first token and join). Returns ([], the
-        generated tokens), as mlx-lm's (prompt progress, tokens)."""
+        prompts (rows whose prompt is in draw their first token and join). Returns (the
+        prompts' progress, the generated tokens), as mlx-lm's."""
+        progress: list[PromptProgress] = []
         with mx.stream(generation_stream):
             responses = self._step() if self._rows else []
-            responses += self._prefill()
-        return [], responses
+            responses += self._prefill(progress)
+        return progress, responses
 
     # -- prefill and joining ------------------------------------------------------------------
 
-    def _prefill(self) -> list[Response]:
+    def _prefill(self, progress: list[PromptProgress]) -> list[Response]:
         responses = []
         for row in list(self._prefilling)[: self.prefill_batch_size]:
             try:
                 next(row.steps)
+                fed = split_cache(self.model, row.cache)[0][0].offset - row.cached
+                progress.append(PromptProgress(row.uid, (fed, row.prompt)))
                 continue
             except StopIteration as done:
                 logits, hidden = done.value
+            progress.append(PromptProgress(row.uid, (row.prompt, row.prompt)))
             self._prefilling.remove(row)
             row.steps = None
             logprobs = logits - mx.logsumexp(logits, keepdims=True)

@@ -102,6 +102,7 @@ def prefill(
     quantized_kv_start: int = 5000,
     span: int = SPAN,
     cancel: Callable[[], bool] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> mx.array | None:
     """Feed `prompt` (token ids `[L]`) into the main layers' caches `cache` (updated in place;
     it may hold a prefix), layer by layer, attention in chunks of `step` tokens. With `hidden`,
@@ -109,7 +110,8 @@ def prefill(
     the last layer's MoE, whose output only the logits would read, is skipped. `kv_bits` etc.
     quantize the cache as `generate.generate_step` does. `cancel` is asked before each layer
     (a long prompt takes seconds a layer when experts come from disk): when it answers True,
-    `PrefillCancelled` is raised."""
+    `PrefillCancelled` is raised. `progress` is told after each layer how much of the prompt is
+    in, in tokens: the spans before, and this span's share of the layers done."""
     quantize = None
     if kv_bits is not None:
         quantize = {
@@ -133,6 +135,8 @@ def prefill(
                 cache[i] = one[0]
                 if hidden or i + 1 < len(layers):
                     h = _feed_forward(layer, h)
+                if progress is not None:
+                    progress(start + h.shape[1] * (i + 1) // len(layers))
             if hidden:
                 outs.append(lm.norm(h))
             mx.clear_cache()

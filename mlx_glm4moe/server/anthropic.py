@@ -36,6 +36,7 @@ from .core import (
     Strict,
     anthropic_error_body,
     parse_request,
+    prompt_progress,
     sampling,
     stop_list,
     text_only,
@@ -136,6 +137,7 @@ class MessagesRequest(CountTokensRequest, AnthropicSampling):
     stop_sequences: list[str] | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    return_progress: bool = False  # llama.cpp's name: prefill progress on the stream
 
 
 def check_blocks(data: dict) -> None:
@@ -336,7 +338,11 @@ class MessageEncoder(Encoder):
     A ping sends an empty delta of the open content block, opening one first if none is (the
     reasoning's when thinking is on, since it comes first, else the text's): Claude Code's idle
     watchdog restarts on every event but `ping`, and gives up on a stream after 300 s without
-    one, so pings alone do not carry a long prefill."""
+    one, so pings alone do not carry a long prefill.
+
+    Prefill progress is an event of its own, ``prompt_progress`` (llama.cpp's object): the
+    SDKs hand event types they do not know to the caller, and their message accumulators skip
+    them."""
 
     def __init__(
         self,
@@ -376,6 +382,9 @@ class MessageEncoder(Encoder):
             out.append(_sse("content_block_stop", {"index": self.index}))
         self.open_kind = None
         return out
+
+    def progress(self, event: dict) -> list[str]:
+        return [_sse("prompt_progress", {"prompt_progress": prompt_progress(event)})]
 
     def ping(self) -> list[str]:
         if self.finished:
@@ -444,6 +453,7 @@ def spec(req: MessagesRequest, engine: Engine) -> Spec:
         sampling=sampling(req),
         pin_cache=has_cache_control(req),
         thinking_budget=req.thinking.budget_tokens if req.thinking else None,
+        progress=req.return_progress,
     )
 
 

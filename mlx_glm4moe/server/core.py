@@ -308,7 +308,8 @@ class Spec:
     default; both are cut to what the context leaves. `sampling` holds temp, top_p, top_k and
     min_p (None: the server's default); `top_logprobs` (0 or more) asks for log-probabilities.
     `pin_cache` keeps the prompt's cache entry ahead of plain ones (Anthropic's cache_control).
-    `thinking_budget` caps the reasoning's tokens (None: the server's default).
+    `thinking_budget` caps the reasoning's tokens (None: the server's default). `progress`
+    asks a stream for the prefill's progress (the APIs' `return_progress`).
     """
 
     messages: list[dict] | None = None
@@ -326,19 +327,23 @@ class Spec:
     top_logprobs: int | None = None
     pin_cache: bool = False
     thinking_budget: int | None = None
+    progress: bool = False
 
 
 class Encoder:
     """Turns one job's events into its API's answer. The stream is `open()`, then `feed(e)`
-    for each event (`chat_events`' or `text_events`'), `ping()` whenever nothing came for a
-    while, and `fail(message)` in place of the rest when the generation or the encoding
-    failed: each returns the server-sent events to send. A whole answer is `result()` once the
-    ``done`` event was fed."""
+    for each event (`chat_events`' or `text_events`'), `progress(e)` for each ``prefill`` event
+    (when the spec asked), `ping()` whenever nothing came for a while, and `fail(message)` in
+    place of the rest when the generation or the encoding failed: each returns the server-sent
+    events to send. A whole answer is `result()` once the ``done`` event was fed."""
 
     def open(self) -> list[str]:
         return []
 
     def feed(self, event: dict) -> list[str]:
+        raise NotImplementedError
+
+    def progress(self, event: dict) -> list[str]:
         raise NotImplementedError
 
     def ping(self) -> list[str]:
@@ -568,6 +573,7 @@ class Engine:
                     cancel=job.cancel,
                     pin_cache=job.spec.pin_cache,
                     thinking_budget=job.thinking_budget,
+                    progress=job.spec.progress and getattr(job.request, "stream", False),
                 )
             )
         except QueueFull:
@@ -588,9 +594,9 @@ class Engine:
         return sampler
 
     async def engine_events(self, job: Job) -> AsyncIterator[dict]:
-        """The engine's token events for `job`, then its done or error event; an error event
-        too if the engine stops meanwhile (its thread died), so that no request waits on it
-        for ever."""
+        """The engine's prefill and token events for `job`, then its done or error event; an
+        error event too if the engine stops meanwhile (its thread died), so that no request
+        waits on it for ever."""
         pending = asyncio.ensure_future(job.events.get())
         try:
             while True:
@@ -602,7 +608,7 @@ class Engine:
                     continue
                 event = pending.result()
                 yield event
-                if event["type"] != "token":
+                if event["type"] not in ("prefill", "token"):
                     return
                 pending = asyncio.ensure_future(job.events.get())
         finally:
@@ -640,6 +646,8 @@ class Engine:
                         out = encoder.ping()
                     elif event["type"] == "error":
                         out = encoder.fail(event["message"])
+                    elif event["type"] == "prefill":
+                        out = encoder.progress(event)
                     else:
                         out = encoder.feed(event)
                     for s in out:
@@ -729,6 +737,17 @@ async def text_events(job: Job, engine: Engine) -> AsyncIterator[dict]:
             yield {**event, "finish_reason": "stop" if stopped else event["finish_reason"]}
         else:
             yield event
+
+
+def prompt_progress(event: dict) -> dict:
+    """A ``prefill`` event as llama.cpp's `prompt_progress` object: `processed` counts the
+    cached tokens too; (processed - cache) / (total - cache) is the part of the work done."""
+    return {
+        "total": event["total"],
+        "cache": event["cached"],
+        "processed": event["done"],
+        "time_ms": event["time_ms"],
+    }
 
 
 def _logprob_entry(engine: Engine, token: int, lp: dict) -> dict:

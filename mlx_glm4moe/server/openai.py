@@ -23,6 +23,7 @@ from .core import (
     OpenAISampling,
     Spec,
     Strict,
+    prompt_progress,
     sampling,
     server_error,
     stop_list,
@@ -98,6 +99,7 @@ class _Generation(OpenAISampling):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     n: int = 1
+    return_progress: bool = False  # llama.cpp's: prefill progress on the stream
 
 
 class ChatRequest(_Generation):
@@ -169,6 +171,7 @@ def chat_spec(req: ChatRequest, engine: Engine) -> Spec:
         sampling=sampling(req),
         seed=req.seed,
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        progress=req.return_progress,
     )
 
 
@@ -183,6 +186,7 @@ def completion_spec(req: CompletionRequest, engine: Engine) -> Spec:
         sampling=sampling(req),
         seed=req.seed,
         top_logprobs=req.logprobs,
+        progress=req.return_progress,
     )
 
 
@@ -220,8 +224,14 @@ def _head(prefix: str, kind: str, model_id: str) -> dict:
 
 
 class _OpenAIEncoder(Encoder):
-    """What both endpoints' streams share: comment pings, the error event OpenAI's SDKs read
+    """What both endpoints' streams share: comment pings, llama.cpp's progress chunks (no
+    choices, a `prompt_progress` object), the error event OpenAI's SDKs read
     (``data: {"error": {...}}``), then ``[DONE]``."""
+
+    head: dict
+
+    def progress(self, event: dict) -> list[str]:
+        return [data({**self.head, "choices": [], "prompt_progress": prompt_progress(event)})]
 
     def ping(self) -> list[str]:
         return [comment()]

@@ -48,6 +48,7 @@ from .core import (
     Spec,
     Strict,
     log_once,
+    prompt_progress,
     sampling,
 )
 
@@ -147,6 +148,7 @@ class ResponsesRequest(OpenAISampling):
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
     metadata: dict[str, Any] | None = None
+    return_progress: bool = False  # llama.cpp's name: prefill progress on the stream
 
 
 # -- requests → our chat ------------------------------------------------------------------------
@@ -358,6 +360,7 @@ def spec(req: ResponsesRequest, engine: Engine) -> Spec:
         max_tokens=req.max_output_tokens or engine.context_length,
         sampling=sampling(req),
         seed=req.seed,
+        progress=req.return_progress,
     )
 
 
@@ -375,7 +378,9 @@ class Output(Encoder):
 
     While nothing comes (a long prefill) it pings with a numbered `response.in_progress`:
     Codex's idle timer counts events, not SSE comment lines. A failure ends the stream with
-    an `error` event and `response.failed`."""
+    an `error` event and `response.failed`. Prefill progress is a numbered event of its own,
+    ``response.prompt_progress`` (llama.cpp's object), which the SDK's stream passes on to the
+    caller and its response accumulator skips."""
 
     def __init__(
         self,
@@ -441,6 +446,10 @@ class Output(Encoder):
 
     def feed(self, event: dict) -> list[str]:
         return [self.sse(e) for e in self.events(event)]
+
+    def progress(self, event: dict) -> list[str]:
+        progress = {"type": "response.prompt_progress", "prompt_progress": prompt_progress(event)}
+        return [self.sse(progress)]
 
     def ping(self) -> list[str]:
         return [self.sse({"type": "response.in_progress", "response": self.response()})]
