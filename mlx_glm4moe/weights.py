@@ -188,10 +188,10 @@ def sanitize(
     fp8: FP8Format | None = None,
     dtype: mx.Dtype = mx.float32,
 ) -> dict[str, mx.array]:
-    """HF names → ours. Dequantizes FP8 weights (scaled as `fp8` says) to `dtype` (the router
-    to float32), stacks per-expert tensors into `mlp.switch_mlp.{gate,up,down}_proj.weight` of
-    shape [E, out, in], and drops what the model does not use. Works on any subset of whole
-    layers; the MTP layer is kept."""
+    """HF names → ours. Dequantizes FP8 weights (scaled as `fp8` says) to `dtype` (those of
+    `FLOAT32` to float32), stacks per-expert tensors into
+    `mlp.switch_mlp.{gate,up,down}_proj.weight` of shape [E, out, in], and drops what the model
+    does not use. Works on any subset of whole layers; the MTP layer is kept."""
     out = {}
     for name, w in weights.items():
         if name.endswith(
