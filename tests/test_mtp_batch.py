@@ -18,6 +18,7 @@ import pytest
 from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.sample_utils import make_sampler
 from test_mtp import chi2_threshold, tiny_model
+from test_server import main_kwargs
 
 from mlx_glm4moe.batch import BatchEngine, Request
 from mlx_glm4moe.chat import PromptCache
@@ -323,17 +324,7 @@ def test_removed_rows_hand_back_caches_that_continue(attending):
     ],
 )
 def test_server_mtp_switch(monkeypatch, flags, mtp):
-    from mlx_glm4moe.server import app
-
-    made = {}
-
-    def create_app(**kwargs):
-        made.update(kwargs)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(app, "create_app", create_app)
-    with pytest.raises(SystemExit):
-        app.main([*flags, "--port", "0"])
+    made = main_kwargs(monkeypatch, flags)  # the bundled demo model, which has the layer
     assert made["mtp"] is mtp
     assert made["decode_concurrency"] == (1 if "1" in flags else 8)
 

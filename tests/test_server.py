@@ -1134,10 +1134,8 @@ def test_command_line_refuses_bad_cache_flags(flags, capsys):
     assert e.value.code == 2 and "--prompt-cache-disk-gb >= 0" in capsys.readouterr().err
 
 
-def test_command_line_max_queue(monkeypatch, capfd):
-    with pytest.raises(SystemExit) as e:
-        server_main(["--model", "never-read", "--max-queue", "0"])
-    assert e.value.code == 2 and "--max-queue must be at least 1" in capfd.readouterr().err
+def main_kwargs(monkeypatch, argv: list[str]) -> dict:
+    """What `glm4moe-server` with `argv` hands `create_app` (which stands in, and stops there)."""
     made = {}
 
     def create_app(**kwargs):
@@ -1146,5 +1144,12 @@ def test_command_line_max_queue(monkeypatch, capfd):
 
     monkeypatch.setattr("mlx_glm4moe.server.app.create_app", create_app)
     with pytest.raises(SystemExit):
-        server_main(["--max-queue", "3", "--port", "0"])
-    assert made["max_queue"] == 3
+        server_main([*argv, "--port", "0"])
+    return made
+
+
+def test_command_line_max_queue(monkeypatch, capfd):
+    with pytest.raises(SystemExit) as e:
+        server_main(["--model", "never-read", "--max-queue", "0"])
+    assert e.value.code == 2 and "--max-queue must be at least 1" in capfd.readouterr().err
+    assert main_kwargs(monkeypatch, ["--max-queue", "3"])["max_queue"] == 3

@@ -13,7 +13,7 @@ import mlx.core as mx
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from test_server import serving
+from test_server import main_kwargs, serving
 
 from mlx_glm4moe import thinking
 from mlx_glm4moe.batch import BatchEngine, Request
@@ -21,7 +21,7 @@ from mlx_glm4moe.chat import render_prompt
 from mlx_glm4moe.constrain import Constraints
 from mlx_glm4moe.generate import encode
 from mlx_glm4moe.loading import load
-from mlx_glm4moe.server import create_app
+from mlx_glm4moe.server import create_app, main
 
 POINT = {
     "type": "object",
@@ -221,21 +221,8 @@ def test_a_forced_call_keeps_room_for_its_answer(demo):
 
 
 def test_server_flag(monkeypatch):
-    from mlx_glm4moe.server import app
-
-    made = {}
-
-    def create_app(**kwargs):
-        made.update(kwargs)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(app, "create_app", create_app)
-    with pytest.raises(SystemExit):
-        app.main(["--thinking-budget", "300", "--port", "0"])
-    assert made["thinking_budget"] == 300
-    with pytest.raises(SystemExit):
-        app.main(["--port", "0"])
-    assert made["thinking_budget"] is None
+    assert main_kwargs(monkeypatch, ["--thinking-budget", "300"])["thinking_budget"] == 300
+    assert main_kwargs(monkeypatch, [])["thinking_budget"] is None
     with pytest.raises(SystemExit) as e:
-        app.main(["--thinking-budget", "-1"])
+        main(["--thinking-budget", "-1"])
     assert e.value.code == 2

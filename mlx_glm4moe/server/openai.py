@@ -239,6 +239,15 @@ class _OpenAIEncoder(Encoder):
     def fail(self, message: str) -> list[str]:
         return [data(server_error(message).body()), DONE]
 
+    def _close(self, last: str, event: dict) -> list[str]:
+        """The stream's end after its `last` chunk: usage when asked for, then ``[DONE]``."""
+        self.done = event
+        out = [last]
+        options = self.req.stream_options
+        if options is not None and options.include_usage:
+            out.append(data({**self.head, "choices": [], "usage": usage(event["usage"])}))
+        return out + [DONE]
+
 
 class ChatEncoder(_OpenAIEncoder):
     """A ``chat.completion``, or its ``chat.completion.chunk`` events: one chunk per reply event
@@ -272,12 +281,7 @@ class ChatEncoder(_OpenAIEncoder):
         elif kind == "tool_call":
             return [self._chunk({"tool_calls": [event["tool_call"]]})]
         elif kind == "done":
-            self.done = event
-            out = [self._chunk({}, event["finish_reason"])]
-            options = self.req.stream_options
-            if options is not None and options.include_usage:
-                out.append(data({**self.head, "choices": [], "usage": usage(event["usage"])}))
-            return out + [DONE]
+            return self._close(self._chunk({}, event["finish_reason"]), event)
         return []
 
     def result(self) -> dict:
@@ -358,14 +362,9 @@ class CompletionEncoder(_OpenAIEncoder):
             self.pending = []
             return [data({**self.head, "choices": [choice]})]
         elif kind == "done":
-            self.done = event
             lp = self._logprobs(self.pending)
             choice = _text_choice("", event["finish_reason"], lp, self.offset)
-            out = [data({**self.head, "choices": [choice]})]
-            options = self.req.stream_options
-            if options is not None and options.include_usage:
-                out.append(data({**self.head, "choices": [], "usage": usage(event["usage"])}))
-            return out + [DONE]
+            return self._close(data({**self.head, "choices": [choice]}), event)
         return []
 
     def result(self) -> dict:
