@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as load_torch_file
 from safetensors.torch import save_file as save_torch_file
+from test_lite import runs_everywhere
 from transformers import AutoModelForCausalLM, GlmMoeDsaConfig, GlmMoeDsaForCausalLM
 
 from mlx_glm4moe import load
@@ -465,29 +466,5 @@ def test_batched_equals_alone(dsa_q4):
 
 
 def test_generate_server_and_report_run_a_glm5_model(glm5_hf, tmp_path, capsys):
-    """A smoke test of the command line (plain and MTP), the server and `bench --report`."""
-    from starlette.testclient import TestClient
-
-    from mlx_glm4moe.bench import main as bench_main
-    from mlx_glm4moe.cli import generate_main
-    from mlx_glm4moe.server import create_app
-
     q4 = convert(str(glm5_hf), str(tmp_path / "q4"), quantize=True)
-    for extra in ([], ["--mtp"]):
-        generate_main(["--model", str(q4), "-p", "Hello, world!", "--max-tokens", "4", *extra])
-    assert capsys.readouterr().out.strip()
-
-    model, tokenizer = load(q4)
-    with TestClient(create_app(model, tokenizer, model_id="glm5", max_tokens=8)) as client:
-        r = client.post(
-            "/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
-        )
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
-
-    out = tmp_path / "report.json"
-    bench_main(["--model", str(q4), "--report", "--prompt-tokens", "32", "--gen-tokens", "2"]
-               + ["--json", str(out)])  # fmt: skip
-    report = json.loads(out.read_text())
-    assert report["agreement"]["max_logit_diff"] < 1e-4
-    assert report["mtp"]["speed_ratio"] > 0 and report["streaming"]
+    runs_everywhere(q4, "glm5", "Hello, world!", tmp_path, capsys)

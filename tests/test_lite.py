@@ -159,14 +159,15 @@ def test_converted_folder_loads_in_mlx_lm_with_the_same_logits(lite_hf, quant, t
     assert diff <= 1e-4
 
 
-def test_generate_server_and_report_run_a_lite_model(lite_q4, tmp_path, capsys):
-    """A smoke test of the command line (plain and MTP), the server and `bench --report`."""
+def runs_everywhere(folder, model_id: str, prompt: str, tmp_path, capsys) -> None:
+    """A smoke test of a converted folder: the command line (plain and MTP), the server and
+    `bench --report` (whose logits agree with the reference, with MTP and streaming run)."""
     for extra in ([], ["--mtp"]):
-        generate_main(["--model", str(lite_q4), "-p", "Hi", "--max-tokens", "4", *extra])
+        generate_main(["--model", str(folder), "-p", prompt, "--max-tokens", "4", *extra])
     assert capsys.readouterr().out.strip()
 
-    model, tokenizer = load(lite_q4)
-    with TestClient(create_app(model, tokenizer, model_id="lite", max_tokens=8)) as client:
+    model, tokenizer = load(folder)
+    with TestClient(create_app(model, tokenizer, model_id=model_id, max_tokens=8)) as client:
         r = client.post(
             "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
@@ -174,11 +175,15 @@ def test_generate_server_and_report_run_a_lite_model(lite_q4, tmp_path, capsys):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
 
     out = tmp_path / "report.json"
-    bench_main(["--model", str(lite_q4), "--report", "--prompt-tokens", "32", "--gen-tokens", "2"]
+    bench_main(["--model", str(folder), "--report", "--prompt-tokens", "32", "--gen-tokens", "2"]
                + ["--json", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     assert report["agreement"]["max_logit_diff"] < 1e-4
     assert report["mtp"]["speed_ratio"] > 0 and report["streaming"]
+
+
+def test_generate_server_and_report_run_a_lite_model(lite_q4, tmp_path, capsys):
+    runs_everywhere(lite_q4, "lite", "Hi", tmp_path, capsys)
 
 
 def test_mlx_lm_conversions_load_too(tmp_path):
